@@ -1,0 +1,51 @@
+"""`ddpm ...`: parses arguments, maps user errors to one line and an exit code, calls the library.
+
+Each command group lives in its own module with a `register(subparsers)` function that adds its
+parser(s) and sets `func=handler`; the handler takes the parsed namespace and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Command modules, in the order `ddpm --help` lists them.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ddpmkit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ddpm",
+        description="Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020): "
+        "train, sample, evaluate, convert weights, draw the paper's figures.",
+    )
+    parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"ddpmkit.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else EXIT_USER_ERROR
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as err:
+        print(f"ddpm {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"ddpm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from ddpmkit.cli import main
+
+sys.exit(main())
