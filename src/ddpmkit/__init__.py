@@ -4,3 +4,14 @@ Public API re-exports only.
 """
 
 __version__ = "0.1.0"
+
+# the DDPM math (issue 2); "X as X" marks an explicit re-export
+from ddpmkit.diffusion import DiffusionConfig as DiffusionConfig  # noqa: E402
+from ddpmkit.diffusion import GaussianDiffusion as GaussianDiffusion  # noqa: E402
+from ddpmkit.diffusion import LossType as LossType  # noqa: E402
+from ddpmkit.diffusion import MeanType as MeanType  # noqa: E402
+from ddpmkit.diffusion import VarType as VarType  # noqa: E402
+from ddpmkit.distributions import discretized_gaussian_log_likelihood as discretized_gaussian_log_likelihood  # noqa: E402,E501
+from ddpmkit.distributions import normal_kl as normal_kl  # noqa: E402
+from ddpmkit.schedules import BETA_SCHEDULES as BETA_SCHEDULES  # noqa: E402
+from ddpmkit.schedules import get_named_beta_schedule as get_named_beta_schedule  # noqa: E402

@@ -1,0 +1,572 @@
+"""The Gaussian diffusion of DDPM (Ho, Jain, Abbeel 2020): forward process, reverse-process
+parameterizations, training losses and the variational bound in bits/dim.
+
+Equation numbers are the paper's (arXiv:2006.11239). Timesteps are 0-based: index t holds the
+paper's t + 1. Shapes: x0, x_t: (B, C, H, W) (any (B, C, ...) works); t: (B,) int64 in [0, T).
+The model is any callable ``model(x_t, t) -> Tensor`` of shape (B, C_out, H, W), with
+C_out = ``model_output_channels(C)``. Derivations: docs/math.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any, TypeVar
+
+import torch
+
+from ddpmkit.distributions import CDFType, discretized_gaussian_log_likelihood, normal_kl
+from ddpmkit.schedules import BETA_SCHEDULES, get_named_beta_schedule
+
+__all__ = [
+    "DiffusionConfig",
+    "GaussianDiffusion",
+    "LossType",
+    "MeanType",
+    "VarType",
+    "mean_flat",
+]
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_E = TypeVar("_E", bound=Enum)
+
+
+class MeanType(str, Enum):
+    """What the network predicts: the noise eps (eq. 11-12), x_0, or the mean of x_{t-1}."""
+
+    EPS = "eps"
+    X0 = "x0"
+    X_PREV = "x_prev"
+
+
+class VarType(str, Enum):
+    """The reverse-process variance Sigma_theta(x_t, t) = sigma_t^2 I (Sec. 3.2)."""
+
+    FIXED_LARGE = "fixedlarge"  # sigma_t^2 = beta_t (first log-variance from beta-tilde_2)
+    FIXED_SMALL = "fixedsmall"  # sigma_t^2 = beta-tilde_t, eq. (7), log clipped at t = 1
+    LEARNED = "learned"  # the network outputs log sigma_t^2 directly
+    LEARNED_RANGE = "learned_range"  # v in [-1, 1] interpolates log beta-tilde_t .. log beta_t
+
+
+class LossType(str, Enum):
+    """The training objective."""
+
+    MSE = "mse"  # L_simple, eq. (14) (targets eps, x_0 or mu-tilde depending on the mean type)
+    KL = "kl"  # the true bound: L_{t-1} (eq. 5) in bits/dim at the sampled t
+    RESCALED_KL = "rescaled_kl"  # T * L_{t-1}: an unbiased one-sample estimate of sum_t L_t
+    HYBRID = "hybrid"  # L_simple + lambda * T * L_{t-1} with stop-gradient on the mean
+
+
+def _parse_enum(enum_cls: type[_E], value: Any, what: str) -> _E:
+    """``enum_cls(value)``, or a ValueError naming ``what`` and the allowed values."""
+    if isinstance(value, enum_cls):
+        return value
+    allowed = [m.value for m in enum_cls]
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {allowed}")
+    return enum_cls(value)
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the first: (B, ...) -> (B,)."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    """JSON-able description of a GaussianDiffusion (what a model folder or a run stores)."""
+
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    mean_type: MeanType = MeanType.EPS
+    var_type: VarType = VarType.FIXED_LARGE
+    loss_type: LossType = LossType.MSE
+    hybrid_lambda: float = 0.001
+    decoder_cdf: CDFType = CDFType.EXACT
+
+    def __post_init__(self) -> None:
+        if self.schedule not in BETA_SCHEDULES:
+            raise ValueError(
+                f"unknown beta schedule {self.schedule!r}; expected one of {sorted(BETA_SCHEDULES)}"
+            )
+        t = self.num_timesteps
+        if isinstance(t, bool) or not isinstance(t, int) or t < 2:
+            raise ValueError(f"num_timesteps must be an int >= 2, got {t!r}")
+        for name, cls in (
+            ("mean_type", MeanType), ("var_type", VarType), ("loss_type", LossType), ("decoder_cdf", CDFType)
+        ):
+            object.__setattr__(self, name, _parse_enum(cls, getattr(self, name), name))
+        if not self.hybrid_lambda >= 0:
+            raise ValueError(f"hybrid_lambda must be >= 0, got {self.hybrid_lambda!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types: enums become their string values."""
+        return {f.name: getattr(self, f.name).value if isinstance(getattr(self, f.name), Enum)
+                else getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DiffusionConfig:
+        """Inverse of ``to_dict``; missing keys take the defaults, unknown keys raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown diffusion config keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+    def betas(self) -> torch.Tensor:
+        """The schedule: (T,) float64."""
+        return get_named_beta_schedule(
+            self.schedule, self.num_timesteps, beta_start=self.beta_start, beta_end=self.beta_end
+        )
+
+    def build(self) -> GaussianDiffusion:
+        return GaussianDiffusion(
+            betas=self.betas(),
+            mean_type=self.mean_type,
+            var_type=self.var_type,
+            loss_type=self.loss_type,
+            hybrid_lambda=self.hybrid_lambda,
+            decoder_cdf=self.decoder_cdf,
+        )
+
+
+class GaussianDiffusion:
+    """Forward process q, reverse process p_theta, losses and bound for a fixed beta schedule.
+
+    Not an ``nn.Module``: it holds (T,) float64 coefficient tensors on the CPU (the attributes
+    below) and takes the model as an argument. When a batch extracts a coefficient it is cast to
+    the batch's dtype and device (cached per dtype/device).
+
+    Attributes, all (T,) float64, index t = paper's t + 1:
+      betas, alphas, alphas_cumprod (abar_t), alphas_cumprod_prev (abar_{t-1}, 1 at t = 0),
+      alphas_cumprod_next, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+      log_one_minus_alphas_cumprod, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod,
+      posterior_variance (beta-tilde_t, eq. 7), posterior_log_variance_clipped,
+      posterior_mean_coef1, posterior_mean_coef2 (eq. 7), log_betas,
+      model_variance_fixed / model_log_variance_fixed (for the fixed variance types).
+    """
+
+    def __init__(
+        self,
+        *,
+        betas: torch.Tensor | Any,
+        mean_type: MeanType | str = MeanType.EPS,
+        var_type: VarType | str = VarType.FIXED_LARGE,
+        loss_type: LossType | str = LossType.MSE,
+        hybrid_lambda: float = 0.001,
+        decoder_cdf: CDFType | str = CDFType.EXACT,
+    ) -> None:
+        self.mean_type = _parse_enum(MeanType, mean_type, "mean_type")
+        self.var_type = _parse_enum(VarType, var_type, "var_type")
+        self.loss_type = _parse_enum(LossType, loss_type, "loss_type")
+        self.decoder_cdf = _parse_enum(CDFType, decoder_cdf, "decoder_cdf")
+        if not hybrid_lambda >= 0:
+            raise ValueError(f"hybrid_lambda must be >= 0, got {hybrid_lambda!r}")
+        self.hybrid_lambda = float(hybrid_lambda)
+        betas = torch.as_tensor(betas).detach().to(device="cpu", dtype=torch.float64)
+        if betas.ndim != 1 or betas.shape[0] < 2:
+            raise ValueError(f"betas must be a 1-D sequence of length T >= 2, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must lie in (0, 1]")
+        self.num_timesteps = int(betas.shape[0])
+        self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._set_coefficients(betas)
+
+    def _set_coefficients(self, betas: torch.Tensor) -> None:
+        one = betas.new_ones(1)
+        self.betas = betas
+        self.log_betas = torch.log(betas)
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # abar_t, eq. (4)
+        self.alphas_cumprod_prev = torch.cat([one, self.alphas_cumprod[:-1]])
+        self.alphas_cumprod_next = torch.cat([self.alphas_cumprod[1:], 0.0 * one])
+        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = torch.log(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta-tilde_t), eq. (6)-(7)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # beta-tilde_1 = 0: the log is clipped to log beta-tilde_2 (authors' code)
+        pv_clipped = torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        self.posterior_log_variance_clipped = torch.log(pv_clipped)
+        self.posterior_mean_coef1 = betas * torch.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * torch.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+        )
+        if self.var_type is VarType.FIXED_LARGE:
+            # sigma_t^2 = beta_t, except sigma_1^2 = beta-tilde_2 (better decoder likelihood)
+            var = torch.cat([self.posterior_variance[1:2], betas[1:]])
+            self.model_variance_fixed, self.model_log_variance_fixed = var, torch.log(var)
+        elif self.var_type is VarType.FIXED_SMALL:
+            self.model_variance_fixed = self.posterior_variance
+            self.model_log_variance_fixed = self.posterior_log_variance_clipped
+        elif self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE):
+            self.model_variance_fixed = self.model_log_variance_fixed = None
+        else:
+            raise NotImplementedError(self.var_type)
+
+    def __repr__(self) -> str:
+        return (
+            f"GaussianDiffusion(T={self.num_timesteps}, mean_type={self.mean_type.value}, "
+            f"var_type={self.var_type.value}, loss_type={self.loss_type.value})"
+        )
+
+    # ------------------------------------------------------------------ helpers and validation
+    def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Coefficient ``name`` at t, cast to x's dtype/device: (B,) -> (B, 1, ..., 1)."""
+        key = (name, x.device, x.dtype)
+        arr = self._cache.get(key)
+        if arr is None:
+            arr = getattr(self, name).to(dtype=x.dtype).to(x.device)  # cast on the CPU, then move
+            self._cache[key] = arr
+        return arr[t.to(x.device)].reshape(t.shape[0], *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
+
+    def _check_x(self, x: Any, name: str, min_ndim: int = 1) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.ndim < min_ndim:
+            raise ValueError(
+                f"{name} must have shape (B, C, ...) with >= {min_ndim} dims, got {tuple(x.shape)}"
+            )
+
+    def _check_t(self, t: Any, batch: int) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"t must be a (B,) int64 torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"t must be an integer (int64) tensor, got dtype {t.dtype}")
+        if t.shape != (batch,):
+            raise ValueError(f"t must have shape (B,) = ({batch},), got {tuple(t.shape)}")
+        if batch:
+            lo, hi = torch.aminmax(t)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= self.num_timesteps:
+                raise ValueError(
+                    f"t must lie in [0, {self.num_timesteps - 1}] (0-based timesteps), "
+                    f"got values in [{lo}, {hi}]"
+                )
+
+    def _check_like(self, y: Any, x: torch.Tensor, name: str, x_name: str) -> None:
+        self._check_x(y, name)
+        if y.shape != x.shape:
+            raise ValueError(f"{name} must have the shape of {x_name} {tuple(x.shape)}, got {tuple(y.shape)}")
+
+    def _check_batch(self, x: Any, t: Any, name: str = "x", min_ndim: int = 1) -> None:
+        self._check_x(x, name, min_ndim)
+        self._check_t(t, x.shape[0])
+
+    # ------------------------------------------------------------------ forward process q
+    def q_mean_variance(
+        self, x0: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), eq. (4).
+
+        x0: (B, ...); t: (B,). Returns (mean, variance, log_variance), each of x0's shape.
+        """
+        self._check_batch(x0, t, "x0")
+        mean = self._extract("sqrt_alphas_cumprod", t, x0) * x0
+        variance = (1.0 - self._extract("alphas_cumprod", t, x0)).expand_as(x0)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x0).expand_as(x0)
+        return mean, variance, log_variance
+
+    def q_sample(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps ~ N(0, I): a sample of eq. (4).
+
+        x0: (B, ...); t: (B,); noise: x0's shape or None (drawn with ``generator``). Returns x_t.
+        """
+        self._check_batch(x0, t, "x0")
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        else:
+            self._check_like(noise, x0, "noise", "x0")
+        return (
+            self._extract("sqrt_alphas_cumprod", t, x0) * x0
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
+
+    def q_posterior_mean_variance(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q(x_{t-1} | x_t, x_0) = N(mu-tilde_t(x_t, x_0), beta-tilde_t I), eq. (6)-(7).
+
+        x0, x_t: (B, ...); t: (B,). Returns (mean, variance, log_variance_clipped), each of x_t's shape.
+        """
+        self._check_batch(x_t, t, "x_t")
+        self._check_like(x0, x_t, "x0", "x_t")
+        mean = self._posterior_mean(x0, x_t, t)
+        variance = self._extract("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        return mean, variance, log_variance
+
+    def _posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        coef1 = self._extract("posterior_mean_coef1", t, x_t)
+        coef2 = self._extract("posterior_mean_coef2", t, x_t)
+        return coef1 * x0 + coef2 * x_t  # mu-tilde_t, eq. (7)
+
+    # ------------------------------------------------------------------ reparameterizations
+    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), eq. (4) solved for x_0 (used in eq. 15)."""
+        self._check_batch(x_t, t, "x_t")
+        self._check_like(eps, x_t, "eps", "x_t")
+        return (
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        )
+
+    def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), the inverse of ``predict_x0_from_eps``."""
+        self._check_batch(x_t, t, "x_t")
+        self._check_like(x0, x_t, "x0", "x_t")
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
+        )
+
+    def predict_x0_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+        """x_0 from the posterior mean mu-tilde = coef1 x_0 + coef2 x_t (eq. 7) solved for x_0."""
+        self._check_batch(x_t, t, "x_t")
+        self._check_like(x_prev, x_t, "x_prev", "x_t")
+        return (x_prev - self._extract("posterior_mean_coef2", t, x_t) * x_t) / self._extract(
+            "posterior_mean_coef1", t, x_t
+        )
+
+    # ------------------------------------------------------------------ reverse process p_theta
+    def model_output_channels(self, in_channels: int) -> int:
+        """Channels the network must output: 2 C for learned variances (mean part, variance part), else C."""
+        if self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE):
+            return 2 * in_channels
+        if self.var_type in (VarType.FIXED_LARGE, VarType.FIXED_SMALL):
+            return in_channels
+        raise NotImplementedError(self.var_type)
+
+    def p_mean_variance(
+        self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I), eq. (1), (11).
+
+        x_t: (B, C, ...); t: (B,). Returns a dict of tensors of x_t's shape: ``mean``, ``variance``,
+        ``log_variance``, ``pred_x0`` (clipped to [-1, 1] when ``clip_denoised``), ``pred_eps``, and
+        ``model_output`` (the raw network output, (B, C_out, ...)).
+        """
+        self._check_batch(x_t, t, "x_t", min_ndim=2)
+        return self.p_mean_variance_from_output(model(x_t, t), x_t, t, clip_denoised=clip_denoised)
+
+    def p_mean_variance_from_output(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """``p_mean_variance`` for a network output already computed: (B, C_out, ...)."""
+        self._check_batch(x_t, t, "x_t", min_ndim=2)
+        self._check_model_output(model_output, x_t)
+        out = model_output.to(x_t.dtype)
+        mean_out, variance, log_variance = self._split_variance(out, x_t, t)
+
+        def process_x0(x: torch.Tensor) -> torch.Tensor:
+            return x.clamp(-1.0, 1.0) if clip_denoised else x
+
+        if self.mean_type is MeanType.X_PREV:
+            pred_x0 = process_x0(self.predict_x0_from_xprev(x_t, t, mean_out))
+            mean = mean_out
+        elif self.mean_type is MeanType.X0:
+            pred_x0 = process_x0(mean_out)
+            mean = self._posterior_mean(pred_x0, x_t, t)
+        elif self.mean_type is MeanType.EPS:
+            pred_x0 = process_x0(self.predict_x0_from_eps(x_t, t, mean_out))
+            mean = self._posterior_mean(pred_x0, x_t, t)  # = eq. (11) when nothing is clipped
+        else:
+            raise NotImplementedError(self.mean_type)
+        if self.mean_type is MeanType.EPS and not clip_denoised:
+            pred_eps = mean_out
+        else:
+            pred_eps = self.predict_eps_from_x0(x_t, t, pred_x0)
+        return {
+            "mean": mean,
+            "variance": variance,
+            "log_variance": log_variance,
+            "pred_x0": pred_x0,
+            "pred_eps": pred_eps,
+            "model_output": model_output,
+        }
+
+    def _check_model_output(self, model_output: Any, x_t: torch.Tensor) -> None:
+        B, C = x_t.shape[:2]
+        expected = (B, self.model_output_channels(C), *x_t.shape[2:])
+        if not isinstance(model_output, torch.Tensor) or tuple(model_output.shape) != expected:
+            got = tuple(model_output.shape) if isinstance(model_output, torch.Tensor) else type(model_output)
+            raise ValueError(
+                f"model output must have shape {expected} for var_type {self.var_type.value!r}, got {got}"
+            )
+        if not model_output.is_floating_point():
+            raise ValueError(f"model output must be a floating-point tensor, got dtype {model_output.dtype}")
+
+    def _split_variance(
+        self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean part (B, C, ...), variance, log_variance), the last two of x_t's shape."""
+        C = x_t.shape[1]
+        if self.var_type in (VarType.FIXED_LARGE, VarType.FIXED_SMALL):
+            variance = self._extract("model_variance_fixed", t, x_t).expand_as(x_t)
+            log_variance = self._extract("model_log_variance_fixed", t, x_t).expand_as(x_t)
+            return out, variance, log_variance
+        mean_out, var_values = torch.split(out, C, dim=1)  # (B, C, ...) each
+        if self.var_type is VarType.LEARNED:
+            log_variance = var_values
+        elif self.var_type is VarType.LEARNED_RANGE:
+            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
+            max_log = self._extract("log_betas", t, x_t)
+            frac = (var_values + 1.0) / 2.0  # v in [-1, 1] -> [0, 1]
+            log_variance = frac * max_log + (1.0 - frac) * min_log
+        else:
+            raise NotImplementedError(self.var_type)
+        return mean_out, torch.exp(log_variance), log_variance
+
+    # ------------------------------------------------------------------ the bound, eq. (5)
+    def vb_terms_bpd(
+        self, p: dict[str, torch.Tensor], x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """One term of eq. (5) in bits/dim: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))
+        for t > 0 (0-based), and the decoder L_0 = -log p_theta(x_0 | x_1) (eq. 13) at t = 0.
+
+        p: the dict of ``p_mean_variance``; x0, x_t: (B, ...); t: (B,). Returns (B,).
+        """
+        self._check_batch(x_t, t, "x_t")
+        self._check_like(x0, x_t, "x0", "x_t")
+        true_mean = self._posterior_mean(x0, x_t, t)
+        true_log_variance = self._extract("posterior_log_variance_clipped", t, x_t)
+        kl = normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])
+        kl = mean_flat(kl) / math.log(2.0)
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x0, means=p["mean"], log_scales=0.5 * p["log_variance"], cdf=self.decoder_cdf
+        )
+        decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
+        return torch.where(t.to(x_t.device) == 0, decoder_nll, kl)
+
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, eq. (5). x0: (B, ...) -> (B,)."""
+        self._check_x(x0, "x0")
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.int64, device=x0.device)
+        mean, _, log_variance = self.q_mean_variance(x0, t)
+        zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
+        return mean_flat(normal_kl(mean, log_variance, zero, zero)) / math.log(2.0)
+
+    def training_losses(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-example losses at the timesteps t (Algorithm 1).
+
+        x0: (B, C, ...) in [-1, 1]; t: (B,); noise: x0's shape or None. Returns a dict of (B,)
+        tensors: ``loss`` (the objective), plus ``mse`` (L_simple, eq. 14) for mse/hybrid and ``vb``
+        (L_{t-1} in bits/dim) for kl/rescaled_kl/hybrid. The hybrid loss is
+        mse + hybrid_lambda * T * vb, with the model mean detached inside vb (Nichol & Dhariwal).
+        """
+        self._check_batch(x0, t, "x0", min_ndim=2)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.q_sample(x0, t, noise)
+        terms: dict[str, torch.Tensor] = {}
+        if self.loss_type in (LossType.KL, LossType.RESCALED_KL):
+            p = self.p_mean_variance(model, x_t, t, clip_denoised=False)
+            terms["vb"] = self.vb_terms_bpd(p, x0, x_t, t)
+            scale = self.num_timesteps if self.loss_type is LossType.RESCALED_KL else 1.0
+            terms["loss"] = terms["vb"] * scale
+            return terms
+        if self.loss_type not in (LossType.MSE, LossType.HYBRID):
+            raise NotImplementedError(self.loss_type)
+        learned = self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)
+        if self.loss_type is LossType.MSE and learned:
+            raise ValueError(
+                f"loss_type 'mse' trains no variance, but var_type is {self.var_type.value!r}; "
+                "expected loss_type 'hybrid', 'kl' or 'rescaled_kl' (or a fixed var_type)"
+            )
+        model_output = model(x_t, t)
+        self._check_model_output(model_output, x_t)
+        C = x0.shape[1]
+        mean_out = model_output[:, :C].to(x0.dtype)
+        if self.mean_type is MeanType.EPS:
+            target = noise
+        elif self.mean_type is MeanType.X0:
+            target = x0
+        elif self.mean_type is MeanType.X_PREV:
+            target = self._posterior_mean(x0, x_t, t)
+        else:
+            raise NotImplementedError(self.mean_type)
+        terms["mse"] = mean_flat((target - mean_out) ** 2)
+        terms["loss"] = terms["mse"]
+        if self.loss_type is LossType.HYBRID:
+            # stop-gradient on the mean: the bound term trains only the variance
+            frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
+            p = self.p_mean_variance_from_output(frozen, x_t, t, clip_denoised=False)
+            terms["vb"] = self.vb_terms_bpd(p, x0, x_t, t)
+            terms["loss"] = terms["mse"] + self.hybrid_lambda * self.num_timesteps * terms["vb"]
+        return terms
+
+    @torch.no_grad()
+    def calc_bpd_loop(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        *,
+        clip_denoised: bool = True,
+        t_chunk: int | None = None,
+        progress: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every term of the bound, eq. (5), in bits/dim, for each example of x0.
+
+        x0: (B, C, ...) data in [-1, 1]. ``t_chunk`` timesteps go through the model in one call
+        (the batch is repeated t_chunk times; default 1); the noise is drawn per timestep in order
+        t = 0, 1, ..., so the result does not depend on t_chunk. Returns a dict:
+          total_bpd (B,) = prior_bpd + vb.sum(1); prior_bpd (B,) = L_T;
+          vb (B, T): column 0 the decoder L_0, column t the KL L_t;
+          x0_mse (B, T): mean_flat((pred_x0 - x0)^2); mse (B, T): mean_flat((pred_eps - eps)^2).
+        """
+        from tqdm.auto import tqdm
+
+        self._check_x(x0, "x0", min_ndim=2)
+        if t_chunk is None:
+            t_chunk = 1
+        if isinstance(t_chunk, bool) or not isinstance(t_chunk, int) or t_chunk < 1:
+            raise ValueError(f"t_chunk must be a positive int or None, got {t_chunk!r}")
+        B, T = x0.shape[0], self.num_timesteps
+        vb, x0_mse, mse = [], [], []
+        with tqdm(total=T, disable=not progress, desc="bits/dim", unit="t") as bar:
+            for start in range(0, T, t_chunk):
+                k = min(t_chunk, T - start)
+                t = torch.arange(start, start + k, device=x0.device).repeat_interleave(B)  # (kB,)
+                x0_k = x0.repeat(k, *([1] * (x0.ndim - 1)))  # (kB, C, ...), timestep-major
+                noise = torch.cat([
+                    torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                    for _ in range(k)
+                ])  # (kB, C, ...)
+                x_t = self.q_sample(x0_k, t, noise)
+                p = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
+                vb.append(self.vb_terms_bpd(p, x0_k, x_t, t).view(k, B))
+                x0_mse.append(mean_flat((p["pred_x0"] - x0_k) ** 2).view(k, B))
+                mse.append(mean_flat((p["pred_eps"] - noise) ** 2).view(k, B))
+                bar.update(k)
+        vb_bt = torch.cat(vb).T  # (B, T)
+        prior = self.prior_bpd(x0)
+        return {
+            "total_bpd": vb_bt.sum(dim=1) + prior,
+            "prior_bpd": prior,
+            "vb": vb_bt,
+            "x0_mse": torch.cat(x0_mse).T,
+            "mse": torch.cat(mse).T,
+        }
