@@ -1,0 +1,209 @@
+"""Our model folder, and safe weight files.
+
+A model folder holds ``config.json`` = {"format": "ddpmkit.model", "version": 1, "unet": {...},
+"diffusion": {...} (optional)} and ``model.safetensors`` (the float32 state dict of ``UNet``).
+Weights are only ever read from safetensors (no pickle runs); every problem with a file raises one
+``ValueError`` (or ``FileNotFoundError``) that names the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = [
+    "CONFIG_NAME",
+    "MODEL_FORMAT",
+    "MODEL_FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "atomic_write_bytes",
+    "check_finite",
+    "is_model_folder",
+    "load_state_dict_into",
+    "read_json",
+    "read_model_folder",
+    "read_safetensors",
+    "save_model_folder",
+]
+
+MODEL_FORMAT = "ddpmkit.model"
+MODEL_FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ValueError naming the file if it is not one."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, on the CPU. Never unpickles anything.
+
+    Raises FileNotFoundError if missing, ValueError naming the file if it is truncated or corrupt.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], source: Path | str) -> None:
+    """ValueError naming ``source`` and the first tensor holding a NaN or an infinity."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{source}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf)")
+
+
+def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Copy ``state_dict`` into ``model`` after checking keys, shapes, dtypes and finiteness.
+
+    Every mismatch is a ValueError naming ``source`` and the offending tensor(s).
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
+        raise ValueError(f"{source}: weights do not match the U-Net config: " + "; ".join(parts))
+    for key, ref in expected.items():
+        value = state_dict[key]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the U-Net config expects "
+                f"{tuple(ref.shape)}"
+            )
+        if not value.is_floating_point():
+            raise ValueError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected a float dtype")
+    check_finite(state_dict, source)
+    with torch.no_grad():
+        for key, ref in expected.items():
+            ref.copy_(state_dict[key])
+
+
+def save_model_folder(
+    unet: nn.Module, path: str | Path, *, diffusion: dict[str, Any] | Any | None = None
+) -> Path:
+    """Write ``unet`` (a ``ddpmkit.nn.UNet``) as our model folder at ``path``; returns the path.
+
+    diffusion: a DiffusionConfig (anything with ``to_dict()``), its dict, or None.
+    Each file is written atomically (temporary file + rename). Non-finite weights are refused.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path}: exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    if diffusion is not None and not isinstance(diffusion, dict):
+        if not callable(getattr(diffusion, "to_dict", None)):
+            raise ValueError(f"diffusion must be a dict or have to_dict(), got {type(diffusion).__name__}")
+        diffusion = diffusion.to_dict()
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items()}
+    check_finite(tensors, f"U-Net being saved to {path}")
+    config: dict[str, Any] = {
+        "format": MODEL_FORMAT,
+        "version": MODEL_FORMAT_VERSION,
+        "unet": unet.config.to_dict(),
+    }
+    if diffusion is not None:
+        config["diffusion"] = diffusion
+    _atomic_save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    return path
+
+
+def is_model_folder(path: Path) -> bool:
+    """True if ``path/config.json`` exists and declares format "ddpmkit.model"."""
+    cfg = path / CONFIG_NAME
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("format") == MODEL_FORMAT
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_model_folder(path: str | Path) -> tuple[Any, dict[str, Any] | None]:
+    """Load our model folder: returns (UNet with the stored weights, in eval mode; the diffusion
+    dict or None)."""
+    from ddpmkit.nn.unet import UNet, UNetConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: model folder not found")
+    config = read_json(path / CONFIG_NAME)
+    if config.get("format") != MODEL_FORMAT:
+        raise ValueError(
+            f"{path / CONFIG_NAME}: format is {config.get('format')!r}, expected {MODEL_FORMAT!r}"
+        )
+    version = config.get("version")
+    if (
+        not isinstance(version, int)
+        or isinstance(version, bool)
+        or version > MODEL_FORMAT_VERSION
+        or version < 1
+    ):
+        raise ValueError(
+            f"{path / CONFIG_NAME}: unsupported version {version!r}; this ddpmkit reads version "
+            f"{MODEL_FORMAT_VERSION}"
+        )
+    try:
+        unet_config = UNetConfig.from_dict(config.get("unet"))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path / CONFIG_NAME}: bad 'unet' section: {err}") from None
+    diffusion = config.get("diffusion")
+    if diffusion is not None and not isinstance(diffusion, dict):
+        raise ValueError(f"{path / CONFIG_NAME}: 'diffusion' must be a JSON object")
+    state_dict = read_safetensors(path / WEIGHTS_NAME)
+    unet = UNet(config=unet_config)
+    load_state_dict_into(unet, state_dict, path / WEIGHTS_NAME)
+    return unet.eval(), diffusion
