@@ -92,9 +92,8 @@ def _crc32c_register_numpy(data: np.ndarray) -> int:
     t0, t1, t2, t3 = _zeros_shift_tables(chunk)
     register = 0
     for r in regs.tolist():
-        register = (
-            t0[register & 0xFF] ^ t1[(register >> 8) & 0xFF] ^ t2[(register >> 16) & 0xFF] ^ t3[register >> 24]
-        ) ^ r
+        shifted = t0[register & 0xFF] ^ t1[(register >> 8) & 0xFF]
+        register = shifted ^ t2[(register >> 16) & 0xFF] ^ t3[register >> 24] ^ r
     return register
 
 
@@ -410,7 +409,7 @@ class TFCheckpointReader:
         """The variable's value, a writable array in native byte order with the stored shape."""
         entry = self.entry(name)
         if entry.num_slices:
-            raise ValueError(f"variable {name!r} is partitioned into {entry.num_slices} slices; not supported")
+            raise ValueError(f"variable {name!r} is partitioned ({entry.num_slices} slices): not supported")
         dtype = self.dtype(name)
         count = math.prod(entry.shape)
         if count * dtype.itemsize != entry.size:
@@ -425,11 +424,11 @@ class TFCheckpointReader:
             got = f.readinto(buf)
         if got != entry.size:
             raise ValueError(
-                f"{path} is truncated: variable {name!r} needs bytes {entry.offset}..{entry.offset + entry.size}, "
+                f"{path} is truncated: variable {name!r} needs bytes up to {entry.offset + entry.size}, "
                 f"the file has {path.stat().st_size}"
             )
         if self.verify and entry.crc32c is not None and masked_crc32c(buf) != entry.crc32c:
-            raise ValueError(f"checksum mismatch for variable {name!r} in {path}: the checkpoint is corrupted")
+            raise ValueError(f"checksum mismatch for variable {name!r} in {path}: the file is corrupted")
         array = np.frombuffer(buf, dtype=dtype).reshape(entry.shape)
         return array.astype(dtype.newbyteorder("="), copy=False) if self.big_endian else array
 
