@@ -1,0 +1,325 @@
+"""Image grids, a small line chart, and the paper's figures (Pillow only, no matplotlib).
+
+Images at this edge are uint8 arrays laid out (N, H, W, C) (C = 1 or 3); float tensors in [-1, 1]
+laid out (N, C, H, W) are accepted too and quantised with the library's rule
+``round((x + 1) * 127.5)``. Every file is written atomically (a temporary name, then a rename).
+
+The figure functions at the bottom (``progressive_figure``, ``interpolation_figure``,
+``reconstruction_figure``, ``shared_xt_figure``, ``rate_distortion``) take a model callable and a
+``GaussianDiffusion``; they call the samplers of ``ddpmkit.sampling`` and lay out the results the
+way the paper's Figures 5-9 do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "image_grid",
+    "images_to_uint8",
+    "plot_lines",
+    "save_image",
+    "save_image_grid",
+]
+
+# matplotlib's "tab10" colours, so charts look familiar
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)
+
+
+# ---------------------------------------------------------------------------------- pixels
+def images_to_uint8(images: Any) -> np.ndarray:
+    """Images as uint8 (N, H, W, C).
+
+    images: uint8 (N, H, W, C) or (N, H, W) array/tensor, or a float tensor (N, C, H, W) in [-1, 1]
+    (quantised as ``round((x + 1) * 127.5)`` clamped to [0, 255]). Returns a numpy uint8 array.
+    """
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        if images.ndim != 4:
+            raise ValueError(f"float images must be shaped (N, C, H, W), got {tuple(images.shape)}")
+        x = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return x.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C)
+    a = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if a.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 images (N, H, W, C) or float images (N, C, H, W) in [-1, 1], got dtype {a.dtype}"
+        )
+    if a.ndim == 3:
+        a = a[..., None]  # (N, H, W, 1)
+    if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected uint8 images shaped (N, H, W, C) with C in (1, 3, 4), got {a.shape}")
+    if a.shape[0] == 0:
+        raise ValueError("expected at least one image, got N = 0")
+    return a
+
+
+def _to_pil(a: np.ndarray) -> Image.Image:
+    """(H, W, C) uint8 -> a Pillow image (L, RGB or RGBA)."""
+    if a.shape[-1] == 1:
+        return Image.fromarray(a[..., 0], mode="L") if _MODE_KW else Image.fromarray(a[..., 0])
+    return Image.fromarray(a)
+
+
+_MODE_KW = int(Image.__version__.split(".")[0]) < 13  # Pillow 13 drops the mode argument
+
+
+def image_grid(images: Any, *, nrow: int | None = None, padding: int = 2, pad_value: int = 0) -> Image.Image:
+    """Tile images into one picture: ``nrow`` images per row (default ceil(sqrt(N))).
+
+    images: uint8 (N, H, W, C) (see ``images_to_uint8``). ``padding`` pixels of ``pad_value``
+    separate the tiles and frame the grid, so the result is
+    (rows * (H + padding) + padding) x (nrow * (W + padding) + padding).
+    """
+    a = images_to_uint8(images)
+    n, h, w, c = a.shape
+    if nrow is None:
+        nrow = math.ceil(math.sqrt(n))
+    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
+        raise ValueError(f"nrow must be a positive int, got {nrow!r}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    ncol = min(nrow, n)
+    rows = math.ceil(n / ncol)
+    grid = np.full(
+        (rows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, dtype=np.uint8
+    )
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        y, x = padding + r * (h + padding), padding + q * (w + padding)
+        grid[y : y + h, x : x + w] = a[i]
+    return _to_pil(grid)
+
+
+def _atomic_save(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Save ``image`` to ``path`` (format from the suffix) through a temporary file and a rename."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell the image format of {str(path)!r}; expected a suffix like .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _scaled(image: Image.Image, scale: int) -> Image.Image:
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive int, got {scale!r}")
+    if scale == 1:
+        return image
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def save_image(image: Any, path: str | os.PathLike, *, scale: int = 1) -> Path:
+    """Write one image, uint8 (H, W, C) / (H, W) or float (C, H, W) in [-1, 1], atomically."""
+    if isinstance(image, torch.Tensor) and image.is_floating_point():
+        a = images_to_uint8(image[None])[0]
+    else:
+        a = images_to_uint8((image.detach().cpu().numpy() if isinstance(image, torch.Tensor)
+                             else np.asarray(image))[None])[0]
+    return _atomic_save(_scaled(_to_pil(a), scale), path)
+
+
+def save_image_grid(
+    images: Any, path: str | os.PathLike, *, nrow: int | None = None, scale: int = 1, padding: int = 2
+) -> Path:
+    """Write ``image_grid(images, nrow=nrow, padding=padding)``, enlarged ``scale`` times
+    (nearest neighbour), to ``path`` atomically. Returns the path."""
+    return _atomic_save(_scaled(image_grid(images, nrow=nrow, padding=padding), scale), path)
+
+
+# ---------------------------------------------------------------------------------- line chart
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable embedded font
+    except TypeError:  # older Pillow: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _nice_step(span: float, max_ticks: int) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k giving at most ``max_ticks`` intervals over ``span``."""
+    raw = span / max(max_ticks, 1)
+    mag = 10.0 ** math.floor(math.log10(raw))
+    for m in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if m * mag >= raw:
+            return m * mag
+    return 10.0 * mag
+
+
+def _linear_ticks(lo: float, hi: float, max_ticks: int = 6) -> tuple[float, float, list[float]]:
+    """Axis limits widened to nice values and the ticks between them."""
+    if hi <= lo:
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    step = _nice_step(hi - lo, max_ticks)
+    lo, hi = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
+    n = round((hi - lo) / step)
+    return lo, hi, [lo + i * step for i in range(n + 1)]
+
+
+def _log_ticks(lo: float, hi: float) -> tuple[float, float, list[float]]:
+    """Log-axis limits at decades (or 1-2-5 steps over fewer than two decades) and the ticks."""
+    k0, k1 = math.floor(math.log10(lo) + 1e-9), math.ceil(math.log10(hi) - 1e-9)
+    if k1 == k0:
+        k1 += 1
+    decades = list(range(k0, k1 + 1))
+    stride = max(1, math.ceil(len(decades) / 8))
+    ticks = [10.0**k for k in decades[::stride]]
+    if k1 - k0 <= 2:
+        ticks = sorted({m * 10.0**k for k in decades for m in (1, 2, 5) if m * 10.0**k <= 10.0**k1})
+        lo_t = max(t for t in ticks if t <= lo * (1 + 1e-9))
+        hi_t = min(t for t in ticks if t >= hi * (1 - 1e-9))
+        ticks = [t for t in ticks if lo_t <= t <= hi_t]
+        return lo_t, hi_t, ticks
+    return 10.0**k0, 10.0**k1, ticks
+
+
+def _tick_label(v: float) -> str:
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        return f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e")
+    return f"{v:.6g}"
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def plot_lines(
+    path: str | os.PathLike,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    logx: bool = False,
+    logy: bool = False,
+    size: tuple[int, int] = (640, 400),
+) -> Path:
+    """A PNG line chart: one line per entry ``name -> (xs, ys)`` of ``series``, with axes, ticks,
+    grid, labels, title and a legend. Non-finite points break a line. Returns the path."""
+    if not series:
+        raise ValueError("series must hold at least one line: {name: (xs, ys)}")
+    lines: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, (xs, ys) in series.items():
+        x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+        if x.ndim != 1 or x.shape != y.shape:
+            raise ValueError(
+                f"series {name!r}: xs and ys must be 1-D of one length, got {x.shape}, {y.shape}"
+            )
+        lines[name] = (x, y)
+    width, height = size
+    if width < 200 or height < 150:
+        raise ValueError(f"size must be at least (200, 150), got {size}")
+    xlim, xticks = _axis([x for x, _ in lines.values()], logx, "x")
+    ylim, yticks = _axis([y for _, y in lines.values()], logy, "y")
+
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font, small = _font(14), _font(11)
+    ytick_w = max(_text_size(draw, _tick_label(v), small)[0] for v in yticks)
+    left = 12 + (18 if ylabel else 0) + ytick_w + 8
+    top, right = (34 if title else 14), 16
+    bottom = 24 + (22 if xlabel else 0)
+    x0, y0, x1, y1 = left, top, width - right, height - bottom  # the plot box
+
+    def px(v: np.ndarray, lim: tuple[float, float], log: bool, a: float, b: float) -> np.ndarray:
+        lo, hi = (math.log10(lim[0]), math.log10(lim[1])) if log else lim
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = np.log10(v) if log else v
+        return a + (u - lo) / (hi - lo) * (b - a)
+
+    for v in xticks:  # grid and ticks
+        x = float(px(np.array(v), xlim, logx, x0, x1))
+        draw.line([(x, y0), (x, y1)], fill=(232, 232, 232))
+        draw.line([(x, y1), (x, y1 + 4)], fill="black")
+        tw, _ = _text_size(draw, _tick_label(v), small)
+        draw.text((x - tw / 2, y1 + 6), _tick_label(v), fill="black", font=small)
+    for v in yticks:
+        y = float(px(np.array(v), ylim, logy, y1, y0))
+        draw.line([(x0, y), (x1, y)], fill=(232, 232, 232))
+        draw.line([(x0 - 4, y), (x0, y)], fill="black")
+        tw, th = _text_size(draw, _tick_label(v), small)
+        draw.text((x0 - 6 - tw, y - th / 2 - 2), _tick_label(v), fill="black", font=small)
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+
+    for k, (x, y) in enumerate(lines.values()):
+        colour = PALETTE[k % len(PALETTE)]
+        xp, yp = px(x, xlim, logx, x0, x1), px(y, ylim, logy, y1, y0)
+        ok = np.isfinite(xp) & np.isfinite(yp)
+        for run in _finite_runs(xp, yp, ok):
+            if len(run) > 1:
+                draw.line(run, fill=colour, width=2)
+            else:
+                draw.point(run, fill=colour)
+
+    _legend(draw, list(lines), small, x1, y0)
+    if title:
+        tw, _ = _text_size(draw, title, font)
+        draw.text(((x0 + x1 - tw) / 2, 8), title, fill="black", font=font)
+    if xlabel:
+        tw, _ = _text_size(draw, xlabel, font)
+        draw.text(((x0 + x1 - tw) / 2, height - 22), xlabel, fill="black", font=font)
+    if ylabel:
+        tw, th = _text_size(draw, ylabel, font)
+        label = Image.new("RGB", (tw + 4, th + 8), "white")
+        ImageDraw.Draw(label).text((2, 0), ylabel, fill="black", font=font)
+        label = label.rotate(90, expand=True)
+        img.paste(label, (6, int((y0 + y1 - label.height) / 2)))
+    return _atomic_save(img, path)
+
+
+def _axis(values: list[np.ndarray], log: bool, name: str) -> tuple[tuple[float, float], list[float]]:
+    v = np.concatenate(values)
+    v = v[np.isfinite(v)]
+    if log:
+        if (v <= 0).any():
+            raise ValueError(f"log{name} needs positive {name} values, got min {v.min():g}")
+    if v.size == 0:
+        raise ValueError(f"no finite {name} values to plot")
+    lo, hi, ticks = _log_ticks(float(v.min()), float(v.max())) if log else _linear_ticks(
+        float(v.min()), float(v.max())
+    )
+    return (lo, hi), ticks
+
+
+def _finite_runs(xp: np.ndarray, yp: np.ndarray, ok: np.ndarray) -> list[list[tuple[float, float]]]:
+    """The maximal runs of consecutive finite points, as pixel coordinate lists."""
+    runs: list[list[tuple[float, float]]] = [[]]
+    for xi, yi, good in zip(xp.tolist(), yp.tolist(), ok.tolist(), strict=True):
+        if good:
+            runs[-1].append((xi, yi))
+        elif runs[-1]:
+            runs.append([])
+    return [r for r in runs if r]
+
+
+def _legend(draw: ImageDraw.ImageDraw, names: list[str], font: Any, x_right: float, y_top: float) -> None:
+    """A framed legend inside the top-right corner of the plot box."""
+    sizes = [_text_size(draw, n, font) for n in names]
+    row = max(h for _, h in sizes) + 6
+    bx1, by0 = x_right - 8, y_top + 8
+    bx0, by1 = bx1 - (max(w for w, _ in sizes) + 44), by0 + row * len(names) + 8
+    draw.rectangle([bx0, by0, bx1, by1], fill="white", outline=(160, 160, 160))
+    for k, name in enumerate(names):
+        y = by0 + 4 + k * row + row / 2
+        colour = PALETTE[k % len(PALETTE)]
+        draw.line([(bx0 + 8, y), (bx0 + 32, y)], fill=colour, width=2)
+        draw.text((bx0 + 38, y - sizes[k][1] / 2 - 3), name, fill="black", font=font)
