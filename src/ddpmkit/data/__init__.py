@@ -1,0 +1,53 @@
+"""Data sources -> float tensors in [-1, 1]; uint8 NHWC at the edges.
+
+``open_source`` opens digits, CIFAR-10, an ``.npz`` or an image folder as an ``ImageDataset``
+(un-augmented; the trainer flips with ``random_horizontal_flip`` and its own generator);
+``verify_source`` lists unreadable files; ``to_uint8_nhwc`` / ``from_uint8_nhwc`` convert pixels.
+"""
+
+from ddpmkit.data.cifar import CIFAR10_MD5, CIFAR10_URL, data_root, find_cifar10
+from ddpmkit.data.convert import from_uint8_nhwc, random_horizontal_flip, to_uint8_nhwc
+from ddpmkit.data.images import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, UnreadableImageError
+from ddpmkit.data.sources import (
+    DIGITS_NUM_TEST,
+    ArrayImageDataset,
+    BadImageWarning,
+    FolderImageDataset,
+    ImageDataset,
+    OnBadImage,
+    SourceKind,
+    SourceReport,
+    Split,
+    inspect_source,
+    load_digits_uint8,
+    load_npz_uint8,
+    open_source,
+    verify_source,
+)
+
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "CIFAR10_MD5",
+    "CIFAR10_URL",
+    "DIGITS_NUM_TEST",
+    "IMAGE_EXTENSIONS",
+    "ArrayImageDataset",
+    "BadImageWarning",
+    "FolderImageDataset",
+    "ImageDataset",
+    "OnBadImage",
+    "SourceKind",
+    "SourceReport",
+    "Split",
+    "UnreadableImageError",
+    "data_root",
+    "find_cifar10",
+    "from_uint8_nhwc",
+    "inspect_source",
+    "load_digits_uint8",
+    "load_npz_uint8",
+    "open_source",
+    "random_horizontal_flip",
+    "to_uint8_nhwc",
+    "verify_source",
+]

@@ -1,0 +1,156 @@
+"""Image files with Pillow: find them, decode them safely, center-crop and resize them.
+
+A folder source is every file under the folder (recursively, hidden files and folders excluded)
+whose extension is one of ``IMAGE_EXTENSIONS``, matched case-insensitively. A file counts as
+readable only when Pillow identifies it as one of ``ACCEPTED_FORMATS`` (whatever its extension
+says) and decodes every pixel of it (its first frame, for animations): a ``.png`` holding text, a
+zero-byte file, a truncated JPEG and a file of another format (an ``.ico`` renamed ``.png``) are
+all unreadable. Pillow is only asked to try the accepted formats, so no other decoder ever runs.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+)
+# Pillow format names. "MPO" is what Pillow calls a multi-picture JPEG, as many cameras write.
+ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "TIFF")
+_OPEN_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")  # MPO is opened by the JPEG plugin
+_CHANNEL_MODES = {1: "L", 3: "RGB"}
+
+
+class UnreadableImageError(Exception):
+    """A file that is not a readable image of an accepted type; ``str(err)`` is the reason."""
+
+
+def list_image_files(folder: Path) -> tuple[list[Path], int]:
+    """All image files under ``folder``, sorted by their path relative to it.
+
+    Returns (files, num_ignored): files with an image extension (case-insensitive), and how many
+    other regular files were passed over. Hidden files and folders (name starting with ".", such
+    as macOS ``._x.jpg`` resource forks) are skipped; symlinked folders are not followed.
+    """
+    files: list[Path] = []
+    ignored = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                files.append(Path(dirpath, name))
+            else:
+                ignored += 1
+    files.sort(key=lambda p: p.relative_to(folder).as_posix())
+    return files, ignored
+
+
+def decode_image(path: str | os.PathLike) -> Image.Image:
+    """Decode a whole image file into a loaded Pillow image of mode "L" or "RGB".
+
+    16-bit grayscale is scaled to 8 bits (v / 257); a palette or alpha image is converted through
+    RGBA and its alpha dropped; EXIF orientation is applied. Raises ``UnreadableImageError`` with
+    a one-line reason for anything that is not a readable image of an accepted type.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise UnreadableImageError(f"cannot read file: {err.strerror or err}") from None
+    if size == 0:
+        raise UnreadableImageError("empty file (0 bytes)")
+    fmt = "?"
+    try:
+        with Image.open(path, formats=_OPEN_FORMATS) as im:
+            fmt = im.format or "?"
+            im.load()  # decodes every pixel of the first frame; raises on truncated data
+            return _normalise_mode(ImageOps.exif_transpose(im))
+    except UnidentifiedImageError:
+        raise UnreadableImageError(
+            f"not an image of an accepted type ({', '.join(_OPEN_FORMATS)})"
+        ) from None
+    except Image.DecompressionBombError as err:
+        raise UnreadableImageError(f"{fmt} image too large to decode safely: {err}") from None
+    except UnreadableImageError:
+        raise
+    except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, EOFError, struct.error, ...
+        raise UnreadableImageError(f"corrupt or truncated {fmt} data ({type(err).__name__}: {err})") from None
+
+
+def _normalise_mode(im: Image.Image) -> Image.Image:
+    """Any decoded mode -> "L" (grayscale) or "RGB"."""
+    if im.mode in ("L", "RGB"):
+        return im
+    if im.mode in ("1",):
+        return im.convert("L")
+    if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale: scale 0..65535 -> 0..255
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "F":
+        raise UnreadableImageError("floating-point images are not supported; save it as 8 or 16 bits")
+    if im.mode in ("LA", "La"):
+        return im.convert("L")
+    if im.mode in ("P", "PA") or "A" in im.mode or "a" in im.mode:
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+
+
+def fit_image(im: Image.Image, *, resolution: int, channels: int) -> np.ndarray:
+    """Center-crop to a square, resize to ``resolution`` (Pillow bicubic, antialiased), set channels.
+
+    im: any mode "L"/"RGB" image  ->  (resolution, resolution, channels) uint8.
+    RGB -> 1 channel is Pillow's ITU-R 601-2 luma; 1 -> 3 channels repeats the gray value.
+    An image already square at ``resolution`` is not resampled.
+    """
+    mode = _CHANNEL_MODES[channels]
+    if im.mode != mode:
+        im = im.convert(mode)
+    if im.size != (resolution, resolution):
+        im = ImageOps.fit(im, (resolution, resolution), method=Image.Resampling.BICUBIC)
+    a = np.array(im, dtype=np.uint8)  # a writable copy
+    return a.reshape(resolution, resolution, channels)  # (H, W, C)
+
+
+def fit_array(images: np.ndarray, *, resolution: int, channels: int) -> np.ndarray:
+    """``fit_image`` over a uint8 (N, H, W, C) array with C in {1, 3}; a no-op when it already fits."""
+    n, h, w, c = images.shape
+    if (h, w, c) == (resolution, resolution, channels):
+        return images
+    out = np.empty((n, resolution, resolution, channels), dtype=np.uint8)
+    for i in range(n):
+        im = Image.fromarray(images[i, :, :, 0] if c == 1 else images[i], mode=_CHANNEL_MODES[c])
+        out[i] = fit_image(im, resolution=resolution, channels=channels)
+    return out
+
+
+def check_image(path: Path) -> str | None:
+    """None when ``path`` decodes as an accepted image, else the reason it does not."""
+    try:
+        decode_image(path)
+    except UnreadableImageError as err:
+        return str(err)
+    return None
+
+
+def check_images(
+    files: list[Path], *, workers: int | None = None, progress: bool = False
+) -> list[tuple[str, str]]:
+    """(path, reason) for every unreadable file, in the order of ``files``.
+
+    Decodes in a thread pool (Pillow releases the GIL while decoding).
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = pool.map(check_image, files)
+        if progress:
+            from tqdm.auto import tqdm
+
+            reasons = tqdm(reasons, total=len(files), desc="checking images", unit="file")
+        return [(str(p), r) for p, r in zip(files, reasons, strict=True) if r is not None]
