@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Command modules, in the order `ddpm --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("convert",)
+COMMAND_MODULES: tuple[str, ...] = ("convert", "data")
 
 EXIT_USER_ERROR = 2
 
