@@ -13,10 +13,10 @@ from ddpmkit.diffusion import MeanType as MeanType  # noqa: E402
 from ddpmkit.diffusion import VarType as VarType  # noqa: E402
 from ddpmkit.distributions import discretized_gaussian_log_likelihood as discretized_gaussian_log_likelihood  # noqa: E402,E501
 from ddpmkit.distributions import normal_kl as normal_kl  # noqa: E402
-from ddpmkit.schedules import BETA_SCHEDULES as BETA_SCHEDULES  # noqa: E402
-from ddpmkit.schedules import get_named_beta_schedule as get_named_beta_schedule  # noqa: E402
 
 # the paper's U-Net (issue 3)
 from ddpmkit.nn import UNET_PRESETS as UNET_PRESETS  # noqa: E402
 from ddpmkit.nn import UNet as UNet  # noqa: E402
 from ddpmkit.nn import UNetConfig as UNetConfig  # noqa: E402
+from ddpmkit.schedules import BETA_SCHEDULES as BETA_SCHEDULES  # noqa: E402
+from ddpmkit.schedules import get_named_beta_schedule as get_named_beta_schedule  # noqa: E402

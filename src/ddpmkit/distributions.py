@@ -46,8 +46,8 @@ def normal_kl(
 
 
 def standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """Phi(x), exactly (``torch.special.ndtr``)."""
-    return torch.special.ndtr(x)
+    """Phi(x), accurate to a few ulp in both tails (``torch.special.ndtr`` loses the lower tail)."""
+    return torch.exp(torch.special.log_ndtr(x))
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
