@@ -13,6 +13,9 @@ from ddpmkit.diffusion import MeanType as MeanType  # noqa: E402
 from ddpmkit.diffusion import VarType as VarType  # noqa: E402
 from ddpmkit.distributions import discretized_gaussian_log_likelihood as discretized_gaussian_log_likelihood  # noqa: E402,E501
 from ddpmkit.distributions import normal_kl as normal_kl  # noqa: E402
+from ddpmkit.models import LoadedModel as LoadedModel  # noqa: E402
+from ddpmkit.models import load_model as load_model  # noqa: E402
+from ddpmkit.models import load_unet as load_unet  # noqa: E402
 
 # the paper's U-Net (issue 3)
 from ddpmkit.nn import UNET_PRESETS as UNET_PRESETS  # noqa: E402
