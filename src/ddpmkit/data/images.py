@@ -66,10 +66,10 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
         raise UnreadableImageError(f"cannot read file: {err.strerror or err}") from None
     if size == 0:
         raise UnreadableImageError("empty file (0 bytes)")
-    fmt = "?"
+    fmt = "image"
     try:
         with Image.open(path, formats=_OPEN_FORMATS) as im:
-            fmt = im.format or "?"
+            fmt = im.format or fmt
             im.load()  # decodes every pixel of the first frame; raises on truncated data
             return _normalise_mode(ImageOps.exif_transpose(im))
     except UnidentifiedImageError:
@@ -103,7 +103,7 @@ def _normalise_mode(im: Image.Image) -> Image.Image:
 
 
 def fit_image(im: Image.Image, *, resolution: int, channels: int) -> np.ndarray:
-    """Center-crop to a square, resize to ``resolution`` (Pillow bicubic, antialiased), set channels.
+    """Center-crop to a square, then resize to ``resolution`` (Pillow bicubic, antialiased); set channels.
 
     im: any mode "L"/"RGB" image  ->  (resolution, resolution, channels) uint8.
     RGB -> 1 channel is Pillow's ITU-R 601-2 luma; 1 -> 3 channels repeats the gray value.
@@ -112,8 +112,13 @@ def fit_image(im: Image.Image, *, resolution: int, channels: int) -> np.ndarray:
     mode = _CHANNEL_MODES[channels]
     if im.mode != mode:
         im = im.convert(mode)
+    w, h = im.size
+    if w != h:  # the centered square, integer offsets (the extra pixel of an odd margin on the right/bottom)
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.crop((left, top, left + s, top + s))
     if im.size != (resolution, resolution):
-        im = ImageOps.fit(im, (resolution, resolution), method=Image.Resampling.BICUBIC)
+        im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
     a = np.array(im, dtype=np.uint8)  # a writable copy
     return a.reshape(resolution, resolution, channels)  # (H, W, C)
 
