@@ -297,6 +297,9 @@ def convert_from_tf(
     state = diffusers_state_dict_from_tf(variables, layout)
     from ddpmkit.interop.diffusers import unet_from_diffusers_state_dict
 
-    unet = unet_from_diffusers_state_dict(state, diffusers_unet_config(layout, res))
     learned = layout.out_channels == 2 * layout.in_channels
+    unet = unet_from_diffusers_state_dict(
+        state, diffusers_unet_config(layout, res), learned_variance=learned,
+        source=f"TF checkpoint {reader.prefix}",
+    )
     unet.save(out, diffusion=authors_diffusion_config(res, learned).to_dict())
