@@ -551,3 +551,19 @@ def test_cli_data_verify_end_to_end(image_folder, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["data", "verify", str(tmp_path / "empty")]) == 2
     assert "no image files in" in capsys.readouterr().err
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    a = np.arange(16 * 3, dtype=np.uint8).reshape(4, 4, 3) * 5
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels must be turned 90 degrees clockwise to display
+    Image.fromarray(a).save(tmp_path / "rotated.png", exif=exif)
+    got = open_source(tmp_path, resolution=4, channels=3).uint8_images()[0]
+    np.testing.assert_array_equal(got, np.rot90(a, k=-1))
+
+
+def test_data_root_default_and_override(monkeypatch, tmp_path):
+    monkeypatch.delenv("DDPMKIT_DATA", raising=False)
+    assert cifar_mod.data_root() == cifar_mod.Path.home() / ".cache" / "ddpmkit" / "data"
+    monkeypatch.setenv("DDPMKIT_DATA", str(tmp_path))
+    assert cifar_mod.data_root() == tmp_path

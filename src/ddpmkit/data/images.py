@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -71,7 +71,9 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path, formats=_OPEN_FORMATS) as im:
             fmt = im.format or fmt
             im.load()  # decodes every pixel of the first frame; raises on truncated data
-            return _normalise_mode(ImageOps.exif_transpose(im))
+            if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                im = ImageOps.exif_transpose(im)  # a camera photo stored sideways
+            return _normalise_mode(im)
     except UnidentifiedImageError:
         raise UnreadableImageError(
             f"not an image of an accepted type ({', '.join(_OPEN_FORMATS)})"
