@@ -151,13 +151,23 @@ def check_images(
 ) -> list[tuple[str, str]]:
     """(path, reason) for every unreadable file, in the order of ``files``.
 
-    Decodes in a thread pool (Pillow releases the GIL while decoding).
+    Decodes in a thread pool (Pillow releases the GIL while decoding), a bounded chunk at a time
+    so that millions of files do not mean millions of pending futures.
     """
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = pool.map(check_image, files)
-        if progress:
-            from tqdm.auto import tqdm
+    chunk = 256 * workers
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-            reasons = tqdm(reasons, total=len(files), desc="checking images", unit="file")
-        return [(str(p), r) for p, r in zip(files, reasons, strict=True) if r is not None]
+        bar = tqdm(total=len(files), desc="checking images", unit="file")
+    bad: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(files), chunk):
+            part = files[start:start + chunk]
+            bad += [(str(p), r) for p, r in zip(part, pool.map(check_image, part), strict=True) if r]
+            if bar is not None:
+                bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    return bad
