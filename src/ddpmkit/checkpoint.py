@@ -1,0 +1,269 @@
+"""Training checkpoints: tensors in safetensors, everything else in JSON, written atomically.
+
+A run directory holds ``checkpoints/step-000001000/``, each with
+
+- ``model.safetensors``, ``ema.safetensors``: the raw and the EMA U-Net state dicts (float32);
+- ``optimizer.safetensors``: the optimiser's per-parameter state tensors (``state.{i}.{name}``);
+- ``rng.safetensors``: torch CPU / CUDA / training-generator states (uint8 tensors);
+- ``state.json``: step, data order position, optimiser hyper-parameters, numpy and ``random``
+  states, the config, anything else the trainer needs;
+- ``manifest.json``, written last: the byte size and SHA-256 of every other file.
+
+A checkpoint is written into ``checkpoints/.tmp-step-...``, every file fsynced, the manifest last,
+then the folder is renamed into place and the parent fsynced. A folder without a manifest, or whose
+files do not match it, is torn and is ignored by ``latest_checkpoint``. Old checkpoints are pruned
+only after the new one is complete. Nothing is pickled: loading a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Checkpoint",
+    "capture_rng_state",
+    "checkpoint_dir",
+    "is_complete",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "optimizer_state_from_tensors",
+    "optimizer_state_to_tensors",
+    "read_state",
+    "replace_dir_atomically",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "ddpmkit.checkpoint"
+CHECKPOINT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE = "state.json"
+_STEP_DIR = re.compile(r"^step-(\d{9})$")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: ``tensors[group][name]`` from ``group.safetensors``, and ``state.json``."""
+
+    path: Path
+    step: int
+    tensors: dict[str, dict[str, torch.Tensor]]
+    state: dict[str, Any]
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> dict[str, Any]:
+    """Write ``data`` to ``path``, flush and fsync; returns its manifest entry."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write the checkpoint of ``step`` atomically; then keep only the newest ``keep_last``.
+
+    tensors: group name -> flat {name: Tensor}; each group becomes ``group.safetensors``.
+    state: JSON-able dict, written as ``state.json`` with ``step`` added. Returns the folder.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:09d}"
+    tmp = root / f".tmp-step-{step:09d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files: dict[str, Any] = {}
+    for group, flat in tensors.items():
+        data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in flat.items()})
+        files[f"{group}.safetensors"] = _write_synced(tmp / f"{group}.safetensors", data)
+    state_bytes = json.dumps({**state, "step": step}, indent=1, sort_keys=True).encode()
+    files[STATE] = _write_synced(tmp / STATE, state_bytes)
+    manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "files": files}
+    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    _fsync_dir(tmp)
+    replace_dir_atomically(tmp, final)
+    _prune(root, keep_last)
+    return final
+
+
+def replace_dir_atomically(src: Path, dst: Path) -> None:
+    """Rename the complete folder ``src`` to ``dst``, replacing any old ``dst``; fsync the parent.
+
+    An old ``dst`` is first renamed aside and deleted only after ``src`` is in place, so at every
+    instant one complete version exists under ``dst`` or beside it.
+    """
+    old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
+    if dst.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    _fsync_dir(dst.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and torn temp folders."""
+    complete = list_checkpoints(root.parent)
+    for path in complete[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.iterdir():
+        if path.name.startswith((".tmp-", ".old-")) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when ``path`` has a valid manifest and every file it lists with the listed size."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        return False
+    files = manifest.get("files")
+    if not isinstance(files, dict) or STATE not in files:
+        return False
+    for name, entry in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != entry.get("bytes"):
+            return False
+    return True
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first. Torn and temporary folders are ignored."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if is_complete(p)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint folder, checking every file against the manifest's SHA-256."""
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"{path} is not a complete ddpmkit checkpoint (missing or torn manifest)")
+    manifest = json.loads((path / MANIFEST).read_text())
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    state: dict[str, Any] = {}
+    for name, entry in manifest["files"].items():
+        data = (path / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ValueError(f"{path / name}: SHA-256 does not match the manifest (corrupt checkpoint)")
+        if name == STATE:
+            state = json.loads(data)
+        elif name.endswith(".safetensors"):
+            tensors[name.removesuffix(".safetensors")] = load_safetensors_bytes(data)
+    return Checkpoint(path=path, step=int(state["step"]), tensors=tensors, state=state)
+
+
+def optimizer_state_to_tensors(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``optimizer.state_dict()`` -> (tensors ``state.{i}.{name}``, JSON: param_groups + scalars)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, per_param in opt_state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``optimizer_state_to_tensors``: a dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def capture_rng_state(generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every RNG of this process: (tensors: torch CPU, CUDA devices, ``generator``; JSON: numpy, random)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda.{i}"] = s
+    if generator is not None:
+        tensors["generator"] = generator.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    meta = {
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "random": [version, list(internal), gauss_next],
+    }
+    return tensors, meta
+
+
+def restore_rng_state(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], generator: torch.Generator | None = None
+) -> None:
+    """Inverse of ``capture_rng_state``."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("torch_cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([v for _, v in cuda][: torch.cuda.device_count()])
+    if generator is not None and "generator" in tensors:
+        generator.set_state(tensors["generator"])
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = meta["random"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """``state.json`` of a complete checkpoint (step, config, ...) without reading its tensors."""
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"{path} is not a complete ddpmkit checkpoint (missing or torn manifest)")
+    return json.loads((path / STATE).read_text())
