@@ -1,0 +1,171 @@
+"""Bits/dim over a data set: the per-term sums of calc_bpd_loop, the single-image oracle, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from ddpmkit.data import load_digits_uint8
+from ddpmkit.diffusion import DiffusionConfig, VarType
+from ddpmkit.evaluate.bpd import evaluate_bpd, rate_distortion_table
+
+LN2 = math.log(2.0)
+
+
+class _Repeat(torch.utils.data.Dataset):
+    """n copies of one image (C, H, W)."""
+
+    def __init__(self, x: torch.Tensor, n: int) -> None:
+        self.x, self.n = x, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x
+
+
+class _TinyModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.temb = torch.nn.Embedding(1000, 1)
+
+    def forward(self, x, t):
+        return self.conv(x) + self.temb(t).view(-1, 1, 1, 1)
+
+
+def _digits(n: int) -> torch.utils.data.TensorDataset:
+    a, _ = load_digits_uint8("test")
+    return torch.from_numpy(a[:n]).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, 1, 8, 8)
+
+
+class _Tensors(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def test_bpd_equals_the_per_term_sums_of_calc_bpd_loop():
+    d = DiffusionConfig(num_timesteps=50, beta_end=0.2).build()
+    x = _digits(10)
+    model = _TinyModel().eval()
+    res = evaluate_bpd(model, d, _Tensors(x), batch_size=4, t_chunk=10, seed=3)
+    # the same batches through calc_bpd_loop directly, with the documented per-batch generators
+    totals, priors, vbs, mses = [], [], [], []
+    for b, s in enumerate(range(0, 10, 4)):
+        g = torch.Generator().manual_seed(3 * 1_000_003 + b)
+        out = d.calc_bpd_loop(model, x[s:s + 4], t_chunk=10, generator=g)
+        totals.append(out["total_bpd"]), priors.append(out["prior_bpd"])
+        vbs.append(out["vb"]), mses.append(out["x0_mse"])
+    total, prior = torch.cat(totals).double(), torch.cat(priors).double()
+    vb, x0_mse = torch.cat(vbs).double(), torch.cat(mses).double()
+    assert res["num_examples"] == 10
+    assert res["bpd"] == pytest.approx(float(total.mean()), rel=1e-12)
+    assert res["prior_bpd"] == pytest.approx(float(prior.mean()), rel=1e-12)
+    assert res["decoder_bpd"] == pytest.approx(float(vb[:, 0].mean()), rel=1e-12)
+    assert res["sum_kl_bpd"] == pytest.approx(float(vb[:, 1:].sum(1).mean()), rel=1e-6)
+    # the breakdown adds up: L_T + sum L_{t-1} + L_0 = total
+    assert res["prior_bpd"] + res["sum_kl_bpd"] + res["decoder_bpd"] == pytest.approx(res["bpd"], rel=1e-6)
+    assert res["bpd_stderr"] == pytest.approx(float(total.std() / math.sqrt(10)), rel=1e-9)
+    # rate / distortion: rate at t = 1 is everything but L_0; at t = T it is L_T alone
+    rate = res["by_t"]["rate"]
+    assert rate[0] == pytest.approx(res["bpd"] - res["decoder_bpd"], rel=1e-6)
+    assert rate[-1] == pytest.approx(res["prior_bpd"], rel=1e-12)
+    assert np.all(np.diff(rate) <= 0)
+    np.testing.assert_allclose(res["by_t"]["distortion"], np.sqrt(x0_mse.mean(0).numpy()) * 127.5, rtol=1e-9)
+    rows = rate_distortion_table(res, rows=5)
+    assert [r[0] for r in rows] == [1, 10, 20, 30, 40, 50]
+    assert rows[-1][1] == pytest.approx(rate[0]) and rows[0][1] == pytest.approx(rate[-1])
+
+
+def _oracle_terms(x_star: np.ndarray, betas: np.ndarray) -> dict[str, float]:
+    """The bound's terms for data = {x*} and the optimal eps-predictor, in closed form (fixedlarge).
+
+    With eps predicted exactly, pred_x0 = x* and the model mean is the posterior mean, so
+    L_{t-1} is the KL between two Gaussians with equal means: 0.5 (log(s2 / bt) + bt / s2 - 1);
+    L_T = KL(N(sqrt(abar_T) x*, 1 - abar_T) || N(0, 1)); L_0 = -log P(bin of x* | N(x*, s2_1)).
+    """
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    bt = betas * (1 - abar_prev) / (1 - abar)  # beta-tilde, eq. (7)
+    s2 = np.append(bt[1], betas[1:])  # fixedlarge, the first variance from beta-tilde_2
+    kl = 0.5 * (np.log(s2[1:] / bt[1:]) + bt[1:] / s2[1:] - 1) / LN2  # (T-1,) per dim, any x*
+    prior = np.mean(0.5 * (-1 - np.log(1 - abar[-1]) + (1 - abar[-1]) + abar[-1] * x_star**2)) / LN2
+    z = (1 / 255) / math.sqrt(s2[0])
+    edge = (x_star <= -0.999) | (x_star >= 0.999)
+    p = np.where(edge, scipy.stats.norm.cdf(z), scipy.stats.norm.cdf(z) - scipy.stats.norm.cdf(-z))
+    decoder = float(np.mean(-np.log(p)) / LN2)
+    return {"prior": float(prior), "sum_kl": float(kl.sum()), "decoder": decoder,
+            "total": float(prior + kl.sum() + decoder)}
+
+
+def test_single_image_oracle_gives_the_analytic_bound():
+    cfg = DiffusionConfig()  # the paper's T = 1000, linear betas, eps, fixedlarge
+    assert cfg.var_type is VarType.FIXED_LARGE
+    d = cfg.build()
+    x_star = _digits(1)[0]  # (1, 8, 8), gray levels incl. -1 and 1
+    sab = d.sqrt_alphas_cumprod
+    s1m = d.sqrt_one_minus_alphas_cumprod
+
+    def oracle(x_t, t):  # the optimal eps-predictor for data = {x*}
+        x64 = x_t.double()
+        eps = (x64 - sab[t].view(-1, 1, 1, 1) * x_star.double()) / s1m[t].view(-1, 1, 1, 1)
+        return eps.to(x_t.dtype)
+
+    res = evaluate_bpd(oracle, d, _Repeat(x_star.double(), 3), batch_size=3, t_chunk=250)
+    ref = _oracle_terms(x_star.double().numpy(), d.betas.numpy())
+    assert res["prior_bpd"] == pytest.approx(ref["prior"], rel=1e-9)
+    assert res["sum_kl_bpd"] == pytest.approx(ref["sum_kl"], rel=1e-6)
+    assert res["decoder_bpd"] == pytest.approx(ref["decoder"], rel=1e-6)
+    assert res["bpd"] == pytest.approx(ref["total"], rel=1e-6)
+    assert res["distortion_rmse"] < 1e-6  # x0 is predicted exactly at every t
+    assert res["bpd_stderr"] < 1e-9  # the same value for every copy, whatever the noise
+
+
+def test_resume_from_a_partial_file_gives_the_uninterrupted_result(tmp_path):
+    d = DiffusionConfig(num_timesteps=20, beta_end=0.3).build()
+    x = _digits(9)
+    model = _TinyModel().eval()
+    full = evaluate_bpd(model, d, _Tensors(x), batch_size=2, seed=1, partial_path=tmp_path / "a.jsonl")
+
+    calls = {"n": 0}
+
+    def interrupted(x_t, t):
+        calls["n"] += 1
+        if calls["n"] > 2 * 20:  # dies in the third batch
+            raise KeyboardInterrupt
+        return model(x_t, t)
+
+    part = tmp_path / "b.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_bpd(interrupted, d, _Tensors(x), batch_size=2, seed=1, partial_path=part)
+    lines = part.read_text().splitlines()
+    assert len(lines) == 1 + 2 and json.loads(lines[0])["format"] == "ddpmkit.bpd_partial"
+    with open(part, "a") as f:
+        f.write('{"batch": 2, "torn')  # a line cut short by the interruption
+    resumed = evaluate_bpd(model, d, _Tensors(x), batch_size=2, seed=1, partial_path=part)
+    assert resumed["bpd"] == full["bpd"]
+    assert resumed["by_t"] == full["by_t"]
+    assert len(part.read_text().splitlines()) == 1 + 5
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate_bpd(model, d, _Tensors(x), batch_size=3, seed=1, partial_path=part)
+
+
+def test_bad_arguments():
+    d = DiffusionConfig(num_timesteps=10).build()
+    with pytest.raises(ValueError, match="n must be between 1 and the 4"):
+        evaluate_bpd(_TinyModel(), d, _Tensors(_digits(4)), n=5)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_bpd(_TinyModel(), d, _Tensors(_digits(4)), batch_size=0)
