@@ -151,7 +151,8 @@ def test_discretized_tanh_matches_released_formula() -> None:
     cdf_plus, cdf_min = cdf(inv * (c + 1 / 255)), cdf(inv * (c - 1 / 255))
     log_delta = np.log(np.maximum(cdf_plus - cdf_min, 1e-12))
     ref = np.where(
-        xn < -0.999, np.log(np.maximum(cdf_plus, 1e-12)),
+        xn < -0.999,
+        np.log(np.maximum(cdf_plus, 1e-12)),
         np.where(xn > 0.999, np.log(np.maximum(1 - cdf_min, 1e-12)), log_delta),
     )
     # the probability differences cancel (1 - 1 + tiny), so compare probabilities, not logs

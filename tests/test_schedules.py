@@ -79,8 +79,10 @@ def test_cosine_first_beta_is_small() -> None:
     # Nichol & Dhariwal chose s so that sqrt(beta_1) is slightly smaller than the pixel bin 2/255
     beta1 = get_named_beta_schedule("cosine", 1000)[0].item()
     assert math.sqrt(beta1) < 2 / 255
-    assert beta1 == pytest.approx(1 - math.cos((1e-3 + 0.008) / 1.008 * math.pi / 2) ** 2
-                                  / math.cos(0.008 / 1.008 * math.pi / 2) ** 2, rel=1e-12)
+    assert beta1 == pytest.approx(
+        1 - math.cos((1e-3 + 0.008) / 1.008 * math.pi / 2) ** 2 / math.cos(0.008 / 1.008 * math.pi / 2) ** 2,
+        rel=1e-12,
+    )
 
 
 def test_registry_is_complete() -> None:
