@@ -65,10 +65,21 @@ def test_digits_preset_is_small_and_fits_8x8_grayscale():
 
 def test_presets_follow_the_authors_runs():
     c = UNET_PRESETS["cifar10"]
-    assert (c.ch, c.ch_mult, c.num_res_blocks, c.attn_resolutions, c.dropout) == (128, (1, 2, 2, 2), 2, (16,), 0.1)
+    assert (c.ch, c.ch_mult, c.num_res_blocks, c.attn_resolutions, c.dropout) == (
+        128,
+        (1, 2, 2, 2),
+        2,
+        (16,),
+        0.1,
+    )
     for name in ("celebahq256", "lsun256"):
         c = UNET_PRESETS[name]
-        assert (c.resolution, c.ch_mult, c.attn_resolutions, c.dropout) == (256, (1, 1, 2, 2, 4, 4), (16,), 0.0)
+        assert (c.resolution, c.ch_mult, c.attn_resolutions, c.dropout) == (
+            256,
+            (1, 1, 2, 2, 4, 4),
+            (16,),
+            0.0,
+        )
 
 
 def test_learned_variance_doubles_the_output_channels():
@@ -170,7 +181,9 @@ def _fan_avg_limit(weight: torch.Tensor) -> float:
 
 def test_init_is_variance_scaling_fan_avg_uniform_with_near_zero_last_layers():
     torch.manual_seed(0)
-    unet = UNet(config=UNetConfig(resolution=16, ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)))
+    unet = UNet(
+        config=UNetConfig(resolution=16, ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
+    )
     near_zero = {"conv2", "to_out", "conv_out"}
     checked = {"near_zero": 0, "normal": 0}
     for name, module in unet.named_modules():
@@ -183,7 +196,8 @@ def test_init_is_variance_scaling_fan_avg_uniform_with_near_zero_last_layers():
         assert float(w.std()) == pytest.approx(limit / math.sqrt(3), rel=0.15), name  # U(-a, a): std a/sqrt 3
         assert float(module.bias.detach().abs().max()) == 0.0, name
         checked["near_zero" if scale < 1 else "normal"] += 1
-    assert checked["near_zero"] == 2 * 5 + 2 * 1 + 1  # conv2 of 10 ResBlocks, to_out of 2 attn + mid, conv_out
+    # conv2 of 8 ResBlocks (2 down, 2 mid, 4 up), to_out of 4 AttnBlocks (1 down, 1 mid, 2 up), conv_out
+    assert checked["near_zero"] == 8 + 4 + 1
     assert checked["normal"] > 20
     y = unet(torch.randn(2, 3, 16, 16), torch.tensor([1, 500]))
     assert float(y.detach().abs().max()) < 1e-3  # the output conv starts near zero
