@@ -1,0 +1,133 @@
+"""TrainConfig: the paper's recipe in the presets, JSON round trips, overrides, deviations."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from ddpmkit.config import (
+    TRAIN_PRESETS,
+    BadImagePolicy,
+    Precision,
+    TrainConfig,
+    apply_overrides,
+    changed_on_resume,
+    config_from_partial_dict,
+    deviations_from_paper,
+    load_config,
+    parse_overrides,
+    save_config,
+    train_preset,
+)
+from ddpmkit.diffusion import LossType, MeanType, VarType
+
+
+def _assert_paper_diffusion(c: TrainConfig) -> None:
+    d = c.diffusion
+    assert (d.schedule, d.num_timesteps, d.beta_start, d.beta_end) == ("linear", 1000, 1e-4, 0.02)
+    assert d.mean_type is MeanType.EPS and d.loss_type is LossType.MSE
+
+
+def test_cifar10_preset_is_the_papers_recipe():
+    c = train_preset("cifar10")
+    assert (c.lr, c.warmup_steps, c.grad_clip, c.ema_decay) == (2e-4, 5000, 1.0, 0.9999)
+    assert (c.adam_betas, c.adam_eps) == ((0.9, 0.999), 1e-8)
+    assert (c.batch_size, c.random_flip, c.steps) == (128, True, 800_000)
+    assert c.precision is Precision.FP32
+    u = c.unet
+    assert (u.resolution, u.ch, u.ch_mult, u.num_res_blocks, u.attn_resolutions, u.dropout) == (
+        32, 128, (1, 2, 2, 2), 2, (16,), 0.1)
+    _assert_paper_diffusion(c)
+    assert c.diffusion.var_type is VarType.FIXED_LARGE
+
+
+@pytest.mark.parametrize("name", ["celebahq256", "lsun256"])
+def test_256_presets_are_the_papers_recipe(name):
+    c = train_preset(name)
+    assert (c.lr, c.batch_size, c.warmup_steps, c.grad_clip, c.ema_decay, c.random_flip) == (
+        2e-5, 64, 5000, 1.0, 0.9999, True)
+    u = c.unet
+    assert (u.resolution, u.ch, u.ch_mult, u.attn_resolutions, u.dropout) == (
+        256, 128, (1, 1, 2, 2, 4, 4), (16,), 0.0)
+    _assert_paper_diffusion(c)
+    assert c.diffusion.var_type is VarType.FIXED_SMALL  # the 256 models sample with beta-tilde
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun256"])
+def test_paper_presets_have_no_deviations(name):
+    assert deviations_from_paper(train_preset(name)) == []
+
+
+def test_deviations_name_each_changed_recipe_setting_and_skip_bookkeeping():
+    c = apply_overrides(train_preset("cifar10"), {
+        "lr": "1e-4", "unet.dropout": "0", "diffusion.num_timesteps": "500", "precision": "bf16",
+        "seed": "7", "checkpoint_every": "10", "data": "/some/folder",  # bookkeeping: not deviations
+    })
+    devs = deviations_from_paper(c)
+    assert len(devs) == 4, devs
+    assert {d.split()[0] for d in devs} == {"lr", "unet.dropout", "diffusion.num_timesteps", "precision"}
+    assert "lr 0.0001 (paper's cifar10: 0.0002)" in devs
+
+
+def test_digits_deviations_are_listed_against_cifar10():
+    devs = deviations_from_paper(train_preset("digits"))
+    keys = {d.split()[0] for d in devs}
+    assert {"steps", "lr", "ema_decay", "unet.resolution", "unet.in_channels", "random_flip"} <= keys
+    assert all("paper's cifar10" in d for d in devs)
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_PRESETS))
+def test_json_round_trip(name, tmp_path):
+    c = train_preset(name)
+    assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    path = save_config(c, tmp_path / "config.json")
+    assert load_config(path) == c
+
+
+def test_partial_config_file_takes_the_rest_from_its_preset(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"preset": "digits", "lr": 5e-4, "unet": {"ch": 32}}))
+    c = load_config(tmp_path / "c.json")
+    ref = train_preset("digits")
+    assert c.lr == 5e-4 and c.unet.ch == 32
+    assert c.unet.ch_mult == ref.unet.ch_mult and c.steps == ref.steps and c.ema_decay == ref.ema_decay
+    assert config_from_partial_dict({"lr": 1e-3}) == dataclasses.replace(TrainConfig(), lr=1e-3)
+
+
+def test_overrides_parse_to_the_fields_types():
+    c = apply_overrides(train_preset("cifar10"), parse_overrides([
+        "unet.ch_mult=1,2", "unet.attn_resolutions=", "random_flip=false", "batch_size=32",
+        "diffusion.mean_type=x0", "adam_betas=(0.5, 0.9)", "on_bad_image=error", "data=none",
+        "unet.resolution=8",
+    ]))
+    assert c.unet.ch_mult == (1, 2) and c.unet.attn_resolutions == ()
+    assert c.random_flip is False and c.batch_size == 32 and c.adam_betas == (0.5, 0.9)
+    assert c.diffusion.mean_type is MeanType.X0 and c.on_bad_image is BadImagePolicy.ERROR
+    assert c.data is None
+    # typed values pass through
+    assert apply_overrides(c, {"steps": 12, "precision": Precision.BF16}).steps == 12
+
+
+@pytest.mark.parametrize("items, match", [
+    (["nope=1"], "unknown config key 'nope'"),
+    (["unet.nope=1"], "unknown config key 'unet.nope'"),
+    (["optim.lr=1"], "unknown config group"),
+    (["batch_size=abc"], "bad value 'abc' for batch_size"),
+    (["precision=fp8"], "bad value 'fp8' for precision"),
+    (["lr"], "expected KEY=VALUE"),
+    (["batch_size=0"], "batch_size must be an integer >= 1"),
+    (["ema_decay=1.5"], r"ema_decay must be in \[0, 1\)"),
+    (["unet.ch=48"], "multiple of 32"),
+])
+def test_bad_overrides_are_clear_value_errors(items, match):
+    with pytest.raises(ValueError, match=match):
+        apply_overrides(train_preset("cifar10"), parse_overrides(items))
+
+
+def test_changed_on_resume_allows_only_bookkeeping_and_length():
+    c = train_preset("digits")
+    ok = apply_overrides(c, {"steps": "99999", "checkpoint_every": "5", "num_workers": "2"})
+    assert changed_on_resume(c, ok) == []
+    bad = apply_overrides(c, {"lr": "1e-5", "unet.ch": "32", "seed": "3"})
+    assert sorted(changed_on_resume(c, bad)) == ["lr", "seed", "unet.ch"]
