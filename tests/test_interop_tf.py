@@ -72,9 +72,12 @@ def _with_trailer(contents: bytes) -> bytes:
     return contents + b"\x00" + struct.pack("<I", masked_crc32c(contents + b"\x00"))
 
 
-def write_tf_bundle(prefix: Path, tensors: dict[str, np.ndarray]) -> None:
-    """Write `tensors` as a one-shard TF V2 checkpoint at `prefix`."""
-    data, entries = bytearray(), []
+def write_tf_bundle(
+    prefix: Path, tensors: dict[str, np.ndarray], *, entries_per_block: int = 1 << 30
+) -> None:
+    """Write `tensors` as a one-shard TF V2 checkpoint at `prefix`, `entries_per_block` index
+    entries to a data block of the table."""
+    data, entries = bytearray(), [(b"", _pb_varint(1, 1) + _pb_varint(2, 0) + _pb_bytes(3, _pb_varint(1, 1)))]
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
@@ -89,18 +92,20 @@ def write_tf_bundle(prefix: Path, tensors: dict[str, np.ndarray]) -> None:
         )
         entries.append((name.encode(), proto))
         data += raw
-    header = _pb_varint(1, 1) + _pb_varint(2, 0) + _pb_bytes(3, _pb_varint(1, 1))
-    data_block = _with_trailer(_block([(b"", header)] + entries))
+    table, index = bytearray(), []
+    for start in range(0, len(entries), entries_per_block):
+        chunk = entries[start : start + entries_per_block]
+        block = _with_trailer(_block(chunk))
+        index.append((chunk[-1][0], _varint(len(table)) + _varint(len(block) - 5)))  # key >= the block's keys
+        table += block
     meta_block = _with_trailer(_block([]))
-    last_key = entries[-1][0] if entries else b""
-    data_handle = _varint(0) + _varint(len(data_block) - 5)
-    index_block = _with_trailer(_block([(last_key, data_handle)]))
-    meta_off, index_off = len(data_block), len(data_block) + len(meta_block)
+    index_block = _with_trailer(_block(index))
+    meta_off, index_off = len(table), len(table) + len(meta_block)
     handles = (
         _varint(meta_off) + _varint(len(meta_block) - 5) + _varint(index_off) + _varint(len(index_block) - 5)
     )
     footer = handles.ljust(40, b"\x00") + struct.pack("<Q", 0xDB4775248B80FB57)
-    Path(f"{prefix}.index").write_bytes(data_block + meta_block + index_block + footer)
+    Path(f"{prefix}.index").write_bytes(bytes(table) + meta_block + index_block + footer)
     Path(f"{prefix}.data-00000-of-00001").write_bytes(bytes(data))
 
 
@@ -367,7 +372,7 @@ def test_test_writer_round_trips_through_the_reader(tmp_path):
         "b": np.array([1, -2], dtype=np.int64),
         "c": np.float64(3.5) * np.ones((2, 1, 2)),
     }
-    write_tf_bundle(tmp_path / "x", tensors)
+    write_tf_bundle(tmp_path / "x", tensors, entries_per_block=2)  # the table's index spans 2 blocks
     reader = TFCheckpointReader(tmp_path / "x")
     assert reader.keys() == ["a/W", "b", "c"]
     for k, v in tensors.items():
@@ -580,7 +585,7 @@ def test_tensorflow_reads_the_test_side_writer(tmp_path):
     on a valid format)."""
     tf = pytest.importorskip("tensorflow", reason="needs tensorflow-cpu (pip install -e .[tf])")
     tensors = tiny_checkpoint_tensors(5)
-    write_tf_bundle(tmp_path / "w", tensors)
+    write_tf_bundle(tmp_path / "w", tensors, entries_per_block=50)
     tf_reader = tf.train.load_checkpoint(str(tmp_path / "w"))
     assert set(tf_reader.get_variable_to_shape_map()) == set(tensors)
     for name, value in tensors.items():
