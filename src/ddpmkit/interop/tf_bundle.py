@@ -274,7 +274,7 @@ def _read_block(table: bytes, offset: int, size: int, path: Path) -> bytes:
             raise ValueError(
                 f"{path} has snappy-compressed blocks; install python-snappy (pip install python-snappy)"
             ) from err
-        return snappy.uncompress(contents)
+        return snappy.decompress(contents)
     raise ValueError(f"{path}: unknown block compression type {compression}")
 
 
