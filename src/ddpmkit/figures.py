@@ -26,9 +26,16 @@ from PIL import Image, ImageDraw, ImageFont
 __all__ = [
     "image_grid",
     "images_to_uint8",
+    "interpolation_figure",
     "plot_lines",
+    "progressive_figure",
+    "rate_distortion",
+    "rate_distortion_figure",
+    "reconstruction_figure",
+    "render_lines",
     "save_image",
     "save_image_grid",
+    "shared_xt_figure",
 ]
 
 # matplotlib's "tab10" colours, so charts look familiar
@@ -215,6 +222,23 @@ def plot_lines(
 ) -> Path:
     """A PNG line chart: one line per entry ``name -> (xs, ys)`` of ``series``, with axes, ticks,
     grid, labels, title and a legend. Non-finite points break a line. Returns the path."""
+    chart = render_lines(
+        series, title=title, xlabel=xlabel, ylabel=ylabel, logx=logx, logy=logy, size=size
+    )
+    return _atomic_save(chart, path)
+
+
+def render_lines(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    logx: bool = False,
+    logy: bool = False,
+    size: tuple[int, int] = (640, 400),
+) -> Image.Image:
+    """The chart of ``plot_lines`` as a Pillow RGB image of ``size`` (width, height)."""
     if not series:
         raise ValueError("series must hold at least one line: {name: (xs, ys)}")
     lines: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -283,7 +307,7 @@ def plot_lines(
         ImageDraw.Draw(label).text((2, 0), ylabel, fill="black", font=font)
         label = label.rotate(90, expand=True)
         img.paste(label, (6, int((y0 + y1 - label.height) / 2)))
-    return _atomic_save(img, path)
+    return img
 
 
 def _axis(values: list[np.ndarray], log: bool, name: str) -> tuple[tuple[float, float], list[float]]:
@@ -323,3 +347,189 @@ def _legend(draw: ImageDraw.ImageDraw, names: list[str], font: Any, x_right: flo
         colour = PALETTE[k % len(PALETTE)]
         draw.line([(bx0 + 8, y), (bx0 + 32, y)], fill=colour, width=2)
         draw.text((bx0 + 38, y - sizes[k][1] / 2 - 3), name, fill="black", font=font)
+
+
+# ---------------------------------------------------------------------------------- the paper's figures
+# Each returns the figure's grid as uint8 (rows * cols, H, W, C) in row-major order and the number
+# of columns, ready for ``save_image_grid(images, path, nrow=cols)``.
+Model = Any  # a callable model(x_t, t) -> Tensor
+
+
+def _rows(rows: list[torch.Tensor]) -> tuple[np.ndarray, int]:
+    """Rows of images, each (cols, C, H, W) float in [-1, 1] -> uint8 (rows * cols, H, W, C), cols."""
+    cols = rows[0].shape[0]
+    assert all(r.shape[0] == cols for r in rows)
+    return images_to_uint8(torch.cat([r.float().cpu() for r in rows])), cols
+
+
+def progressive_figure(
+    model: Model,
+    diffusion: Any,
+    shape: Sequence[int],
+    *,
+    num_snapshots: int = 10,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    show: str = "both",
+) -> tuple[np.ndarray, int]:
+    """Fig. 6: for each of shape[0] samples, the chain's x_t (row 1) and predicted x_0 (row 2) at
+    ``num_snapshots`` timesteps evenly spaced from T - 1 to 0 (left to right). ``show``: "both",
+    "x0" or "xt". shape: (B, C, H, W). Returns (uint8 grid images, columns)."""
+    from ddpmkit.sampling import sample_generators, sample_progressive, space_timesteps
+
+    if show not in ("both", "x0", "xt"):
+        raise ValueError(f"show must be one of ['both', 'x0', 'xt'], got {show!r}")
+    T = diffusion.num_timesteps
+    if isinstance(num_snapshots, bool) or not isinstance(num_snapshots, int) or not 2 <= num_snapshots <= T:
+        raise ValueError(f"num_snapshots must be an int in [2, {T}], got {num_snapshots!r}")
+    ts = space_timesteps(T, num_snapshots)
+    out = sample_progressive(
+        model, diffusion, shape, snapshot_ts=ts, generator=sample_generators(seed, range(shape[0])),
+        device=device,
+    )
+    rows = []
+    for b in range(shape[0]):
+        if show in ("both", "xt"):
+            rows.append(out["x_t"][:, b].clamp(-1, 1))  # (K, C, H, W), t decreasing
+        if show in ("both", "x0"):
+            rows.append(out["pred_x0"][:, b])
+    return _rows(rows)
+
+
+def reconstruction_figure(
+    model: Model, diffusion: Any, x0: torch.Tensor, ts: Sequence[int], *, seed: int = 0
+) -> tuple[np.ndarray, int]:
+    """Reconstructions through the stochastic encoder q (Sec. 4.3): for each image of x0 (B, C, H, W)
+    a row [x_0, then for each t in ``ts``: x_t, x_0 decoded from x_t]. Returns (grid images, cols)."""
+    from ddpmkit.sampling import reconstruct, sample_generators
+
+    rows = []
+    for b in range(x0.shape[0]):
+        row = [x0[b : b + 1]]
+        for t in ts:
+            x_t, rec = reconstruct(model, diffusion, x0[b : b + 1], t, generator=sample_generators(seed, [b]))
+            row += [x_t.clamp(-1, 1), rec]
+        rows.append(torch.cat(row))  # (1 + 2 len(ts), C, H, W)
+    return _rows(rows)
+
+
+def interpolation_figure(
+    model: Model,
+    diffusion: Any,
+    x0_a: torch.Tensor,
+    x0_b: torch.Tensor,
+    ts: Sequence[int],
+    *,
+    num_lambdas: int = 11,
+    seed: int = 0,
+) -> tuple[np.ndarray, int]:
+    """Fig. 8-9: for each pair (x0_a[b], x0_b[b]) and each t in ``ts``, a row [source a, the
+    decoded interpolations for lambda = 0, 1/(L-1), ..., 1, source b]. Returns (grid images, cols)."""
+    from ddpmkit.sampling import interpolate
+
+    if isinstance(num_lambdas, bool) or not isinstance(num_lambdas, int) or num_lambdas < 2:
+        raise ValueError(f"num_lambdas must be an int >= 2, got {num_lambdas!r}")
+    lambdas = [i / (num_lambdas - 1) for i in range(num_lambdas)]
+    rows = []
+    for b in range(x0_a.shape[0]):
+        for t in ts:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + b)  # the pair's encoder noise
+            mix = interpolate(model, diffusion, x0_a[b : b + 1], x0_b[b : b + 1], t, lambdas, generator=g)
+            rows.append(torch.cat([x0_a[b : b + 1], mix[0].to(x0_a.device), x0_b[b : b + 1]]))
+    return _rows(rows)
+
+
+def shared_xt_figure(
+    model: Model,
+    diffusion: Any,
+    shape: Sequence[int],
+    ts: Sequence[int],
+    *,
+    num_samples: int = 3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, int]:
+    """Fig. 7: one chain from x_T is stopped at each t in ``ts``; each row shows that x_t and then
+    ``num_samples`` draws of x_0 ~ p_theta(x_0 | x_t) that share it. shape: (1, C, H, W)."""
+    from ddpmkit.sampling import sample_generators, sample_progressive, sample_shared_xt
+
+    if tuple(shape)[0] != 1:
+        raise ValueError(f"shape must be (1, C, H, W): one chain, got {tuple(shape)}")
+    out = sample_progressive(
+        model, diffusion, shape, snapshot_ts=ts, generator=sample_generators(seed, [0]), device=device
+    )
+    rows = []
+    for k, t in enumerate(out["t"]):
+        x_t = out["x_t"][k]  # (1, C, H, W)
+        gens = sample_generators(seed + 1 + k, range(num_samples))
+        draws = sample_shared_xt(model, diffusion, x_t, t, num_samples, generator=gens)
+        rows.append(torch.cat([x_t.clamp(-1, 1), draws]))
+    return _rows(rows)
+
+
+def rate_distortion(model: Model, diffusion: Any, x0: torch.Tensor, *, seed: int = 0,
+                    t_chunk: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Rate and distortion along the reverse process (Sec. 4.3, Fig. 5, Table 4) on images x0
+    (B, C, H, W) in [-1, 1], from the terms of ``calc_bpd_loop``, averaged over the images.
+
+    With 0-based t (x_t is the paper's x_{t+1}): rate[t] = L_T + sum_{k > t} vb[k], the bits/dim
+    received once x_t is known (the decoder term vb[0] excluded), and distortion[t] =
+    RMSE(pred_x0(x_t), x_0) on the [0, 255] scale = 127.5 sqrt(x0_mse[t]). Returns a JSON-able dict
+    with per-t lists, the totals (rate = rate[0], distortion = the decoder's vb[0], total_bpd) and a
+    Table-4-style list of rows at reverse-process times T, 0.9 T, ..., 0.1 T."""
+    g = torch.Generator(device=x0.device).manual_seed(seed)
+    terms = diffusion.calc_bpd_loop(model, x0, generator=g, t_chunk=t_chunk, progress=progress)
+    vb = terms["vb"].double().mean(0).cpu()  # (T,)
+    prior = float(terms["prior_bpd"].double().mean())
+    T = vb.shape[0]
+    tail = torch.flip(torch.cumsum(torch.flip(vb, [0]), 0), [0])  # tail[t] = sum_{k >= t} vb[k]
+    rate = prior + torch.cat([tail[1:], vb.new_zeros(1)])  # (T,)
+    distortion = 127.5 * terms["x0_mse"].double().mean(0).cpu().sqrt()  # (T,)
+    table = []
+    for r in [round(T * (10 - i) / 10) for i in range(10)]:  # reverse-process time T - t + 1 (paper)
+        t = T - r  # 0-based
+        table.append({"reverse_time": r, "t": t + 1, "rate_bpd": float(rate[t]),
+                      "distortion_rmse": float(distortion[t])})
+    return {
+        "num_images": int(x0.shape[0]),
+        "num_timesteps": T,
+        "total_bpd": float(terms["total_bpd"].double().mean()),
+        "rate_bpd": float(rate[0]),
+        "distortion_bpd": float(vb[0]),
+        "prior_bpd": prior,
+        "rate": rate.tolist(),
+        "distortion_rmse": distortion.tolist(),
+        "table": table,
+    }
+
+
+def format_rate_distortion_table(rd: dict[str, Any]) -> str:
+    """Table 4 of the paper as text: reverse-process time, rate (bits/dim), distortion (RMSE)."""
+    lines = [
+        f"rate {rd['rate_bpd']:.5f} + distortion {rd['distortion_bpd']:.5f} = "
+        f"{rd['total_bpd']:.5f} bits/dim on {rd['num_images']} images",
+        f"{'reverse time (T-t+1)':>22}  {'rate (bits/dim)':>16}  {'distortion (RMSE [0,255])':>26}",
+    ]
+    lines += [f"{r['reverse_time']:>22}  {r['rate_bpd']:>16.5f}  {r['distortion_rmse']:>26.5f}"
+              for r in rd["table"]]
+    return "\n".join(lines)
+
+
+def rate_distortion_figure(rd: dict[str, Any], path: str | os.PathLike,
+                           size: tuple[int, int] = (480, 360)) -> Path:
+    """Fig. 5: distortion and rate against reverse-process steps (T - t), and distortion against
+    rate, side by side in one PNG of (3 * width, height)."""
+    T = rd["num_timesteps"]
+    steps = [T - 1 - t for t in range(T)]  # reverse-process steps taken when x_t (0-based) is reached
+    panels = [
+        render_lines({"distortion": (steps, rd["distortion_rmse"])}, title="Distortion",
+                     xlabel="reverse process steps (T - t)", ylabel="RMSE [0, 255]", size=size),
+        render_lines({"rate": (steps, rd["rate"])}, title="Rate",
+                     xlabel="reverse process steps (T - t)", ylabel="bits/dim", size=size),
+        render_lines({"distortion vs rate": (rd["rate"], rd["distortion_rmse"])}, title="Rate-distortion",
+                     xlabel="rate (bits/dim)", ylabel="RMSE [0, 255]", size=size),
+    ]
+    fig = Image.new("RGB", (3 * size[0], size[1]), "white")
+    for k, panel in enumerate(panels):
+        fig.paste(panel, (k * size[0], 0))
+    return _atomic_save(fig, path)

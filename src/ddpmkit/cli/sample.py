@@ -1,0 +1,199 @@
+"""`ddpm sample`: draw samples from a trained model into PNG files, a grid and an FID-ready npz.
+
+Sample i (global index) is written to ``DIR/{i:06d}.png`` and draws all of its noise from its own
+stream seeded by (seed, i), so the images do not depend on the batch size, and a run can be split
+into shards (``--start-index``) or resumed: indices whose PNG exists are skipped. At the end,
+``DIR/samples_NxHxWxC.npz`` (uint8 NHWC under ``arr_0``, index order) covers every index PNG in
+DIR, and ``DIR/grid.png`` shows the first 64 of them. ``DIR/sampling.json`` records the settings;
+a later run into the same DIR must use the same ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SAMPLERS = ("ddpm", "ddim")
+INDEX_PNG = re.compile(r"^(\d+)\.png$")
+NPZ_NAME = re.compile(r"^samples_(\d+)x\d+x\d+x\d+\.npz$")
+SETTINGS_NAME = "sampling.json"
+GRID_SIZE = 64
+
+
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """--device and the speed options, shared with `ddpm figure`."""
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast (GPU)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the network call as a CUDA graph")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sample",
+        help="draw samples (Algorithm 2, respaced DDPM or DDIM) into PNGs, a grid and an npz",
+        description="Draw samples from MODEL (a training run directory, our model folder, or a "
+        "diffusers folder). Default: Algorithm 2 with all T steps, the model's variance and x0 clipping.",
+    )
+    p.add_argument("model", metavar="MODEL", help="run directory, model folder, or diffusers folder")
+    p.add_argument("--n", type=int, required=True, help="number of samples (indices START .. START+N-1)")
+    p.add_argument("--output-dir", required=True, metavar="DIR", help="where the PNGs and the npz go")
+    p.add_argument("--sampler", default="ddpm", help="ddpm (default; Algorithm 2 or respaced) or ddim")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps S <= T (default: all T)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM's eta (default 0: deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses the stream (seed, i))")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per network call (default 64)")
+    p.add_argument("--start-index", type=int, default=0, help="global index of the first sample")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="a run directory's raw weights instead of the EMA ones")
+    p.add_argument("--no-clip", dest="clip", action="store_false", help="do not clip predicted x0 to [-1, 1]")
+    add_speed_arguments(p)
+    p.set_defaults(func=run)
+
+
+def resolve_device(name: str | None) -> Any:
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; expected cpu")
+    return device
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown --sampler {args.sampler!r}; expected one of {list(SAMPLERS)}")
+    for name, lo in (("n", 1), ("batch_size", 1), ("start_index", 0), ("seed", 0)):
+        if getattr(args, name) < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.eta is not None:
+        if args.sampler != "ddim":
+            raise ValueError("--eta applies to --sampler ddim only")
+        if not args.eta >= 0:
+            raise ValueError(f"--eta must be >= 0, got {args.eta}")
+
+
+def existing_indices(out_dir: Path) -> set[int]:
+    """Indices of the sample PNGs (``000123.png``) in ``out_dir``."""
+    if not out_dir.is_dir():
+        return set()
+    return {int(m.group(1)) for p in out_dir.iterdir() if (m := INDEX_PNG.match(p.name))}
+
+
+def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Write DIR/sampling.json, or check that the samples already there were made the same way."""
+    path = out_dir / SETTINGS_NAME
+    keys = ("sampler", "steps", "eta", "seed", "clip_denoised", "ema", "image_shape", "num_timesteps")
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in keys if old.get(k) != settings.get(k)]
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} there vs {settings.get(k)!r} now" for k in diff)
+            raise ValueError(f"{out_dir} holds samples made with other settings ({changes}); "
+                             "use another --output-dir")
+        return
+    from ddpmkit.nn.folder import atomic_write_bytes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ddpmkit.figures import save_image
+    from ddpmkit.models import load_model
+    from ddpmkit.sampling import prepare_model, sample, sample_generators, space_timesteps
+
+    _check_args(args)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, ema=args.ema)
+    diffusion = loaded.diffusion.build()
+    T = diffusion.num_timesteps
+    steps = args.steps if args.steps is not None else T
+    if steps > T:
+        raise ValueError(f"--steps must be <= T = {T} (the model's diffusion steps), got {steps}")
+    if args.sampler == "ddpm" and steps < 2:
+        raise ValueError(f"--steps must be in [2, {T}] for --sampler ddpm, got {steps}")
+    space_timesteps(T, steps)
+    cfg = loaded.unet.config
+    shape = (cfg.in_channels, cfg.resolution, cfg.resolution)  # (C, H, W)
+    eta = 0.0 if args.eta is None else float(args.eta)
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {out_dir}: exists and is not a folder")
+    _check_settings(out_dir, {
+        "model": loaded.source, "sampler": args.sampler, "steps": steps, "eta": eta, "seed": args.seed,
+        "clip_denoised": args.clip, "ema": args.ema, "image_shape": list(shape), "num_timesteps": T,
+    })
+    wanted = range(args.start_index, args.start_index + args.n)
+    done = existing_indices(out_dir)
+    todo = [i for i in wanted if i not in done]
+    model = prepare_model(loaded.unet, device=device, compile=args.compile, bf16=args.bf16,
+                          cuda_graphs=args.cuda_graphs)
+    start = time.perf_counter()
+    with tqdm(total=len(todo), desc="samples", unit="img", disable=not todo) as bar:
+        for k in range(0, len(todo), args.batch_size):
+            idx = todo[k : k + args.batch_size]
+            x0 = sample(model, diffusion, (len(idx), *shape), sampler=args.sampler, steps=steps, eta=eta,
+                        generator=sample_generators(args.seed, idx), clip_denoised=args.clip, device=device,
+                        progress=not bar.disable)
+            for i, img in zip(idx, x0.float().cpu(), strict=True):
+                save_image(img, out_dir / f"{i:06d}.png")
+            bar.update(len(idx))
+    elapsed = time.perf_counter() - start
+    npz, grid = write_npz_and_grid(out_dir)
+    skipped = len(wanted) - len(todo)
+    rate = len(todo) / elapsed if todo and elapsed > 0 else 0.0
+    print(f"sampled {len(todo)} images in {elapsed:.1f} s ({rate:.2f} images/s) on {device}; "
+          f"skipped {skipped} existing")
+    print(f"wrote {npz} and {grid}")
+    return 0
+
+
+def write_npz_and_grid(out_dir: Path) -> tuple[Path, Path]:
+    """``samples_NxHxWxC.npz`` of every index PNG in out_dir (index order) and ``grid.png`` of the
+    first 64; older ``samples_*.npz`` files (fewer indices) are removed."""
+    from PIL import Image
+
+    from ddpmkit.figures import save_image_grid
+    from ddpmkit.nn.folder import atomic_write_bytes
+
+    indices = sorted(existing_indices(out_dir))
+    if not indices:
+        raise ValueError(f"{out_dir}: no sample PNGs to collect")
+    arrays = []
+    for i in indices:
+        with Image.open(out_dir / f"{i:06d}.png") as im:
+            a = np.asarray(im)
+        arrays.append(a[..., None] if a.ndim == 2 else a)  # (H, W, C)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"{out_dir}: the sample PNGs differ in shape {sorted(shapes)}")
+    images = np.stack(arrays)  # (N, H, W, C) uint8
+    name = "samples_{}x{}x{}x{}.npz".format(*images.shape)
+    npz = out_dir / name
+    buf = io.BytesIO()
+    np.savez(buf, arr_0=images)
+    atomic_write_bytes(npz, buf.getvalue())
+    for old in out_dir.iterdir():  # superseded: they cover fewer indices
+        m = NPZ_NAME.match(old.name)
+        if m and old.name != name and int(m.group(1)) < len(images):
+            old.unlink(missing_ok=True)
+    grid = save_image_grid(images[:GRID_SIZE], out_dir / "grid.png")
+    return npz, grid
+
