@@ -554,3 +554,28 @@ def test_config_round_trip_and_build() -> None:
     )
     with pytest.raises(TypeError):
         DiffusionConfig("linear")  # keyword-only
+
+
+@pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
+def test_eq12_kl_is_the_weighted_eps_error(var_type: str) -> None:
+    """eq. (8)-(12): with mu_theta from eq. (11), L_{t-1} = C_t + w_t E||eps - eps_theta||^2 per dimension,
+    w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) and C_t = KL of the variances alone. Checked for an
+    arbitrary (non-optimal) eps model on every t >= 1 through calc_bpd_loop's vb and mse columns."""
+    ref = _np_schedule()
+    betas, abar, pv = ref["betas"], ref["abar"], ref["pv"]
+    sigma2 = np.append(pv[1], pv[1:]) if var_type == "fixedsmall" else np.append(pv[1], betas[1:])
+    d = DiffusionConfig(var_type=var_type).build()
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.rand(3, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(0.8 * x + 1e-3 * t.view(-1, 1, 1, 1))
+
+    out = d.calc_bpd_loop(model, x0, clip_denoised=False, t_chunk=500, generator=g)
+    w = betas**2 / (2 * sigma2 * (1 - betas) * (1 - abar))
+    with np.errstate(divide="ignore"):
+        c = 0.5 * (np.log(sigma2 / pv) + pv / sigma2 - 1)
+    expected = (c[1:] + w[1:] * out["mse"][:, 1:].numpy()) / LN2  # (B, T - 1) bits/dim
+    np.testing.assert_allclose(out["vb"][:, 1:].numpy(), expected, rtol=1e-8, atol=1e-12)
+    if var_type == "fixedsmall":
+        assert np.all(c[1:] == 0) and out["mse"][:, 1:].min() > 0.01
