@@ -86,8 +86,8 @@ def test_bpd_equals_the_per_term_sums_of_calc_bpd_loop():
     assert np.all(np.diff(rate) <= 0)
     np.testing.assert_allclose(res["by_t"]["distortion"], np.sqrt(x0_mse.mean(0).numpy()) * 127.5, rtol=1e-9)
     rows = rate_distortion_table(res, rows=5)
-    assert [r[0] for r in rows] == [1, 10, 20, 30, 40, 50]
-    assert rows[-1][1] == pytest.approx(rate[0]) and rows[0][1] == pytest.approx(rate[-1])
+    assert [r[0] for r in rows] == [50, 40, 30, 20, 10]
+    assert rows[0][1] == rate[0] and rows[1][1] == rate[10] and rows[-1][2] == res["by_t"]["distortion"][40]
 
 
 def _oracle_terms(x_star: np.ndarray, betas: np.ndarray) -> dict[str, float]:

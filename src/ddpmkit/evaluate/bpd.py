@@ -154,8 +154,8 @@ def summarize(batches: list[dict[str, Any]], *, num_timesteps: int) -> dict[str,
 
 def rate_distortion_table(result: dict[str, Any], rows: int = 10) -> list[tuple[int, float, float]]:
     """Table 4's rows: (reverse process time T - t + 1, rate in bits/dim, distortion RMSE [0, 255])
-    for reverse times 1, T/rows, 2 T/rows, ..., T (paper's t = T, ..., 1)."""
+    at reverse times T, (rows - 1) T / rows, ..., T / rows (the paper's rows for rows = 10)."""
     rate, dist = result["by_t"]["rate"], result["by_t"]["distortion"]
     T = len(rate)
-    times = sorted({1, *[max(1, round(k * T / rows)) for k in range(1, rows + 1)]})
+    times = [max(1, round(T * (rows - i) / rows)) for i in range(rows)]
     return [(k, rate[T - k], dist[T - k]) for k in times]  # paper t = T - k + 1 -> index T - k

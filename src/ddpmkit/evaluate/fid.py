@@ -116,7 +116,7 @@ def feature_statistics(
     """Run ``extractor`` over uint8 (N, H, W, C) images (an array, or an iterable of such batches).
 
     Returns the float64 statistics of the "pool" features and, with ``want_logits``, all logits
-    (N, K) float32 for the Inception Score.
+    (N, K) for the Inception Score.
     """
     from tqdm.auto import tqdm
 
@@ -136,7 +136,7 @@ def feature_statistics(
             if want_logits:
                 if "logits" not in out:
                     raise ValueError("the feature network gives no logits, so no Inception Score")
-                logits.append(out["logits"].float().cpu())
+                logits.append(out["logits"].detach().cpu())
             bar.update(x.shape[0])
     if stats is None:
         raise ValueError("the image set is empty (0 images)")
