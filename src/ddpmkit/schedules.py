@@ -3,7 +3,7 @@
 The first six are those of the authors' released code (``get_beta_schedule`` in
 ``diffusion_tf/diffusion_utils_2.py``); ``linear`` with T = 1000, beta_start = 1e-4 and
 beta_end = 0.02 is the schedule of the paper (Sec. 4). ``cosine`` is Nichol & Dhariwal (2021),
-eq. (17): alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi / 2), s = 0.008, betas clipped at 0.999.
+Sec. 3.2: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi / 2), s = 0.008, betas clipped at 0.999.
 
 Every function returns a (T,) float64 tensor; index i holds beta_{i+1} (0-based timesteps).
 """
@@ -84,7 +84,7 @@ def betas_for_alpha_bar(
 
 
 def cosine_beta_schedule(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
-    """Nichol & Dhariwal (2021) eq. (17), s = 0.008, beta clipped at 0.999 (beta_start, beta_end
+    """Nichol & Dhariwal (2021) Sec. 3.2, s = 0.008, beta clipped at 0.999 (beta_start, beta_end
     unused). Returns (T,) float64."""
     del beta_start, beta_end
 
