@@ -73,14 +73,19 @@ def _with_trailer(contents: bytes) -> bytes:
 
 
 def write_tf_bundle(
-    prefix: Path, tensors: dict[str, np.ndarray], *, entries_per_block: int = 1 << 30
+    prefix: Path,
+    tensors: dict[str, np.ndarray],
+    *,
+    entries_per_block: int = 1 << 30,
+    big_endian: bool = False,
 ) -> None:
     """Write `tensors` as a one-shard TF V2 checkpoint at `prefix`, `entries_per_block` index
     entries to a data block of the table."""
-    data, entries = bytearray(), [(b"", _pb_varint(1, 1) + _pb_varint(2, 0) + _pb_bytes(3, _pb_varint(1, 1)))]
+    header = _pb_varint(1, 1) + _pb_varint(2, int(big_endian)) + _pb_bytes(3, _pb_varint(1, 1))
+    data, entries = bytearray(), [(b"", header)]
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
-        raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        raw = arr.astype(arr.dtype.newbyteorder(">" if big_endian else "<")).tobytes()
         shape = b"".join(_pb_bytes(2, _pb_varint(1, d)) for d in arr.shape)
         proto = (
             _pb_varint(1, _TF_DTYPES[arr.dtype])
@@ -164,12 +169,12 @@ def authors_unet_shapes(*, ch, ch_mult, num_res_blocks, attn_levels, in_ch=3, ou
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))  # resolution 32, attention at 16
 
 
-def tiny_checkpoint_tensors(seed: int = 0, *, ema: bool = True) -> dict[str, np.ndarray]:
+def tiny_checkpoint_tensors(seed: int = 0, *, ema: bool = True, out_ch: int = 3) -> dict[str, np.ndarray]:
     """Random authors'-layout weights (std 0.1, so the U-Net's output is not dominated by one
     layer), their EMA shadows, Adam slots and the global step, as the authors' checkpoints hold."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {"global_step": np.array(790000, dtype=np.int64)}
-    for name, shape in authors_unet_shapes(**TINY).items():
+    for name, shape in authors_unet_shapes(**TINY, out_ch=out_ch).items():
         key = f"model/{name}"
         out[key] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
         if ema:
@@ -590,3 +595,39 @@ def test_tensorflow_reads_the_test_side_writer(tmp_path):
     assert set(tf_reader.get_variable_to_shape_map()) == set(tensors)
     for name, value in tensors.items():
         np.testing.assert_array_equal(tf_reader.get_tensor(name), value, err_msg=name)
+
+
+def test_big_endian_bundle_reads_in_native_order(tmp_path):
+    tensors = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), "n": np.arange(3, dtype=np.int64)}
+    write_tf_bundle(tmp_path / "be", tensors, big_endian=True)
+    reader = TFCheckpointReader(tmp_path / "be")
+    for k, v in tensors.items():
+        got = reader.read(k)
+        np.testing.assert_array_equal(got, v)
+        assert got.dtype.isnative
+
+
+def test_learned_variance_and_resolution_override(tmp_path):
+    """out_channels = 2 x in_channels is a learned-variance net; `resolution` overrides the
+    inferred image size (and with it the attention resolution)."""
+    write_tf_bundle(tmp_path / "lv", tiny_checkpoint_tensors(out_ch=6))
+    from ddpmkit.nn.folder import read_model_folder
+
+    convert_from_tf(tmp_path / "lv", tmp_path / "out", resolution=64)
+    unet, diffusion = read_model_folder(tmp_path / "out")
+    assert (
+        unet.config.learned_variance and unet.config.out_channels == 3 and unet.conv_out.weight.shape[0] == 6
+    )
+    assert unet.config.resolution == 64 and unet.config.attn_resolutions == (32,)
+    assert diffusion["var_type"] == "learned"
+
+
+def test_resolution_cannot_be_guessed_without_attention_or_a_known_level_count():
+    layout = infer_tf_unet_layout(
+        authors_unet_shapes(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=())
+    )
+    with pytest.raises(
+        ValueError, match=r"cannot infer the image resolution .* 3 levels .* pass resolution="
+    ):
+        layout.resolution()
+    assert layout.resolution(48) == 48
