@@ -1,0 +1,263 @@
+"""The training loop end to end on tiny data: overfitting, bit-identical resume after kill -9 and
+SIGTERM (at an epoch boundary and mid-epoch), NaN guard, run directory contents, CLI resolution."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpmkit import checkpoint as ckpt
+from ddpmkit.cli import build_parser
+from ddpmkit.cli.train import resolve_config
+from ddpmkit.config import apply_overrides, train_preset
+from ddpmkit.data import load_digits_uint8
+from ddpmkit.train import EXIT_NONFINITE, PAUSE_ENV, batch_indices, epoch_permutation, learning_rate, train
+
+NUM_IMAGES = 40  # the tiny data set: the first 40 training digits
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, load_digits_uint8("train")[0][:NUM_IMAGES])
+    return path
+
+
+def tiny_overrides(npz: Path, **extra) -> dict[str, str]:
+    """A one-level ch-32 U-Net with dropout and flips on (both draw random numbers to restore)."""
+    over = {"data": str(npz), "unet.ch": "32", "unet.ch_mult": "1", "unet.num_res_blocks": "1",
+            "unet.attn_resolutions": "", "unet.dropout": "0.1", "random_flip": "true",
+            "diffusion.num_timesteps": "100", "batch_size": "16", "steps": "6", "checkpoint_every": "3",
+            "log_every": "1", "sample_every": "1000", "num_samples": "0", "warmup_steps": "2", "lr": "1e-3"}
+    over.update({k: str(v) for k, v in extra.items()})
+    return over
+
+
+def tiny_config(npz: Path, **extra):
+    return apply_overrides(train_preset("digits"), tiny_overrides(npz, **extra))
+
+
+def cli_args(over: dict[str, str]) -> list[str]:
+    return [a for k, v in over.items() for a in ("--set", f"{k}={v}")]
+
+
+def metric_losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines]
+    assert steps == sorted(set(steps)), "metrics.jsonl must hold each step once, in order"
+    return {r["step"]: r["loss"] for r in lines}
+
+
+def final_state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    c = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    return {"model": c.tensors["model"], "ema": c.tensors["ema"], "optimizer": c.tensors["optimizer"]}
+
+
+def assert_states_equal(a, b) -> None:
+    for group in ("model", "ema", "optimizer"):
+        assert set(a[group]) == set(b[group])
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]), f"{group}/{k} differs"
+
+
+# ------------------------------------------------------------------------- pure functions
+def test_data_order_is_a_pure_function_covering_each_epoch_once():
+    n, b = 10, 4
+    stream = np.concatenate([batch_indices(s, batch_size=b, num_examples=n, seed=3) for s in range(5)])  # 20
+    np.testing.assert_array_equal(stream[:10], epoch_permutation(3, 0, n))
+    np.testing.assert_array_equal(stream[10:], epoch_permutation(3, 1, n))
+    assert sorted(stream[:10]) == list(range(10)) and not np.array_equal(stream[:10], stream[10:])
+    np.testing.assert_array_equal(batch_indices(2, batch_size=b, num_examples=n, seed=3), stream[8:12])
+
+
+def test_learning_rate_warmup_is_the_authors():
+    c = apply_overrides(train_preset("cifar10"), {})
+    assert [learning_rate(c, s) for s in (0, 2500, 5000, 9000)] == [0.0, 1e-4, 2e-4, 2e-4]
+
+
+# ------------------------------------------------------------------------- end to end
+def test_overfits_one_image(tmp_path):
+    """With a single training image the Bayes-optimal eps-predictor has zero loss. From ~1 at init
+    (the output layer starts near zero, so the loss is E[eps^2] = 1) the loss of the last 20 of 150
+    steps must fall below 0.15 (measured: ~0.09)."""
+    one = tmp_path / "one.npz"
+    np.savez(one, load_digits_uint8("train")[0][:1])
+    c = tiny_config(one, **{"unet.dropout": 0.0, "random_flip": "false", "steps": 150, "batch_size": 16,
+                            "checkpoint_every": 150, "warmup_steps": 10, "lr": 3e-3})
+    result = train(c, tmp_path / "run", progress=False)
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert result.exit_code == 0 and len(losses) == 150
+    assert np.mean(losses[:5]) > 0.8
+    assert np.mean(losses[-20:]) < 0.15, np.mean(losses[-20:])
+
+
+def test_run_directory_contents_and_summary(tmp_path, tiny_npz, capsys):
+    c = tiny_config(tiny_npz, steps=3, num_samples=4, sample_every=2, **{"diffusion.num_timesteps": 10})
+    run = tmp_path / "run"
+    result = train(c, run, progress=False)
+    out = capsys.readouterr().out
+    assert result.exit_code == 0
+    assert "deviations from the paper's recipe:" in out and "  - lr 0.001 (paper's cifar10: 0.0002)" in out
+    assert f"wrote sample grid {run / 'samples' / 'step-000000003.png'}" in out
+    assert json.loads((run / "config.json").read_text()) == c.to_dict()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000002.png", "step-000000003.png"]
+    from PIL import Image
+
+    with Image.open(run / "samples" / "step-000000003.png") as im:  # 2x2 grid of 8x8 images, x8, padding 2
+        assert im.size == ((2 * 8 + 3 * 2) * 8, (2 * 8 + 3 * 2) * 8)
+    assert sorted(metric_losses(run)) == [1, 2, 3]
+    # RUN/model = EMA weights, RUN/model_raw = raw weights, in the U-Net's model folder format
+    from ddpmkit.models import load_model
+
+    ema = load_model(run)
+    raw = load_model(run, ema=False)
+    assert ema.diffusion.num_timesteps == 10
+    for k, v in result.ema.state_dict().items():
+        assert torch.equal(ema.unet.state_dict()[k], v)
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(raw.unet.state_dict()[k], v)
+    assert not all(torch.equal(result.ema.state_dict()[k], v) for k, v in result.model.state_dict().items())
+
+
+def test_existing_run_needs_resume(tmp_path, tiny_npz):
+    c = tiny_config(tiny_npz, steps=3)
+    train(c, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="--resume auto"):
+        train(c, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="differ from the checkpoint's"):
+        train(tiny_config(tiny_npz, steps=5, lr=5e-4), tmp_path, resume="auto", progress=False)
+
+
+def _start_cli(run: Path, over: dict[str, str], pause_after: int) -> subprocess.Popen:
+    env = dict(os.environ, **{PAUSE_ENV: str(pause_after)})
+    cmd = [sys.executable, "-m", "ddpmkit.cli", "train", "--output-dir", str(run), "--no-progress",
+           *cli_args(over)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        path = run / "metrics.jsonl"
+        if path.is_file() and any(json.loads(x)["step"] == step for x in path.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} never logged")
+
+
+@pytest.mark.parametrize("batch, steps, every, pause, position", [
+    (20, 8, 4, 5, "epoch boundary"),  # resumes from step 4: position 80 = 2 epochs of 40
+    (16, 6, 3, 4, "mid-epoch"),  # resumes from step 3: position 48, 8 images into epoch 1
+])
+def test_kill_9_then_resume_auto_equals_an_uninterrupted_run(tmp_path, tiny_npz, batch, steps, every, pause,
+                                                               position):
+    over = tiny_overrides(tiny_npz, batch_size=batch, steps=steps, checkpoint_every=every)
+    straight = train(apply_overrides(train_preset("digits"), over), tmp_path / "straight", progress=False)
+    assert straight.exit_code == 0
+    run = tmp_path / "cut"
+    proc = _start_cli(run, over, pause_after=pause)
+    try:
+        _wait_for_step(run, proc, pause)  # a step past the last checkpoint is done and logged
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert ckpt.latest_checkpoint(run).name == f"step-{every:09d}"
+    assert (every * batch) % NUM_IMAGES == (0 if position == "epoch boundary" else 8)
+    resumed = train(apply_overrides(train_preset("digits"), over), run, resume="auto", progress=False)
+    assert resumed.exit_code == 0 and sorted(resumed.losses) == list(range(every + 1, steps + 1))
+    assert metric_losses(run) == metric_losses(tmp_path / "straight")  # every step's loss, bit for bit
+    assert all(resumed.losses[s] == straight.losses[s] for s in resumed.losses)
+    assert_states_equal(final_state(run), final_state(tmp_path / "straight"))
+    for name in ("model", "model_raw"):
+        a = load_file(run / name / "model.safetensors")
+        b = load_file(tmp_path / "straight" / name / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_exits_143_and_resumes_identically(tmp_path, tiny_npz):
+    over = tiny_overrides(tiny_npz, steps=6, checkpoint_every=100)
+    straight = train(apply_overrides(train_preset("digits"), over), tmp_path / "straight", progress=False)
+    run = tmp_path / "cut"
+    proc = _start_cli(run, over, pause_after=2)
+    try:
+        _wait_for_step(run, proc, 2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out
+    assert "stopped by signal 15 after step 2; checkpoint saved" in out
+    assert ckpt.latest_checkpoint(run).name == "step-000000002"  # saved although checkpoint_every is 100
+    resumed = train(apply_overrides(train_preset("digits"), over), run, resume="auto", progress=False)
+    assert resumed.exit_code == 0
+    assert metric_losses(run) == metric_losses(tmp_path / "straight")
+    assert_states_equal(final_state(run), final_state(tmp_path / "straight"))
+    assert straight.step == resumed.step == 6
+
+
+def test_injected_nan_skips_updates_and_stops_after_the_limit(tmp_path, tiny_npz):
+    reference = train(tiny_config(tiny_npz, steps=3), tmp_path / "ref", progress=False)
+    c = tiny_config(tiny_npz, steps=10, max_nonfinite=3)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        result = train(c, tmp_path / "nan", progress=False, inject_nonfinite=lambda step: step >= 3)
+    assert result.exit_code == EXIT_NONFINITE != 0
+    assert result.step == 6  # updates 4, 5, 6 were skipped; the third in a row stops the run
+    for got, want in ((result.model, reference.model), (result.ema, reference.ema)):
+        for k, v in want.state_dict().items():
+            assert torch.equal(got.state_dict()[k], v), k
+    assert ckpt.latest_checkpoint(tmp_path / "nan").name == "step-000000003"  # the last good one, untouched
+    assert_states_equal(final_state(tmp_path / "nan"), final_state(tmp_path / "ref"))
+
+
+def test_a_single_nan_is_skipped_and_training_goes_on(tmp_path, tiny_npz):
+    c = tiny_config(tiny_npz, steps=4, max_nonfinite=2)
+    with pytest.warns(RuntimeWarning, match="1 in a row"):
+        result = train(c, tmp_path, progress=False, inject_nonfinite=lambda step: step == 1)
+    assert result.exit_code == 0 and sorted(result.losses) == [1, 3, 4]
+
+
+# ------------------------------------------------------------------------- CLI
+def _parse(*argv):
+    return build_parser().parse_args(["train", *argv])
+
+
+def test_cli_defaults_to_the_digits_preset():
+    config, run = resolve_config(_parse())
+    assert config == train_preset("digits") and run == Path("runs/digits")
+    assert config.data == "digits"
+
+
+def test_cli_flags_override_set_which_overrides_the_preset(tmp_path):
+    config, run = resolve_config(_parse("--preset", "cifar10", "--set", "lr=1e-3", "--lr", "5e-5", "--set",
+                                        "unet.dropout=0", "--steps", "10", "-o", str(tmp_path)))
+    assert (config.lr, config.unet.dropout, config.steps, run) == (5e-5, 0.0, 10, tmp_path)
+    assert config.batch_size == 128 and config.preset == "cifar10"
+
+
+def test_cli_resume_without_preset_takes_the_checkpoints_config(tmp_path, tiny_npz):
+    c = tiny_config(tiny_npz, steps=3)
+    train(c, tmp_path, progress=False)
+    config, _ = resolve_config(_parse("-o", str(tmp_path), "--resume", "auto", "--steps", "9"))
+    assert config == apply_overrides(c, {"steps": 9})
+
+
+def test_cli_user_errors_exit_2(tmp_path, capsys):
+    from ddpmkit.cli import main
+
+    assert main(["train", "--set", "unet.nope=1", "-o", str(tmp_path)]) == 2
+    assert "unknown config key 'unet.nope'" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "missing"), "-o", str(tmp_path / "r")]) == 2
