@@ -97,7 +97,10 @@ class DiffusionConfig:
         if isinstance(t, bool) or not isinstance(t, int) or t < 2:
             raise ValueError(f"num_timesteps must be an int >= 2, got {t!r}")
         for name, cls in (
-            ("mean_type", MeanType), ("var_type", VarType), ("loss_type", LossType), ("decoder_cdf", CDFType)
+            ("mean_type", MeanType),
+            ("var_type", VarType),
+            ("loss_type", LossType),
+            ("decoder_cdf", CDFType),
         ):
             object.__setattr__(self, name, _parse_enum(cls, getattr(self, name), name))
         if not self.hybrid_lambda >= 0:
@@ -105,8 +108,12 @@ class DiffusionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types: enums become their string values."""
-        return {f.name: getattr(self, f.name).value if isinstance(getattr(self, f.name), Enum)
-                else getattr(self, f.name) for f in fields(self)}
+        return {
+            f.name: getattr(self, f.name).value
+            if isinstance(getattr(self, f.name), Enum)
+            else getattr(self, f.name)
+            for f in fields(self)
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiffusionConfig:
@@ -292,6 +299,9 @@ class GaussianDiffusion:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         else:
             self._check_like(noise, x0, "noise", "x0")
+        return self._q_sample(x0, t, noise)
+
+    def _q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return (
             self._extract("sqrt_alphas_cumprod", t, x0) * x0
             + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
@@ -321,6 +331,9 @@ class GaussianDiffusion:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), eq. (4) solved for x_0 (used in eq. 15)."""
         self._check_batch(x_t, t, "x_t")
         self._check_like(eps, x_t, "eps", "x_t")
+        return self._predict_x0_from_eps(x_t, t, eps)
+
+    def _predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return (
             self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
             - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
@@ -330,6 +343,9 @@ class GaussianDiffusion:
         """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), the inverse of ``predict_x0_from_eps``."""
         self._check_batch(x_t, t, "x_t")
         self._check_like(x0, x_t, "x0", "x_t")
+        return self._predict_eps_from_x0(x_t, t, x0)
+
+    def _predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._extract(
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
@@ -338,6 +354,11 @@ class GaussianDiffusion:
         """x_0 from the posterior mean mu-tilde = coef1 x_0 + coef2 x_t (eq. 7) solved for x_0."""
         self._check_batch(x_t, t, "x_t")
         self._check_like(x_prev, x_t, "x_prev", "x_t")
+        return self._predict_x0_from_xprev(x_t, t, x_prev)
+
+    def _predict_x0_from_xprev(
+        self, x_t: torch.Tensor, t: torch.Tensor, x_prev: torch.Tensor
+    ) -> torch.Tensor:
         return (x_prev - self._extract("posterior_mean_coef2", t, x_t) * x_t) / self._extract(
             "posterior_mean_coef1", t, x_t
         )
@@ -361,7 +382,9 @@ class GaussianDiffusion:
         ``model_output`` (the raw network output, (B, C_out, ...)).
         """
         self._check_batch(x_t, t, "x_t", min_ndim=2)
-        return self.p_mean_variance_from_output(model(x_t, t), x_t, t, clip_denoised=clip_denoised)
+        model_output = model(x_t, t)
+        self._check_model_output(model_output, x_t)
+        return self._p_mean_variance(model_output, x_t, t, clip_denoised)
 
     def p_mean_variance_from_output(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
@@ -369,6 +392,11 @@ class GaussianDiffusion:
         """``p_mean_variance`` for a network output already computed: (B, C_out, ...)."""
         self._check_batch(x_t, t, "x_t", min_ndim=2)
         self._check_model_output(model_output, x_t)
+        return self._p_mean_variance(model_output, x_t, t, clip_denoised)
+
+    def _p_mean_variance(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool
+    ) -> dict[str, torch.Tensor]:
         out = model_output.to(x_t.dtype)
         mean_out, variance, log_variance = self._split_variance(out, x_t, t)
 
@@ -376,20 +404,20 @@ class GaussianDiffusion:
             return x.clamp(-1.0, 1.0) if clip_denoised else x
 
         if self.mean_type is MeanType.X_PREV:
-            pred_x0 = process_x0(self.predict_x0_from_xprev(x_t, t, mean_out))
+            pred_x0 = process_x0(self._predict_x0_from_xprev(x_t, t, mean_out))
             mean = mean_out
         elif self.mean_type is MeanType.X0:
             pred_x0 = process_x0(mean_out)
             mean = self._posterior_mean(pred_x0, x_t, t)
         elif self.mean_type is MeanType.EPS:
-            pred_x0 = process_x0(self.predict_x0_from_eps(x_t, t, mean_out))
+            pred_x0 = process_x0(self._predict_x0_from_eps(x_t, t, mean_out))
             mean = self._posterior_mean(pred_x0, x_t, t)  # = eq. (11) when nothing is clipped
         else:
             raise NotImplementedError(self.mean_type)
         if self.mean_type is MeanType.EPS and not clip_denoised:
             pred_eps = mean_out
         else:
-            pred_eps = self.predict_eps_from_x0(x_t, t, pred_x0)
+            pred_eps = self._predict_eps_from_x0(x_t, t, pred_x0)
         return {
             "mean": mean,
             "variance": variance,
@@ -442,6 +470,11 @@ class GaussianDiffusion:
         """
         self._check_batch(x_t, t, "x_t")
         self._check_like(x0, x_t, "x0", "x_t")
+        return self._vb_terms_bpd(p, x0, x_t, t)
+
+    def _vb_terms_bpd(
+        self, p: dict[str, torch.Tensor], x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         true_mean = self._posterior_mean(x0, x_t, t)
         true_log_variance = self._extract("posterior_log_variance_clipped", t, x_t)
         kl = normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])
@@ -456,7 +489,8 @@ class GaussianDiffusion:
         """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, eq. (5). x0: (B, ...) -> (B,)."""
         self._check_x(x0, "x0")
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.int64, device=x0.device)
-        mean, _, log_variance = self.q_mean_variance(x0, t)
+        mean = self._extract("sqrt_alphas_cumprod", t, x0) * x0
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x0)
         zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
         return mean_flat(normal_kl(mean, log_variance, zero, zero)) / math.log(2.0)
 
@@ -479,11 +513,15 @@ class GaussianDiffusion:
         self._check_batch(x0, t, "x0", min_ndim=2)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = self.q_sample(x0, t, noise)
+        else:
+            self._check_like(noise, x0, "noise", "x0")
+        x_t = self._q_sample(x0, t, noise)
         terms: dict[str, torch.Tensor] = {}
         if self.loss_type in (LossType.KL, LossType.RESCALED_KL):
-            p = self.p_mean_variance(model, x_t, t, clip_denoised=False)
-            terms["vb"] = self.vb_terms_bpd(p, x0, x_t, t)
+            model_output = model(x_t, t)
+            self._check_model_output(model_output, x_t)
+            p = self._p_mean_variance(model_output, x_t, t, clip_denoised=False)
+            terms["vb"] = self._vb_terms_bpd(p, x0, x_t, t)
             scale = self.num_timesteps if self.loss_type is LossType.RESCALED_KL else 1.0
             terms["loss"] = terms["vb"] * scale
             return terms
@@ -512,8 +550,8 @@ class GaussianDiffusion:
         if self.loss_type is LossType.HYBRID:
             # stop-gradient on the mean: the bound term trains only the variance
             frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
-            p = self.p_mean_variance_from_output(frozen, x_t, t, clip_denoised=False)
-            terms["vb"] = self.vb_terms_bpd(p, x0, x_t, t)
+            p = self._p_mean_variance(frozen, x_t, t, clip_denoised=False)
+            terms["vb"] = self._vb_terms_bpd(p, x0, x_t, t)
             terms["loss"] = terms["mse"] + self.hybrid_lambda * self.num_timesteps * terms["vb"]
         return terms
 
@@ -551,13 +589,17 @@ class GaussianDiffusion:
                 k = min(t_chunk, T - start)
                 t = torch.arange(start, start + k, device=x0.device).repeat_interleave(B)  # (kB,)
                 x0_k = x0.repeat(k, *([1] * (x0.ndim - 1)))  # (kB, C, ...), timestep-major
-                noise = torch.cat([
-                    torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                    for _ in range(k)
-                ])  # (kB, C, ...)
-                x_t = self.q_sample(x0_k, t, noise)
-                p = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
-                vb.append(self.vb_terms_bpd(p, x0_k, x_t, t).view(k, B))
+                noise = torch.cat(
+                    [
+                        torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                        for _ in range(k)
+                    ]
+                )  # (kB, C, ...)
+                x_t = self._q_sample(x0_k, t, noise)
+                model_output = model(x_t, t)
+                self._check_model_output(model_output, x_t)
+                p = self._p_mean_variance(model_output, x_t, t, clip_denoised)
+                vb.append(self._vb_terms_bpd(p, x0_k, x_t, t).view(k, B))
                 x0_mse.append(mean_flat((p["pred_x0"] - x0_k) ** 2).view(k, B))
                 mse.append(mean_flat((p["pred_eps"] - noise) ** 2).view(k, B))
                 bar.update(k)
