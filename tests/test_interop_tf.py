@@ -502,10 +502,34 @@ def test_missing_and_unknown_variables_are_listed(tmp_path):
 
 def test_ema_requested_but_absent_says_so(tmp_path):
     write_tf_bundle(tmp_path / "raw", tiny_checkpoint_tensors(ema=False))
-    with pytest.raises(ValueError, match=r"no ExponentialMovingAverage shadow .* --no-ema"):
+    with pytest.raises(
+        ValueError, match=r"no ExponentialMovingAverage shadows under the scope 'model/'.*--no-ema"
+    ):
         convert_from_tf(tmp_path / "raw", tmp_path / "out")
     convert_from_tf(tmp_path / "raw", tmp_path / "out", ema=False)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    partial = tiny_checkpoint_tensors()
+    del partial["model/conv_out/b/ExponentialMovingAverage"]
+    write_tf_bundle(tmp_path / "partial", partial)
+    with pytest.raises(
+        ValueError, match=r"no ExponentialMovingAverage shadow for 1 variable\(s\): conv_out/b;"
+    ):
+        convert_from_tf(tmp_path / "partial", tmp_path / "out2")
+
+
+def test_ema_only_export_converts(tmp_path):
+    """A checkpoint holding only the shadows (raw values stripped) gives the same model."""
+    full = tiny_checkpoint_tensors()
+    write_tf_bundle(
+        tmp_path / "ema_only", {k: v for k, v in full.items() if k.endswith("ExponentialMovingAverage")}
+    )
+    from ddpmkit.nn.folder import read_model_folder
+
+    convert_from_tf(tmp_path / "ema_only", tmp_path / "out")
+    unet, _ = read_model_folder(tmp_path / "out")
+    expected = full["model/mid/attn_1/proj_out/W/ExponentialMovingAverage"].T
+    np.testing.assert_array_equal(unet.mid_block.attentions[0].to_out.weight.detach().numpy(), expected)
 
 
 def test_256_layout_gets_fixedsmall(tmp_path):

@@ -60,17 +60,20 @@ def read_tf_unet_variables(reader: TFCheckpointReader, *, ema: bool = True) -> d
             continue
         name = key[len(TF_MODEL_SCOPE) :]
         (shadows if name.endswith(EMA_SUFFIX) else raw).add(name.removesuffix(EMA_SUFFIX))
-    if not raw:
-        raise ValueError(f"TF checkpoint {reader.prefix} has no variables under the scope {TF_MODEL_SCOPE!r}")
-    if ema:
+    names = shadows if ema else raw  # an EMA-only export (shadows without raw values) converts too
+    if not names:
+        kind = "ExponentialMovingAverage shadows" if ema and raw else "variables"
+        hint = "; convert with --no-ema for the raw weights" if ema and raw else ""
+        where = f"TF checkpoint {reader.prefix}"
+        raise ValueError(f"{where} has no {kind} under the scope {TF_MODEL_SCOPE!r}{hint}")
+    if ema and raw - shadows:
         missing = sorted(raw - shadows)
-        if missing:
-            raise ValueError(
-                f"TF checkpoint {reader.prefix} has no ExponentialMovingAverage shadow for "
-                f"{len(missing)} variable(s): {_preview(missing)}; convert with --no-ema for the raw weights"
-            )
+        raise ValueError(
+            f"TF checkpoint {reader.prefix} has no ExponentialMovingAverage shadow for "
+            f"{len(missing)} variable(s): {_preview(missing)}; convert with --no-ema for the raw weights"
+        )
     suffix = EMA_SUFFIX if ema else ""
-    return {name: reader.read(TF_MODEL_SCOPE + name + suffix) for name in sorted(raw)}
+    return {name: reader.read(TF_MODEL_SCOPE + name + suffix) for name in sorted(names)}
 
 
 @dataclass(frozen=True)
