@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Command modules, in the order `ddpm --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("train", "sample", "figure", "convert", "data")
+COMMAND_MODULES: tuple[str, ...] = ("train", "sample", "figure", "convert", "data", "eval", "report")
 
 EXIT_USER_ERROR = 2
 

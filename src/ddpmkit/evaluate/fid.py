@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,7 +75,9 @@ def to_uint8_images(x: torch.Tensor | np.ndarray) -> np.ndarray:
 def load_samples(path: str | os.PathLike) -> np.ndarray:
     """An ``.npz`` (uint8 NHWC under arr_0) or an image folder -> uint8 (N, H, W, C).
 
-    Every image of a folder must have the size and channel count of the first (no resizing).
+    Every image of a folder must have the size and channel count of the first (no resizing). In a
+    folder written by ``ddpm sample`` (it holds ``sampling.json``) only the sample PNGs
+    ``000123.png`` count, not ``grid.png``.
     """
     from ddpmkit.data import load_npz_uint8
     from ddpmkit.data.images import UnreadableImageError, decode_image, list_image_files
@@ -88,6 +91,8 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
                              "image folder")
         return to_uint8_images(load_npz_uint8(p))
     files, _ = list_image_files(p)
+    if (p / "sampling.json").is_file():  # a `ddpm sample` folder: the index PNGs, not grid.png
+        files = [f for f in files if f.parent == p and re.fullmatch(r"\d+\.png", f.name)]
     if not files:
         raise ValueError(f"the sample set is empty: no image files in {p}")
     images = []

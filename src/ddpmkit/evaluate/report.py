@@ -1,0 +1,219 @@
+"""`ddpm report RUN`: a report card of a training run, each number next to the paper's.
+
+Reads RUN/config.json (the TrainConfig), RUN/metrics.jsonl (per-step loss and throughput),
+RUN/model/ (the EMA U-Net: parameter count), the newest sample grid RUN/samples/step-*.png and
+the results of ``ddpm eval`` found in RUN (``eval_bpd*.json``, ``eval_fid*.json``,
+``eval_digits*.json``, in RUN or one folder below). Writes OUT/report.md, OUT/report.json,
+OUT/loss_curve.png and OUT/samples.png (a copy of the grid). Missing pieces are reported as such.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PAPER", "build_report"]
+
+# Figures as published (Ho et al. 2020, Tables 1-3, Sec. 4, App. B; /work/shared/reference/paper.md).
+PAPER: dict[str, dict[str, Any]] = {
+    "cifar10": {
+        "params": 35_746_307,
+        "steps": 800_000,
+        "batch_size": 128,
+        "steps_per_s": 21.0,  # TPU v3-8
+        "img_per_s": 21.0 * 128,
+        "hardware": "TPU v3-8",
+        "bpd": 3.75,  # L_simple model, test set (<=); the true-bound (L) model: 3.70
+        "bpd_note": "<= 3.75 test (L_simple model); <= 3.70 for the model trained on the bound L",
+        "rate_bpd": 1.78,
+        "decoder_bpd": 1.97,
+        "distortion_rmse": 0.95,
+        "fid": 3.17,  # 50k samples vs the training set; vs the test set 5.24
+        "fid_note": "3.17 vs train set (5.24 vs test set), 50,000 samples, EMA weights",
+        "is_mean": 9.46,
+        "is_note": "9.46 +- 0.11, 50,000 samples",
+    },
+    "256": {
+        "params": 113_673_219,
+        "batch_size": 64,
+        "steps_per_s": 2.2,
+        "img_per_s": 2.2 * 64,
+        "hardware": "TPU v3-8",
+        "fid_note": "LSUN Bedroom 6.36 (large model 4.90), Church 7.89, Cat 19.75 (Table 3)",
+    },
+}
+
+
+def _dataset_kind(config: dict[str, Any]) -> str:
+    preset = str(config.get("preset", "")).lower()
+    data = str(config.get("data") or "digits").lower()
+    if preset == "digits" or data == "digits":
+        return "digits"
+    if preset == "cifar10" or "cifar" in data:
+        return "cifar10"
+    if preset in ("celebahq256", "lsun256") or config.get("unet", {}).get("resolution") == 256:
+        return "256"
+    return "other"
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interruption
+    return [r for r in records if isinstance(r, dict) and "step" in r]
+
+
+def _find_evals(run: Path) -> dict[str, dict[str, Any]]:
+    """The newest ``eval_<kind>*.json`` of each kind in RUN or one folder below."""
+    found: dict[str, tuple[float, dict[str, Any]]] = {}
+    for path in [*run.glob("eval_*.json"), *run.glob("*/eval_*.json")]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if kind in ("bpd", "fid", "digits"):
+            mtime = path.stat().st_mtime
+            if kind not in found or mtime > found[kind][0]:
+                found[kind] = (mtime, {**data, "file": str(path)})
+    return {k: v for k, (_, v) in found.items()}
+
+
+def _param_count(run: Path) -> int | None:
+    from ddpmkit.models import load_unet
+
+    try:
+        unet = load_unet(run)
+    except (ValueError, FileNotFoundError, NotADirectoryError):
+        return None
+    return sum(p.numel() for p in unet.parameters())
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def build_report(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Write the report card of training run ``run`` into ``out`` (default RUN/report); returns it."""
+    from ddpmkit.figures import plot_lines
+
+    run = Path(run)
+    if not run.is_dir():
+        raise ValueError(f"{run}: not a training run directory (expected a folder with config.json)")
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{run}: no config.json; expected a training run directory written by `ddpm train`")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path}: not valid JSON ({err})") from None
+    out = Path(out) if out is not None else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    kind = _dataset_kind(config)
+    paper = PAPER.get(kind, PAPER["cifar10"])  # no digits experiment in the paper: CIFAR-10 for scale
+    metrics = _read_metrics(run / "metrics.jsonl")
+    steps = metrics[-1]["step"] if metrics else None
+    batch = config.get("batch_size")
+    timed = metrics[1:] or metrics  # the first window includes start-up (and compilation)
+    rates = [r["steps_per_s"] for r in timed if isinstance(r.get("steps_per_s"), int | float)]
+    sps = statistics.median(rates) if rates else None
+    evals = _find_evals(run)
+    report: dict[str, Any] = {
+        "run": str(run), "dataset": kind, "preset": config.get("preset"), "data": config.get("data"),
+        "params": _param_count(run), "steps": steps, "target_steps": config.get("steps"),
+        "batch_size": batch, "images_seen": steps * batch if steps is not None and batch else None,
+        "steps_per_s": sps, "img_per_s": sps * batch if sps is not None and batch else None,
+        "final_loss": metrics[-1].get("loss") if metrics else None, "evals": evals, "paper": paper,
+    }
+    files = _write_figures(run, out, metrics, plot_lines)
+    report["files"] = files
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "report.md").write_text(_markdown(report))
+    return report
+
+
+def _write_figures(run: Path, out: Path, metrics: list[dict[str, Any]], plot_lines: Any) -> dict[str, str]:
+    files: dict[str, str] = {}
+    pts = [(r["step"], r["loss"]) for r in metrics if isinstance(r.get("loss"), int | float)]
+    if pts:
+        xs, ys = zip(*pts, strict=True)
+        positive = all(y > 0 for y in ys)
+        files["loss_curve"] = str(plot_lines(out / "loss_curve.png", {"training loss": (list(xs), list(ys))},
+                                             title="Training loss", xlabel="step", ylabel="loss",
+                                             logy=positive))
+    grids = sorted((run / "samples").glob("step-*.png"))
+    if grids:
+        shutil.copyfile(grids[-1], out / "samples.png")
+        files["samples"] = str(out / "samples.png")
+        files["samples_from"] = str(grids[-1])
+    return files
+
+
+def _row(name: str, ours: Any, paper: Any, digits: int = 4) -> str:
+    return f"| {name} | {_fmt(ours, digits)} | {_fmt(paper, digits)} |"
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    p, ev = r["paper"], r["evals"]
+    scale = r["dataset"] not in PAPER
+    note = (" The paper has no experiment on these data: its CIFAR-10 figures are shown for scale."
+            if scale else "")
+    lines = [f"# Report card: {r['run']}", "",
+             f"Data: {r['data'] or 'digits'} (preset {r['preset']}).{note}", "",
+             f"| quantity | this run | paper{' (CIFAR-10)' if scale else ''} |", "|---|---|---|",
+             _row("parameters", r["params"], p.get("params")),
+             _row("training steps", r["steps"], p.get("steps")),
+             _row("batch size", r["batch_size"], p.get("batch_size")),
+             _row("images seen", r["images_seen"],
+                  p["steps"] * p["batch_size"] if "steps" in p and "batch_size" in p else None),
+             _row("steps/s (median)", r["steps_per_s"], p.get("steps_per_s"), 2),
+             _row("images/s", r["img_per_s"],
+                  f"{p['img_per_s']:,.0f} ({p['hardware']})" if "img_per_s" in p else None, 1),
+             _row("final training loss", r["final_loss"], None)]
+    if "bpd" in ev:
+        b = ev["bpd"]
+        lines += [_row(f"NLL bits/dim ({b.get('num_examples')} images)", b.get("bpd"), p.get("bpd_note")),
+                  _row("  L_T (prior)", b.get("prior_bpd"), None),
+                  _row("  sum L_(t-1), t >= 2", b.get("sum_kl_bpd"), None),
+                  _row("  rate = L_T + sum L_(t-1)", b.get("rate_bpd"), p.get("rate_bpd")),
+                  _row("  L_0 (decoder, distortion)", b.get("decoder_bpd"), p.get("decoder_bpd")),
+                  _row("  distortion RMSE [0, 255]", b.get("distortion_rmse"), p.get("distortion_rmse"))]
+    if "fid" in ev:
+        f = ev["fid"]
+        lines += [_row(f"FID ({f.get('num_samples')} samples vs {f.get('ref')})", f.get("fid"),
+                       p.get("fid_note")),
+                  _row("IS", f.get("is_mean"), p.get("is_note"))]
+    if "digits" in ev:
+        d = ev["digits"]
+        real = d.get("real", {})
+        lines += [_row(f"digits Frechet distance ({d.get('n')} samples)", d.get("fd"),
+                       f"real held-out digits: {_fmt(real.get('fd'))}"),
+                  _row("digits classifier score (1-10)", d.get("score"),
+                       f"real held-out digits: {_fmt(real.get('score'))}"),
+                  _row("digits class counts", d.get("class_counts"), f"real: {real.get('class_counts')}")]
+    wanted = ("bpd", "digits") if r["dataset"] == "digits" else ("bpd", "fid")
+    missing = [k for k in wanted if k not in ev]
+    if missing:
+        lines += ["", "Not evaluated yet: " + ", ".join(f"`ddpm eval {k}`" for k in missing) + "."]
+    for w in ev.get("fid", {}).get("warnings", []):
+        lines += ["", f"Warning: {w}."]
+    files = r["files"]
+    if "samples" in files:
+        lines += ["", f"## Samples ({Path(files['samples_from']).name})", "", "![samples](samples.png)"]
+    if "loss_curve" in files:
+        lines += ["", "## Training loss", "", "![loss curve](loss_curve.png)"]
+    return "\n".join(lines) + "\n"
