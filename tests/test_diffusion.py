@@ -72,6 +72,9 @@ def test_q_mean_variance_closed_form(diffusion: GaussianDiffusion) -> None:
     torch.testing.assert_close(mean, ab.sqrt() * x0, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(var, (1 - ab).expand_as(x0), rtol=1e-13, atol=0)
     torch.testing.assert_close(log_var, (1 - ab).log().expand_as(x0), rtol=1e-13, atol=1e-15)
+    # in float32 the variance is 1 - abar_t rounded once (computed in float64): no cancellation at small t
+    _, var32, _ = diffusion.q_mean_variance(x0.float(), t)
+    torch.testing.assert_close(var32, (1 - ab).float().expand_as(x0), rtol=0, atol=0)
 
 
 def test_q_sample_is_the_reparameterization(diffusion: GaussianDiffusion) -> None:

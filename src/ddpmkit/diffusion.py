@@ -150,7 +150,7 @@ class GaussianDiffusion:
 
     Attributes, all (T,) float64, index t = paper's t + 1:
       betas, alphas, alphas_cumprod (abar_t), alphas_cumprod_prev (abar_{t-1}, 1 at t = 0),
-      alphas_cumprod_next, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+      alphas_cumprod_next, one_minus_alphas_cumprod, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
       log_one_minus_alphas_cumprod, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod,
       posterior_variance (beta-tilde_t, eq. 7), posterior_log_variance_clipped,
       posterior_mean_coef1, posterior_mean_coef2 (eq. 7), log_betas,
@@ -192,7 +192,8 @@ class GaussianDiffusion:
         self.alphas_cumprod_prev = torch.cat([one, self.alphas_cumprod[:-1]])
         self.alphas_cumprod_next = torch.cat([self.alphas_cumprod[1:], 0.0 * one])
         self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
-        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod  # float64: no cancellation at small t
+        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(self.one_minus_alphas_cumprod)
         self.log_one_minus_alphas_cumprod = torch.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod - 1.0)
@@ -278,7 +279,7 @@ class GaussianDiffusion:
         """
         self._check_batch(x0, t, "x0")
         mean = self._extract("sqrt_alphas_cumprod", t, x0) * x0
-        variance = (1.0 - self._extract("alphas_cumprod", t, x0)).expand_as(x0)
+        variance = self._extract("one_minus_alphas_cumprod", t, x0).expand_as(x0)
         log_variance = self._extract("log_one_minus_alphas_cumprod", t, x0).expand_as(x0)
         return mean, variance, log_variance
 
