@@ -190,6 +190,7 @@ def test_wrong_weights_file_fails_the_hash_check(tmp_path):
 @pytest.mark.slow
 def test_torch_fidelity_inception_architecture_with_random_weights(tmp_path):
     """The real TF-compatible network (random weights, hash given): eval mode, shapes, batching."""
+    pytest.importorskip("torch_fidelity")  # the optional [fid] dependency
     from ddpmkit.evaluate.inception import _torch_fidelity_inception_class, sha256_file
 
     cls = _torch_fidelity_inception_class()
