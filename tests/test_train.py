@@ -261,3 +261,20 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert main(["train", "--set", "unet.nope=1", "-o", str(tmp_path)]) == 2
     assert "unknown config key 'unet.nope'" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "missing"), "-o", str(tmp_path / "r")]) == 2
+
+
+def test_worker_processes_deliver_the_same_batches(tiny_npz):
+    from ddpmkit.data import open_source
+    from ddpmkit.distributed import DistInfo
+    from ddpmkit.train import _batch_stream
+
+    ds = open_source(str(tiny_npz), resolution=8, channels=1)
+    c = tiny_config(tiny_npz, steps=5)
+    info = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    plain = list(_batch_stream(ds, c, info, start=2))
+    workers = list(_batch_stream(ds, apply_overrides(c, {"num_workers": 2}), info, start=2))
+    assert len(plain) == len(workers) == 3
+    for step, (a, b) in enumerate(zip(plain, workers, strict=True), start=2):
+        assert torch.equal(a, b)
+        idx = batch_indices(step, batch_size=16, num_examples=NUM_IMAGES, seed=c.seed)[8:16]  # rank 1's half
+        assert torch.equal(a, ds.get_batch(idx))

@@ -17,6 +17,7 @@ SIGINT finish the current step, save a checkpoint and return 128 + signal.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -71,6 +72,11 @@ class TrainResult:
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     """The data order of ``epoch``: a permutation of range(N), a pure function of (seed, epoch)."""
+    return _epoch_permutation(seed, epoch, num_examples).copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
@@ -81,7 +87,7 @@ def batch_indices(step: int, *, batch_size: int, num_examples: int, seed: int) -
     out = np.empty_like(pos)
     for e in np.unique(epochs):
         sel = epochs == e
-        out[sel] = epoch_permutation(seed, int(e), num_examples)[pos[sel] % num_examples]
+        out[sel] = _epoch_permutation(seed, int(e), num_examples)[pos[sel] % num_examples]
     return out
 
 
@@ -106,17 +112,31 @@ class _Batches(torch.utils.data.Dataset):
         return self.dataset.get_batch(indices)
 
 
+class _RankBatchSampler(torch.utils.data.Sampler):
+    """This rank's slice of global batch s, for s = start .. steps - 1, computed lazily."""
+
+    def __init__(self, num_examples: int, config: TrainConfig, info: DistInfo, start: int) -> None:
+        self.n, self.config, self.start = num_examples, config, start
+        self.b = config.batch_size // info.world_size
+        self.lo = info.rank * self.b
+
+    def __len__(self) -> int:
+        return max(0, self.config.steps - self.start)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        c = self.config
+        for s in range(self.start, c.steps):
+            idx = batch_indices(s, batch_size=c.batch_size, num_examples=self.n, seed=c.seed)  # (B,)
+            yield idx[self.lo:self.lo + self.b]
+
+
 def _batch_stream(dataset: Any, config: TrainConfig, info: DistInfo, start: int) -> Iterator[torch.Tensor]:
     """This rank's slice of each global batch from ``start`` on: (B / world, C, H, W)."""
-    b = config.batch_size // info.world_size
-    lo = info.rank * b
-    n, seed = len(dataset), config.seed
-    steps = (batch_indices(s, batch_size=config.batch_size, num_examples=n, seed=seed)[lo:lo + b]
-             for s in range(start, config.steps))
+    sampler = _RankBatchSampler(len(dataset), config, info, start)
     if config.num_workers == 0:
-        return (dataset.get_batch(idx) for idx in steps)
+        return (dataset.get_batch(idx) for idx in sampler)
     loader = torch.utils.data.DataLoader(
-        _Batches(dataset), sampler=list(steps), batch_size=None, num_workers=config.num_workers,
+        _Batches(dataset), sampler=sampler, batch_size=None, num_workers=config.num_workers,
         pin_memory=info.device.type == "cuda", prefetch_factor=4,
     )
     return iter(loader)
