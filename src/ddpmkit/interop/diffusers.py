@@ -422,7 +422,8 @@ def unet_from_diffusers_state_dict(
     ``source`` and the tensor).
     """
     config = unet_config_from_diffusers(unet_config_dict, learned_variance=learned_variance, source=source)
-    unet = UNet(config=config)
+    with torch.device("meta"):  # no init work: every tensor comes from the state dict
+        unet = UNet(config=config)
     expected = unet.state_dict()
     ours: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():

@@ -102,9 +102,11 @@ def check_finite(state_dict: dict[str, torch.Tensor], source: Path | str) -> Non
 
 
 def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Copy ``state_dict`` into ``model`` after checking keys, shapes, dtypes and finiteness.
+    """Put ``state_dict`` into ``model`` after checking keys, shapes, dtypes and finiteness.
 
-    Every mismatch is a ValueError naming ``source`` and the offending tensor(s).
+    A model built on the meta device (no init, no memory) takes the tensors as its parameters
+    (as float32); any other model gets them copied in. Every mismatch is a ValueError naming
+    ``source`` and the offending tensor(s).
     """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -126,6 +128,11 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         if not value.is_floating_point():
             raise ValueError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected a float dtype")
     check_finite(state_dict, source)
+    if any(ref.is_meta for ref in expected.values()):
+        model.load_state_dict(
+            {k: state_dict[k].to("cpu", torch.float32).contiguous() for k in expected}, assign=True
+        )
+        return
     with torch.no_grad():
         for key, ref in expected.items():
             ref.copy_(state_dict[key])
@@ -204,6 +211,7 @@ def read_model_folder(path: str | Path) -> tuple[Any, dict[str, Any] | None]:
     if diffusion is not None and not isinstance(diffusion, dict):
         raise ValueError(f"{path / CONFIG_NAME}: 'diffusion' must be a JSON object")
     state_dict = read_safetensors(path / WEIGHTS_NAME)
-    unet = UNet(config=unet_config)
+    with torch.device("meta"):  # no init work: every tensor comes from the file
+        unet = UNet(config=unet_config)
     load_state_dict_into(unet, state_dict, path / WEIGHTS_NAME)
     return unet.eval(), diffusion
