@@ -166,13 +166,22 @@ def digits_fd(samples: Any) -> dict[str, Any]:
                          f"got {images.shape}")
     if images.shape[0] < 2:
         raise ValueError(f"the digits metric needs at least 2 samples, got {images.shape[0]}")
-    train, _ = load_digits_uint8("train")
     test, _ = load_digits_uint8("test")
-    ref_mu, ref_sigma = _stats(_features_logits(train)[0])
+    ref_mu, ref_sigma, n_train = _train_reference()
     out = _metrics(images, ref_mu, ref_sigma)
     out["real"] = _metrics(test[: images.shape[0]], ref_mu, ref_sigma)
-    out["reference"] = f"digits train split ({train.shape[0]} images)"
+    out["reference"] = f"digits train split ({n_train} images)"
     return out
+
+
+@lru_cache(maxsize=1)
+def _train_reference() -> tuple[np.ndarray, np.ndarray, int]:
+    """mu (64,), sigma (64, 64) of the train split's features, and its size (computed once)."""
+    from ddpmkit.data import load_digits_uint8
+
+    train, _ = load_digits_uint8("train")
+    mu, sigma = _stats(_features_logits(train)[0])
+    return mu, sigma, train.shape[0]
 
 
 def main(argv: list[str] | None = None) -> int:
