@@ -20,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ema.add_argument("--ema", dest="ema", action="store_true", default=True,
                      help="TF: take the ExponentialMovingAverage shadow weights (default)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="TF: take the raw weights")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="TF: image size, when it cannot be read off the weights (default: inferred)")
     p.set_defaults(func=run)
 
 
@@ -35,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         from ddpmkit.interop.tf_checkpoint import convert_from_tf
 
-        convert_from_tf(args.from_tf, args.out, ema=args.ema)
+        convert_from_tf(args.from_tf, args.out, ema=args.ema, resolution=args.resolution)
     print(f"wrote {args.out}")
     return 0
