@@ -480,11 +480,15 @@ class GaussianDiffusion:
         true_log_variance = self._extract("posterior_log_variance_clipped", t, x_t)
         kl = normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])
         kl = mean_flat(kl) / math.log(2.0)
+        # the decoder only where t = 0 (the paper's t = 1): it costs more than the KL, and in a
+        # bound loop or a training batch only a few rows need it
+        first = (t.to(x_t.device) == 0).nonzero().squeeze(1)  # (n,) row indices
+        if first.numel() == 0:
+            return kl
         decoder_nll = -discretized_gaussian_log_likelihood(
-            x0, means=p["mean"], log_scales=0.5 * p["log_variance"], cdf=self.decoder_cdf
+            x0[first], means=p["mean"][first], log_scales=0.5 * p["log_variance"][first], cdf=self.decoder_cdf
         )
-        decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
-        return torch.where(t.to(x_t.device) == 0, decoder_nll, kl)
+        return kl.index_put((first,), mean_flat(decoder_nll) / math.log(2.0))
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
         """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, eq. (5). x0: (B, ...) -> (B,)."""

@@ -101,7 +101,12 @@ def discretized_gaussian_log_likelihood(
     if cdf is CDFType.EXACT:
         log_cdf_plus = torch.special.log_ndtr(plus_in)  # log Phi(upper edge): lowest bin
         log_one_minus_cdf_min = torch.special.log_ndtr(-min_in)  # log (1 - Phi(lower edge)): highest
-        log_delta = log_standard_normal_cdf_difference(min_in, plus_in)
+        # log(Phi(plus_in) - Phi(min_in)) as in log_standard_normal_cdf_difference, reusing the two
+        # log-CDFs above as the larger term (three log_ndtr evaluations instead of four)
+        upper = (min_in + plus_in) > 0
+        log_b = torch.where(upper, log_one_minus_cdf_min, log_cdf_plus)
+        log_a = torch.special.log_ndtr(torch.where(upper, -plus_in, min_in))
+        log_delta = log_b + _log1mexp(log_a - log_b)
     elif cdf is CDFType.TANH:
         cdf_plus = approx_standard_normal_cdf(plus_in)
         cdf_min = approx_standard_normal_cdf(min_in)
