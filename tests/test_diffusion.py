@@ -499,6 +499,7 @@ def test_bad_inputs_raise_value_errors(diffusion: GaussianDiffusion) -> None:
             "model output must be a floating-point",
         ),
         (lambda: diffusion.calc_bpd_loop(lambda a, b: a, x, t_chunk=0), "t_chunk must be a positive int"),
+        (lambda: diffusion.calc_bpd_loop(lambda a, b: a, x + 255.0), r"x0 must be data scaled to \[-1, 1\]"),
         (lambda: GaussianDiffusion(betas=[0.1, 1.5]), r"betas must lie in \(0, 1\]"),
         (lambda: GaussianDiffusion(betas=[0.1]), "length T >= 2"),
         (

@@ -583,6 +583,8 @@ class GaussianDiffusion:
         from tqdm.auto import tqdm
 
         self._check_x(x0, "x0", min_ndim=2)
+        if x0.numel() and not bool((x0.abs() <= 1.0 + 1e-5).all()):
+            raise ValueError("x0 must be data scaled to [-1, 1] (the decoder, eq. 13, bins 256 levels there)")
         if t_chunk is None:
             t_chunk = 1
         if isinstance(t_chunk, bool) or not isinstance(t_chunk, int) or t_chunk < 1:
