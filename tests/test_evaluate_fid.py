@@ -3,6 +3,7 @@ the Inception weights' lookup and hash check, and the errors for bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import numpy as np
@@ -188,9 +189,10 @@ def test_wrong_weights_file_fails_the_hash_check(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is None,
+                    reason="the optional [fid] dependency torch-fidelity is not installed")
 def test_torch_fidelity_inception_architecture_with_random_weights(tmp_path):
     """The real TF-compatible network (random weights, hash given): eval mode, shapes, batching."""
-    pytest.importorskip("torch_fidelity")  # the optional [fid] dependency
     from ddpmkit.evaluate.inception import _torch_fidelity_inception_class, sha256_file
 
     cls = _torch_fidelity_inception_class()
