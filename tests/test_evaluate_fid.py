@@ -137,6 +137,15 @@ def test_image_folder_samples(tmp_path):
     np.testing.assert_array_equal(load_samples(folder), imgs)
 
 
+def test_a_ddpm_sample_folder_counts_only_its_index_pngs(tmp_path):
+    imgs = _images(5, 9)
+    for i, a in enumerate(imgs):
+        Image.fromarray(a).save(tmp_path / f"{i:06d}.png")
+    Image.fromarray(_images(1, 0, size=24)[0]).save(tmp_path / "grid.png")  # another size
+    (tmp_path / "sampling.json").write_text("{}")
+    np.testing.assert_array_equal(load_samples(tmp_path), imgs)
+
+
 def test_bad_input_gives_clear_errors(tmp_path):
     # mismatched image sizes: samples 8x8, reference 16x16
     np.savez(tmp_path / "ref16.npz", _images(10, 0, size=16))
@@ -162,6 +171,10 @@ def test_bad_input_gives_clear_errors(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 this is not a zip archive")
     with pytest.raises(ValueError, match="not a readable .npz"):
         load_samples(tmp_path / "bad.npz")
+    # precomputed statistics of another feature network
+    np.savez(tmp_path / "stats64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match="64 features, the feature network gives 12"):
+        compute_fid(_images(10, 1), str(tmp_path / "stats64.npz"), extractor=StandIn())
     # a missing sample path
     with pytest.raises(ValueError, match="not found"):
         load_samples(tmp_path / "nope.npz")

@@ -100,7 +100,9 @@ def evaluate_bpd(
     done = _read_partial(path, header) if path is not None else []
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in [header, *done]))  # drops a torn last line
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *done]))  # drops a torn last line
+        os.replace(tmp, path)
     num_batches = math.ceil(total / batch_size)
     start_time = time.perf_counter()
     with tqdm(total=total, initial=min(len(done) * batch_size, total), disable=not progress,
