@@ -1,0 +1,396 @@
+"""Samplers: noise streams, Algorithm 2 / respaced / DDIM against diffusers' schedulers and closed
+forms, the toy Gaussian whose optimal denoiser is known, and the figures' chains."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from ddpmkit.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpmkit.sampling import (
+    ddim_mean_variance,
+    draw_noise,
+    interpolate,
+    prepare_model,
+    reconstruct,
+    respace_diffusion,
+    sample,
+    sample_ancestral,
+    sample_ddim,
+    sample_from_xt,
+    sample_generators,
+    sample_progressive,
+    sample_respaced,
+    sample_seed,
+    sample_shared_xt,
+    space_timesteps,
+)
+
+T_SMALL = 20
+SHAPE = (8, 2, 4, 4)
+
+
+def beta_range(T: int) -> tuple[float, float]:
+    """The paper's linear schedule stretched to T steps (x 1000 / T), the end capped at 0.4."""
+    return 1e-4 * 1000 / T, min(0.02 * 1000 / T, 0.4)
+
+
+def make_diffusion(var_type: str = "fixedlarge", T: int = T_SMALL) -> GaussianDiffusion:
+    b0, b1 = beta_range(T)
+    return DiffusionConfig(num_timesteps=T, beta_start=b0, beta_end=b1, var_type=var_type).build()
+
+
+class ToyEps:
+    """A deterministic eps-predictor that treats each sample on its own (elementwise maps and a
+    per-sample mean), so its output for a sample does not depend on the rest of the batch."""
+
+    def __init__(self, T: int) -> None:
+        g = torch.Generator().manual_seed(123)
+        self.a = 0.5 + torch.rand(T, generator=g)
+        self.b = 0.3 * torch.randn(T, generator=g)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.a[t].view(-1, *([1] * (x.ndim - 1)))
+        b = self.b[t].view(-1, *([1] * (x.ndim - 1)))
+        return torch.tanh(a * x + b) + 0.1 * x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than several, and much faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet() -> torch.nn.Module:
+    from ddpmkit.nn import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet(config=UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,),
+                                 num_res_blocks=1, attn_resolutions=()))
+    with torch.no_grad():  # move off the near-zero output init so samples are not trivial
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------------- noise streams
+def test_sample_seeds_are_stable_and_distinct() -> None:
+    seeds = {sample_seed(s, i) for s in range(5) for i in range(200)}
+    assert len(seeds) == 1000
+    assert sample_seed(3, 7) == sample_seed(3, 7)
+    assert all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        sample_seed(-1, 0)
+
+
+def test_per_sample_noise_does_not_depend_on_the_batch() -> None:
+    z8 = draw_noise((8, 3, 2, 2), sample_generators(5, range(8)), device="cpu", dtype=torch.float32)
+    z1 = torch.cat([draw_noise((1, 3, 2, 2), sample_generators(5, [i]), device="cpu", dtype=torch.float32)
+                    for i in range(8)])
+    assert torch.equal(z8, z1)
+    ref = torch.randn((3, 2, 2), generator=torch.Generator().manual_seed(sample_seed(5, 6)))
+    assert torch.equal(z8[6], ref)
+    with pytest.raises(ValueError, match="one generator per sample"):
+        draw_noise((3, 2), sample_generators(0, range(2)), device="cpu", dtype=torch.float32)
+
+
+def test_same_seed_same_samples_other_seed_other_samples() -> None:
+    d, model = make_diffusion(), ToyEps(T_SMALL)
+    a = sample_ancestral(model, d, SHAPE, generator=sample_generators(0, range(8)))
+    b = sample_ancestral(model, d, SHAPE, generator=sample_generators(0, range(8)))
+    c = sample_ancestral(model, d, SHAPE, generator=sample_generators(1, range(8)))
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", None, 0.0), ("ddpm", 7, 0.0), ("ddim", 5, 0.5)])
+def test_batch_size_one_and_eight_give_the_same_samples(sampler: str, steps: int | None, eta: float) -> None:
+    d, model = make_diffusion(), ToyEps(T_SMALL)
+    kw = dict(sampler=sampler, steps=steps, eta=eta)
+    x8 = sample(model, d, SHAPE, generator=sample_generators(4, range(8)), **kw)
+    x1 = torch.cat([sample(model, d, (1, *SHAPE[1:]), generator=sample_generators(4, [i]), **kw)
+                    for i in range(8)])
+    assert torch.equal(x8, x1)
+
+
+def test_batch_size_with_the_unet(tiny_unet: torch.nn.Module) -> None:
+    # the per-sample noise is identical; batched convolutions may differ in the last float bits
+    d = make_diffusion(T=6)
+    x8 = sample_ancestral(tiny_unet, d, (4, 1, 8, 8), generator=sample_generators(2, range(4)))
+    x1 = torch.cat([sample_ancestral(tiny_unet, d, (1, 1, 8, 8), generator=sample_generators(2, [i]))
+                    for i in range(4)])
+    torch.testing.assert_close(x8, x1, atol=1e-5, rtol=0)
+    assert x8.std() > 0.1
+
+
+# ---------------------------------------------------------------------------------- against diffusers
+def _diffusers_config(d: GaussianDiffusion, T: int) -> dict:
+    b0, b1 = beta_range(T)
+    return dict(num_train_timesteps=T, beta_start=b0, beta_end=b1,
+                beta_schedule="linear", clip_sample=True, prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
+def test_algorithm_2_matches_diffusers_ddpm_scheduler(var_type: str) -> None:
+    T = T_SMALL
+    d, model = make_diffusion(var_type), ToyEps(T)
+    ours = sample_ancestral(model, d, SHAPE, generator=torch.Generator().manual_seed(7))
+    sched = DDPMScheduler(**_diffusers_config(d, T), variance_type=var_type.replace("fixed", "fixed_"))
+    sched.set_timesteps(T)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(SHAPE, generator=g)  # x_T first, then one draw per step t > 0: our order too
+    for t in sched.timesteps:
+        eps = model(x, torch.full((SHAPE[0],), int(t)))
+        x = sched.step(eps, t, x, generator=g).prev_sample
+    torch.testing.assert_close(ours, x, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
+def test_respaced_ddpm_matches_diffusers_custom_timesteps(var_type: str) -> None:
+    T, S = T_SMALL, 6
+    d, model = make_diffusion(var_type), ToyEps(T)
+    kept = space_timesteps(T, S)
+    assert kept == [0, 4, 8, 11, 15, 19]
+    ours = sample_respaced(model, d, SHAPE, steps=S, generator=torch.Generator().manual_seed(3))
+    sched = DDPMScheduler(**_diffusers_config(d, T), variance_type=var_type.replace("fixed", "fixed_"))
+    sched.set_timesteps(timesteps=kept[::-1])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(SHAPE, generator=g)
+    for t in sched.timesteps:
+        x = sched.step(model(x, torch.full((SHAPE[0],), int(t))), t, x, generator=g).prev_sample
+    torch.testing.assert_close(ours, x, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_all_steps_matches_diffusers_ddim_scheduler(eta: float) -> None:
+    T = T_SMALL
+    d, model = make_diffusion(), ToyEps(T)
+    ours = sample_ddim(model, d, SHAPE, eta=eta, generator=torch.Generator().manual_seed(11))
+    sched = DDIMScheduler(**_diffusers_config(d, T), set_alpha_to_one=True, timestep_spacing="linspace")
+    sched.set_timesteps(T)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(SHAPE, generator=g)
+    for t in sched.timesteps:
+        eps = model(x, torch.full((SHAPE[0],), int(t)))
+        # diffusers draws (unused) noise at the last step too, after ours ends: no effect on x_0
+        x = sched.step(eps, t, x, eta=eta, use_clipped_model_output=True, generator=g).prev_sample
+    torch.testing.assert_close(ours, x, atol=2e-5, rtol=0)
+
+
+def test_ddim_strided_step_matches_diffusers() -> None:
+    T, S, eta = 20, 5, 0.7
+    d, model = make_diffusion(), ToyEps(T)
+    sched = DDIMScheduler(**_diffusers_config(d, T), set_alpha_to_one=True, timestep_spacing="leading")
+    sched.set_timesteps(S)  # timesteps 16, 12, 8, 4, 0: each step goes back T // S = 4
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    for t in (16, 12, 4):
+        tt = torch.full((SHAPE[0],), t)
+        p = d.p_mean_variance(model, x, tt, clip_denoised=True)
+        mean, var = ddim_mean_variance(d, x, t, t - 4, p["pred_x0"], p["pred_eps"], eta)
+        ref = sched.step(model(x, tt), t, x, eta=eta, use_clipped_model_output=True, variance_noise=z)
+        torch.testing.assert_close(mean + math.sqrt(var) * z, ref.prev_sample, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- DDIM on the formulas
+def test_ddim_eta_one_all_steps_is_the_ancestral_step() -> None:
+    """sigma^2(eta=1, t -> t-1) = beta-tilde_t (eq. 7), and the DDIM mean is mu-tilde_t(x_t, x0)."""
+    d = make_diffusion("fixedsmall", T=50)
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
+    x0 = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64).clamp(-1, 1)
+    for t in range(1, 50):
+        tt = torch.full((4,), t)
+        eps = d.predict_eps_from_x0(x_t, tt, x0)
+        mean, var = ddim_mean_variance(d, x_t, t, t - 1, x0, eps, eta=1.0)
+        post_mean, post_var, _ = d.q_posterior_mean_variance(x0, x_t, tt)
+        torch.testing.assert_close(mean, post_mean, atol=1e-12, rtol=1e-10)
+        b, ab, ab_prev = d.betas[t], d.alphas_cumprod[t], d.alphas_cumprod[t - 1]
+        assert var == pytest.approx(float(b * (1 - ab_prev) / (1 - ab)), rel=1e-12)
+        assert var == pytest.approx(float(post_var[0, 0, 0, 0]), rel=1e-12)
+    mean, var = ddim_mean_variance(d, x_t, 0, -1, x0, eps, eta=1.0)  # the last step lands on x0
+    assert var == 0.0
+    torch.testing.assert_close(mean, x0)
+
+
+def test_ddim_eta_one_all_steps_equals_ancestral_sampling_with_beta_tilde() -> None:
+    d, model = make_diffusion("fixedsmall"), ToyEps(T_SMALL)
+    a = sample_ancestral(model, d, SHAPE, generator=sample_generators(9, range(8)))
+    b = sample_ddim(model, d, SHAPE, eta=1.0, generator=sample_generators(9, range(8)))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_ddim_eta_zero_is_deterministic_given_x_T() -> None:
+    d, model = make_diffusion(), ToyEps(T_SMALL)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    state = g1.get_state()
+    a = sample_ddim(model, d, SHAPE, steps=7, eta=0.0, x_T=x_T, generator=g1)
+    b = sample_ddim(model, d, SHAPE, steps=7, eta=0.0, x_T=x_T, generator=g2)
+    assert torch.equal(a, b)
+    assert torch.equal(g1.get_state(), state)  # no noise drawn at all
+    c = sample_ddim(model, d, SHAPE, steps=7, eta=0.5, x_T=x_T, generator=g1)
+    assert (a - c).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------- respacing
+def test_space_timesteps_and_respaced_coefficients() -> None:
+    assert space_timesteps(1000, 1000) == list(range(1000))
+    ks = space_timesteps(1000, 50)
+    assert len(ks) == 50 and ks[0] == 0 and ks[-1] == 999
+    assert set(np.diff(ks).tolist()) <= {20, 21}
+    assert space_timesteps(10, 1) == [9]
+    d = make_diffusion(T=1000)
+    spaced = respace_diffusion(d, ks)
+    torch.testing.assert_close(spaced.alphas_cumprod, d.alphas_cumprod[ks], rtol=1e-12, atol=0)
+    assert spaced.num_timesteps == 50 and spaced.var_type is d.var_type
+    for bad in (0, 1001, 2.5):
+        with pytest.raises(ValueError, match=r"steps must be an int in \[1, 1000\]"):
+            space_timesteps(1000, bad)
+
+
+def test_respaced_with_all_steps_is_algorithm_2() -> None:
+    d, model = make_diffusion(), ToyEps(T_SMALL)
+    a = sample_ancestral(model, d, SHAPE, generator=sample_generators(1, range(8)))
+    b = sample_respaced(model, d, SHAPE, steps=T_SMALL, generator=sample_generators(1, range(8)))
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_sample_rejects_bad_arguments() -> None:
+    d, model = make_diffusion(), ToyEps(T_SMALL)
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        sample(model, d, SHAPE, sampler="plms")
+    with pytest.raises(ValueError, match=r"steps must be an int in \[2, 20\]"):
+        sample(model, d, SHAPE, sampler="ddpm", steps=21)
+    with pytest.raises(ValueError, match=r"steps must be an int in \[1, 20\]"):
+        sample(model, d, SHAPE, sampler="ddim", steps=21)
+    with pytest.raises(ValueError, match="eta must be a float >= 0"):
+        sample(model, d, SHAPE, sampler="ddim", eta=-0.1)
+    with pytest.raises(ValueError, match="shape must be"):
+        sample_ancestral(model, d, (0, 2, 4, 4))
+
+
+# ---------------------------------------------------------------------------------- the toy Gaussian
+@pytest.mark.parametrize(
+    "T,var_type,n,discretisation_tol",
+    [
+        (1000, "fixedlarge", 20_000, 0.005),
+        (200, "fixedsmall", 20_000, 0.08),
+        pytest.param(1000, "fixedlarge", 100_000, 0.005, marks=pytest.mark.slow),
+        pytest.param(1000, "fixedsmall", 100_000, 0.02, marks=pytest.mark.slow),
+    ],
+)
+def test_algorithm_2_reproduces_a_gaussian_with_its_optimal_denoiser(
+    T: int, var_type: str, n: int, discretisation_tol: float
+) -> None:
+    """x0 ~ N(m, diag(s^2)) in 2-D, the paper's linear schedule (betas 1e-4 .. 0.02 at T = 1000,
+    x 1000 / T for fewer steps). The optimal
+    eps-predictor is E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) m) / (abar s^2 + 1 - abar); with
+    it, Algorithm 2 (no clipping) is a linear-Gaussian chain whose output moments follow a
+    recursion. Checks: (a) the moments of n samples agree with that recursion within 5 standard
+    errors (sd of the mean sqrt(v/n), of the variance v sqrt(2/(n-1))); (b) the recursion's moments
+    equal the data's up to the chain's discretisation error (mean within 0.001; variance within
+    0.5% / 2% at T = 1000 for sigma^2 = beta / beta-tilde (measured 0.3% / 1.6%), within 8% at
+    T = 200 for beta-tilde (measured 6.8%)); so (c) the samples' moments match the data's within 5 standard
+    errors plus that error."""
+    d = DiffusionConfig(num_timesteps=T, beta_start=0.1 / T, beta_end=20.0 / T, var_type=var_type).build()
+    m = torch.tensor([1.5, -0.5], dtype=torch.float64)
+    s2 = torch.tensor([0.25, 4.0], dtype=torch.float64)
+    abar = d.alphas_cumprod
+
+    def optimal_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = abar[t].to(x.dtype)[:, None]
+        return (1 - ab).sqrt() * (x - ab.sqrt() * m.to(x.dtype)) / (ab * s2.to(x.dtype) + 1 - ab)
+
+    x = sample_ancestral(optimal_eps, d, (n, 2), generator=torch.Generator().manual_seed(0),
+                         clip_denoised=False).double()
+    # exact moments of the chain: x_{t-1} = A_t x_t + B_t + sigma_t z
+    mu, var = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    for t in range(T - 1, -1, -1):
+        ab, c = abar[t], (1 - abar[t]).sqrt() / (abar[t] * s2 + 1 - abar[t])
+        P = (1 - (1 - ab).sqrt() * c) / ab.sqrt()  # pred_x0 = P x + Q
+        Q = (1 - ab).sqrt() * c * m
+        A = d.posterior_mean_coef1[t] * P + d.posterior_mean_coef2[t]
+        B = d.posterior_mean_coef1[t] * Q
+        sig2 = d.model_variance_fixed[t] if t > 0 else torch.zeros((), dtype=torch.float64)
+        mu, var = A * mu + B, A**2 * var + sig2
+    se_mean, se_var = (var / n).sqrt(), var * math.sqrt(2 / (n - 1))
+    assert ((x.mean(0) - mu).abs() < 5 * se_mean).all(), (x.mean(0), mu, se_mean)
+    assert ((x.var(0) - var).abs() < 5 * se_var).all(), (x.var(0), var, se_var)
+    torch.testing.assert_close(mu, m, rtol=0, atol=1e-3)
+    torch.testing.assert_close(var, s2, rtol=discretisation_tol, atol=0)
+    assert ((x.mean(0) - m).abs() < 5 * se_mean + 1e-3).all()
+    assert ((x.var(0) / s2 - 1).abs() < 5 * se_var / s2 + discretisation_tol).all()
+
+
+# ---------------------------------------------------------------------------------- figures' chains
+def test_progressive_snapshots_and_final_sample() -> None:
+    d, model = make_diffusion(), ToyEps(T_SMALL)
+    gens = sample_generators(0, range(8))
+    out = sample_progressive(model, d, SHAPE, snapshot_ts=[0, 10, 19], generator=gens)
+    assert out["t"] == [19, 10, 0]
+    assert out["x_t"].shape == out["pred_x0"].shape == (3, *SHAPE)
+    x_T = draw_noise(SHAPE, sample_generators(0, range(8)), device="cpu", dtype=torch.float32)
+    assert torch.equal(out["x_t"][0], x_T)
+    ref = sample_ancestral(model, d, SHAPE, generator=sample_generators(0, range(8)))
+    assert torch.equal(out["sample"], ref)
+    torch.testing.assert_close(out["pred_x0"][-1], out["sample"])  # x_0 = the prediction at t = 0
+    with pytest.raises(ValueError, match=r"snapshot t must be an int in \[0, 19\]"):
+        sample_progressive(model, d, SHAPE, snapshot_ts=[20])
+
+
+def test_interpolation_shares_noise_across_lambdas() -> None:
+    d, model = make_diffusion(), ToyEps(T_SMALL)
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 2, 4, 4, generator=g) * 2 - 1
+    b = torch.rand(2, 2, 4, 4, generator=g) * 2 - 1
+    same = interpolate(model, d, a, a, 10, [0.0, 0.3, 1.0], generator=torch.Generator().manual_seed(1))
+    assert same.shape == (2, 3, 2, 4, 4)
+    torch.testing.assert_close(same[:, 1], same[:, 0], atol=1e-5, rtol=0)  # (1-l) x + l x = x
+    torch.testing.assert_close(same[:, 2], same[:, 0], atol=1e-5, rtol=0)
+    mix = interpolate(model, d, a, b, 10, [0.0, 0.5, 1.0], generator=torch.Generator().manual_seed(1))
+    assert (mix[:, 0] - mix[:, 2]).abs().max() > 0.1
+    # lambda = 0 decodes x_t = q(a) with the encoder noise shared with b: check the encoding
+    g1 = torch.Generator().manual_seed(1)
+    noise = torch.randn(a.shape, generator=g1)
+    x_t = d.q_sample(a, torch.full((2,), 10), noise)
+    chain = sample_generators(int(torch.randint(0, 2**62, (1,), generator=g1)), range(2))
+    torch.testing.assert_close(mix[:, 0], sample_from_xt(model, d, x_t, 10, generator=chain))
+
+
+def test_shared_xt_and_reconstruction() -> None:
+    d, model = make_diffusion(), ToyEps(T_SMALL)
+    x_t = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    draws = sample_shared_xt(model, d, x_t, 12, 5, generator=sample_generators(0, range(5)))
+    assert draws.shape == (5, 2, 4, 4) and (draws[0] - draws[1]).abs().max() > 1e-3
+    last = sample_shared_xt(model, d, x_t, 0, 3, generator=sample_generators(0, range(3)))
+    assert torch.equal(last[0], last[1])  # from t = 0 the step adds no noise
+    with pytest.raises(ValueError, match="batch of one"):
+        sample_shared_xt(model, d, x_t.repeat(2, 1, 1, 1), 3, 2)
+    x0 = torch.rand(3, 2, 4, 4, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    enc, rec = reconstruct(model, d, x0, 5, generator=torch.Generator().manual_seed(3))
+    assert enc.shape == rec.shape == x0.shape
+    enc2, rec2 = reconstruct(model, d, x0, 5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(rec, rec2) and torch.equal(enc, enc2)
+
+
+# ---------------------------------------------------------------------------------- speed options
+def test_prepare_model_default_path_keeps_the_numbers(tiny_unet: torch.nn.Module) -> None:
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 3, 5, 9])
+    with torch.inference_mode():
+        ref = tiny_unet(x, t)
+        assert torch.equal(prepare_model(tiny_unet, device="cpu")(x, t), ref)
+        fast = prepare_model(tiny_unet, device="cpu", bf16=True, channels_last=True)(x, t)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, ref, atol=0.05, rtol=0.05)
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        prepare_model(tiny_unet, device="cpu", cuda_graphs=True)
