@@ -272,7 +272,7 @@ def _step_both(ours: GaussianDiffusion, sched, x_t: torch.Tensor, eps: torch.Ten
     p = ours.p_mean_variance(lambda x, s: eps, x_t, torch.full((x_t.shape[0],), t), clip_denoised=True)
     out = sched.step(eps, t, x_t, generator=torch.Generator().manual_seed(t))
     z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t), dtype=x_t.dtype)
-    mean = out.prev_sample if t == 0 else out.prev_sample - p["variance"].sqrt() * z
+    mean = out.prev_sample if t == 0 else out.prev_sample - torch.exp(0.5 * p["log_variance"]) * z
     return p, out.pred_original_sample, mean
 
 
@@ -329,6 +329,28 @@ def test_against_diffusers_step_code_in_float64(variance_type: str) -> None:
         torch.testing.assert_close(p["pred_x0"], their_x0, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(p["mean"], their_mean, rtol=1e-11, atol=1e-11)
     assert bool((their_x0.abs() == 1).any())
+
+
+def test_against_diffusers_learned_range_in_float64() -> None:
+    """learned_range: the model's second half v in [-1, 1] interpolates the log-variance; diffusers'
+    step (float64 tables) adds exp(log_var / 2) z, so its mean and our mean and log-variance agree."""
+    sched = _scheduler("learned_range", float64=True)
+    ours = DiffusionConfig(var_type="learned_range", loss_type="hybrid").build()
+    g = torch.Generator().manual_seed(13)
+    x_t = 1.5 * torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    out = torch.cat(
+        [
+            torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64),
+            torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1,
+        ],
+        dim=1,
+    )  # (eps, v)
+    for t in STEP_TS[1:]:  # at t = 0 diffusers takes log(1e-20) as the lower end; we clip to beta-tilde_2
+        p, their_x0, their_mean = _step_both(ours, sched, x_t, out, t)
+        torch.testing.assert_close(p["pred_x0"], their_x0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(p["mean"], their_mean, rtol=1e-11, atol=1e-11)
+        their_log_var = sched._get_variance(t, predicted_variance=out[:, 3:])
+        torch.testing.assert_close(p["log_variance"], their_log_var, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- training losses
