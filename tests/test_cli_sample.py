@@ -1,0 +1,189 @@
+"""`ddpm sample` and `ddpm figure` end to end on a tiny U-Net model folder (T = 8)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpmkit.cli import main
+from ddpmkit.diffusion import DiffusionConfig
+
+T = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from ddpmkit.nn import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet(config=UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,),
+                                 num_res_blocks=1, attn_resolutions=()))
+    with torch.no_grad():  # away from the near-zero output init, so samples differ
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    net.save(path, diffusion=DiffusionConfig(num_timesteps=T, beta_start=0.01, beta_end=0.4))
+    return path
+
+
+def pngs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("[0-9]*.png"))
+
+
+def load_npz(folder: Path) -> np.ndarray:
+    (path,) = folder.glob("samples_*.npz")
+    with np.load(path) as f:
+        assert list(f.keys()) == ["arr_0"]
+        return f["arr_0"]
+
+
+def test_sample_writes_pngs_grid_and_npz(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "s"
+    assert main(["sample", str(model_dir), "--n", "5", "--output-dir", str(out), "--batch-size", "2",
+                 "--seed", "3"]) == 0
+    assert pngs(out) == [f"{i:06d}.png" for i in range(5)]
+    arr = load_npz(out)
+    assert (out / "samples_5x8x8x1.npz").is_file()
+    assert arr.dtype == np.uint8 and arr.shape == (5, 8, 8, 1)
+    for i in range(5):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{i:06d}.png"))[..., None], arr[i])
+    assert arr.std() > 10  # not a blank image
+    assert Image.open(out / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)  # 5 images, 3 per row
+    settings = json.loads((out / "sampling.json").read_text())
+    assert settings["sampler"] == "ddpm" and settings["steps"] == T and settings["seed"] == 3
+    assert "images/s" in capsys.readouterr().out
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_same_images_for_any_batch_size_and_seed_matters(model_dir, tmp_path) -> None:
+    arrays = {}
+    for b in (1, 8):
+        assert main(["sample", str(model_dir), "--n", "6", "--output-dir", str(tmp_path / f"b{b}"),
+                     "--batch-size", str(b)]) == 0
+        arrays[b] = load_npz(tmp_path / f"b{b}").astype(int)
+    # the noise is per sample; batched convolutions may differ in the last float bits, which can
+    # move a pixel across a rounding boundary: allow one level on at most 1% of the pixels
+    diff = np.abs(arrays[1] - arrays[8])
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
+    assert main(["sample", str(model_dir), "--n", "6", "--output-dir", str(tmp_path / "other"),
+                 "--seed", "1"]) == 0
+    assert np.abs(load_npz(tmp_path / "other").astype(int) - arrays[8]).max() > 50
+
+
+def test_resume_and_shards_give_the_run_in_one_go(model_dir, tmp_path, capsys) -> None:
+    whole, shards = tmp_path / "whole", tmp_path / "shards"
+    args = [str(model_dir), "--sampler", "ddim", "--steps", "4", "--eta", "0.5", "--batch-size", "1"]
+    assert main(["sample", *args, "--n", "6", "--output-dir", str(whole)]) == 0
+    assert main(["sample", *args, "--n", "2", "--start-index", "4", "--output-dir", str(shards)]) == 0
+    assert pngs(shards) == ["000004.png", "000005.png"]
+    assert main(["sample", *args, "--n", "3", "--output-dir", str(shards)]) == 0
+    first = (shards / "000000.png").read_bytes()
+    capsys.readouterr()
+    assert main(["sample", *args, "--n", "6", "--output-dir", str(shards)]) == 0  # resume: only index 3
+    printed = capsys.readouterr().out
+    assert "sampled 1 images" in printed and "skipped 5 existing" in printed
+    assert (shards / "000000.png").read_bytes() == first
+    assert sorted(p.name for p in shards.glob("*.npz")) == ["samples_6x8x8x1.npz"]  # older npz removed
+    np.testing.assert_array_equal(load_npz(shards), load_npz(whole))
+
+
+def test_sample_with_respaced_ddpm_and_no_ema_of_a_run_directory(model_dir, tmp_path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "model")
+    shutil.copytree(model_dir, run / "model_raw")
+    assert main(["sample", str(run), "--n", "2", "--steps", "3", "--no-ema", "--output-dir",
+                 str(tmp_path / "s")]) == 0
+    assert load_npz(tmp_path / "s").shape == (2, 8, 8, 1)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--n", "0"], "--n must be >= 1"),
+        (["--n", "2", "--steps", str(T + 1)], f"--steps must be <= T = {T}"),
+        (["--n", "2", "--sampler", "plms"], "unknown --sampler 'plms'"),
+        (["--n", "2", "--eta", "0.5"], "--eta applies to --sampler ddim only"),
+        (["--n", "2", "--start-index", "-1"], "--start-index must be >= 0"),
+        (["--n", "2", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--n", "2", "--sampler", "ddpm", "--steps", "1"], "--steps must be in"),
+    ],
+)
+def test_sample_bad_arguments_exit_2(model_dir, tmp_path, capsys, extra, message) -> None:
+    assert main(["sample", str(model_dir), "--output-dir", str(tmp_path / "s"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists() or not pngs(tmp_path / "s")
+
+
+def test_sample_bad_models_exit_2(tmp_path, capsys) -> None:
+    assert main(["sample", str(tmp_path / "missing"), "--n", "1", "--output-dir", str(tmp_path / "s")]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["sample", str(empty), "--n", "1", "--output-dir", str(tmp_path / "s")]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "config.json").write_text(json.dumps({"format": "something.else"}))
+    assert main(["sample", str(wrong), "--n", "1", "--output-dir", str(tmp_path / "s")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_sample_refuses_to_mix_settings_in_one_folder(model_dir, tmp_path, capsys) -> None:
+    out = str(tmp_path / "s")
+    assert main(["sample", str(model_dir), "--n", "1", "--output-dir", out]) == 0
+    assert main(["sample", str(model_dir), "--n", "2", "--output-dir", out, "--seed", "9"]) == 2
+    assert "other settings (seed: 0 there vs 9 now)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- ddpm figure
+@pytest.mark.parametrize(
+    "kind,extra,size",
+    [
+        # default scale = ceil(64 / 8) = 8; tiles 8 px + 2 px padding
+        ("progressive", ["--n", "2", "--snapshots", "3"], (8 * (3 * 10 + 2), 8 * (4 * 10 + 2))),
+        ("shared-xt", ["--n", "2", "--t", "1,7"], (8 * (3 * 10 + 2), 8 * (2 * 10 + 2))),
+        ("reconstruct", ["--data", "digits", "--n", "2", "--t", "3,7", "--scale", "1"],
+         (5 * 10 + 2, 2 * 10 + 2)),
+        ("interpolate", ["--data", "digits", "--n", "1", "--t", "4", "--lambdas", "3", "--scale", "2"],
+         (2 * (5 * 10 + 2), 2 * (1 * 10 + 2))),
+    ],
+)
+def test_figure_files_have_the_expected_size(model_dir, tmp_path, kind, extra, size) -> None:
+    out = tmp_path / f"{kind}.png"
+    assert main(["figure", kind, str(model_dir), "--out", str(out), *extra]) == 0
+    assert Image.open(out).size == size
+
+
+def test_rate_distortion_figure_and_json(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "rd.png"
+    assert main(["figure", "rate-distortion", str(model_dir), "--data", "digits", "--n", "4",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (3 * 480, 360)
+    rd = json.loads(out.with_suffix(".json").read_text())
+    assert rd["num_images"] == 4 and rd["num_timesteps"] == T and len(rd["rate"]) == T
+    assert rd["rate_bpd"] + rd["distortion_bpd"] == pytest.approx(rd["total_bpd"], rel=1e-5)
+    assert "rate (bits/dim)" in capsys.readouterr().out
+
+
+def test_figure_bad_input_exit_2(model_dir, tmp_path, capsys) -> None:
+    assert main(["figure", "reconstruct", str(model_dir), "--data", "digits", "--t", str(T)]) == 2
+    assert f"--t must list 0-based timesteps in [0, {T - 1}]" in capsys.readouterr().err
+    assert main(["figure", "progressive", str(tmp_path / "missing")]) == 2
+    assert main(["figure", "rate-distortion", str(model_dir), "--data", str(tmp_path / "nope.npz")]) == 2
+    assert main(["figure"]) == 2
+    assert "expected a figure KIND" in capsys.readouterr().err
