@@ -98,12 +98,20 @@ def draw_noise(
         return torch.randn(shape, device=device, dtype=dtype)
     if isinstance(generator, torch.Generator):
         z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        return z.to(device=device, dtype=dtype)
+        return _to_device(z, device, dtype)
     if len(generator) != shape[0]:
         raise ValueError(f"expected one generator per sample ({shape[0]}), got {len(generator)}")
     z = torch.stack(
         [torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator]
     )  # (B, ...)
+    return _to_device(z, device, dtype)
+
+
+def _to_device(z: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Move CPU noise to ``device``; to a GPU through pinned memory, without waiting for it."""
+    device = torch.device(device)
+    if z.device.type == "cpu" and device.type == "cuda":
+        return z.pin_memory().to(device=device, non_blocking=True).to(dtype)
     return z.to(device=device, dtype=dtype)
 
 
