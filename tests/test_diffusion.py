@@ -543,6 +543,7 @@ def test_bad_inputs_raise_value_errors(diffusion: GaussianDiffusion) -> None:
         ),
         (lambda: DiffusionConfig(num_timesteps=1), "num_timesteps must be an int >= 2"),
         (lambda: DiffusionConfig(hybrid_lambda=-1.0), "hybrid_lambda must be >= 0"),
+        (lambda: DiffusionConfig(beta_end=2.0), r"gives betas outside \(0, 1\]"),
         (
             lambda: DiffusionConfig.from_dict({"schedule": "linear", "steps": 10}),
             r"unknown diffusion config keys \['steps'\]",

@@ -105,15 +105,12 @@ class DiffusionConfig:
             object.__setattr__(self, name, _parse_enum(cls, getattr(self, name), name))
         if not self.hybrid_lambda >= 0:
             raise ValueError(f"hybrid_lambda must be >= 0, got {self.hybrid_lambda!r}")
+        self.betas()  # validates beta_start / beta_end now rather than at build()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types: enums become their string values."""
-        return {
-            f.name: getattr(self, f.name).value
-            if isinstance(getattr(self, f.name), Enum)
-            else getattr(self, f.name)
-            for f in fields(self)
-        }
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v.value if isinstance(v, Enum) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiffusionConfig:
