@@ -294,3 +294,25 @@ def test_from_preset_with_overrides_and_unknown_names():
         UNet.from_preset("cifar10", channels=3)
     with pytest.raises(ValueError, match="unknown U-Net config field"):
         UNetConfig.from_dict({"resolution": 32, "heads": 4})
+
+
+def test_the_network_never_imports_the_math():
+    import ast
+    from pathlib import Path
+
+    import ddpmkit.nn
+
+    math_modules = {"diffusion", "schedules", "distributions", "sampling"}
+    for path in Path(ddpmkit.nn.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                assert not (parts[0] == "ddpmkit" and len(parts) > 1 and parts[1] in math_modules), (
+                    path,
+                    name,
+                )

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from ddpmkit.diffusion import DiffusionConfig, LossType, MeanType, VarType
 from ddpmkit.nn import UNet, UNetConfig
 from ddpmkit.nn.folder import (
     atomic_write_bytes,
+    check_finite,
     load_state_dict_into,
     read_json,
     read_safetensors,
@@ -561,10 +563,6 @@ def write_diffusers_folder(unet: UNet, diffusion: DiffusionConfig, out_dir: str 
             f"the U-Net's learned_variance={unet.config.learned_variance} does not match the diffusion's "
             f"var_type {diffusion.var_type.value!r}"
         )
-    from safetensors.torch import save_file
-
-    from ddpmkit.nn.folder import check_finite
-
     tensors = diffusers_state_dict_from_unet(unet)
     check_finite(tensors, "U-Net being exported")
     (out / "unet").mkdir(parents=True, exist_ok=True)
