@@ -168,9 +168,13 @@ class _TimestepMap:
     def __init__(self, model: Model, timesteps: Sequence[int]) -> None:
         self.model = model
         self.timesteps = torch.tensor(list(timesteps), dtype=torch.int64)
+        self._on: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.model(x, self.timesteps.to(t.device)[t])
+        table = self._on.get(t.device)
+        if table is None:
+            table = self._on[t.device] = self.timesteps.to(t.device)
+        return self.model(x, table[t])
 
 
 # ---------------------------------------------------------------------------------- Algorithm 2
@@ -519,16 +523,19 @@ def sample_shared_xt(
 
 # ---------------------------------------------------------------------------------- speed
 class _FastModel:
-    """The network call with the speed options: channels_last input, bf16 autocast, float32 output."""
+    """The network call with the speed options: channels_last input, bf16 autocast, float32 output.
+    Under CUDA graph capture the autocast weight cache must be off (PyTorch's CUDA graph notes)."""
 
-    def __init__(self, model: Model, *, channels_last: bool, bf16: bool) -> None:
+    def __init__(self, model: Model, *, channels_last: bool, bf16: bool, autocast_cache: bool = True) -> None:
         self.model, self.channels_last, self.bf16 = model, channels_last, bf16
+        self.autocast_cache = autocast_cache
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.bf16:
-            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
+                                cache_enabled=self.autocast_cache):
                 out = self.model(x, t)
         else:
             out = self.model(x, t)
@@ -594,7 +601,7 @@ def prepare_model(
             model = model.to(memory_format=torch.channels_last)
     if compile:
         model = torch.compile(model)
-    fast: Model = _FastModel(model, channels_last=channels_last, bf16=bf16)
+    fast: Model = _FastModel(model, channels_last=channels_last, bf16=bf16, autocast_cache=not cuda_graphs)
     if cuda_graphs:
         fast = _CUDAGraphModel(fast)
     return fast
