@@ -110,6 +110,14 @@ def test_sample_with_respaced_ddpm_and_no_ema_of_a_run_directory(model_dir, tmp_
     assert load_npz(tmp_path / "s").shape == (2, 8, 8, 1)
 
 
+def test_sample_from_a_diffusers_folder_matches_our_folder(model_dir, tmp_path) -> None:
+    hf = tmp_path / "hf"
+    assert main(["convert", "--to-diffusers", str(model_dir), "--out", str(hf)]) == 0
+    for name, src in (("ours", model_dir), ("hf", hf)):
+        assert main(["sample", str(src), "--n", "3", "--output-dir", str(tmp_path / name)]) == 0
+    np.testing.assert_array_equal(load_npz(tmp_path / "hf"), load_npz(tmp_path / "ours"))
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
