@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -231,22 +232,35 @@ class _Payload:
         return (os.mkdir, (str(self.marker),))
 
 
-def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the plain pickle
+@pytest.mark.parametrize("container", ["torch-zip", "torch-legacy", "plain-pickle"])
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, container):
     ref = diffusers_unet(OTHER_ATTN_CONFIG)
     folder = tmp_path / "evil"
     folder.mkdir()
     marker = tmp_path / "pwned"
     state = dict(ref.state_dict())
     state["conv_in.bias"] = _Payload(marker)
-    torch.save(state, folder / "diffusion_pytorch_model.bin")
+    if container == "plain-pickle":
+        (folder / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(state))
+    else:
+        zipped = container == "torch-zip"
+        torch.save(state, folder / "diffusion_pytorch_model.bin", _use_new_zipfile_serialization=zipped)
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", **OTHER_ATTN_CONFIG}))
 
     with pytest.raises(ValueError, match="diffusion_pytorch_model.bin: refused") as err:
         load_unet(folder)
     assert str(folder) in str(err.value)
+    assert "weights_only` set to `False`" not in str(err.value)  # no advice to load it unsafely
+    if container != "plain-pickle":
+        assert "mkdir" in str(err.value)  # the refused call is named
     assert not marker.exists()
     # The payload is real: an unsafe load would have run it.
-    torch.load(folder / "diffusion_pytorch_model.bin", weights_only=False)
+    data = (folder / "diffusion_pytorch_model.bin").read_bytes()
+    if container == "plain-pickle":
+        pickle.loads(data)
+    else:
+        torch.load(folder / "diffusion_pytorch_model.bin", weights_only=False)
     assert marker.exists()
 
 

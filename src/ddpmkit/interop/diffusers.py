@@ -447,6 +447,14 @@ def diffusers_state_dict_from_unet(unet: UNet) -> dict[str, torch.Tensor]:
     }
 
 
+def _unpickling_reason(err: Exception) -> str:
+    """The specific line of torch's weights-only refusal (e.g. "unsupported GLOBAL posix.system"),
+    without its advice to retry with weights_only=False."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
+    return (specific or lines or [type(err).__name__])[0]
+
+
 def read_diffusers_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The state dict in a diffusers unet folder: ``diffusion_pytorch_model.safetensors``, else the
     legacy ``.bin`` through ``torch.load(weights_only=True)`` (a pickle that would run code is
@@ -459,10 +467,9 @@ def read_diffusers_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor],
         try:
             state = torch.load(binary, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(
                 f"{binary}: refused: the pickle holds something other than plain tensors, and loading "
-                f"it could run code ({first})"
+                f"it could run code ({_unpickling_reason(err)}); nothing was executed"
             ) from None
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as err:
             raise ValueError(
