@@ -54,8 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if kind in ("interpolate", "reconstruct", "rate-distortion"):
             k.add_argument("--data", required=True, metavar="SRC",
                            help="data source: digits, cifar10[-test], an image folder or an npz")
-            k.add_argument("--split", default="test" if kind == "rate-distortion" else "train",
-                           help="data split: train, test or all")
+            k.add_argument("--split", default=None,
+                           help="data split: train, test or all (default: "
+                           + ("test where the source has one, else train)" if kind == "rate-distortion"
+                              else "train)"))
         if kind in ("interpolate", "reconstruct", "shared-xt"):
             k.add_argument("--t", type=_int_list, default=None,
                            help="comma-separated 0-based timesteps (default: a few across [0, T-1])")
@@ -89,10 +91,17 @@ def _data(args: argparse.Namespace, count: int, resolution: int, channels: int) 
 
     from ddpmkit.data import open_source
 
-    ds = open_source(args.data, resolution=resolution, channels=channels, split=args.split)
+    if args.split is None and args.kind == "rate-distortion":  # the paper's Table 4: the test set
+        try:
+            ds = open_source(args.data, resolution=resolution, channels=channels, split="test")
+        except ValueError:  # a source without a test split (a folder, an npz)
+            ds = open_source(args.data, resolution=resolution, channels=channels, split="train")
+    else:
+        ds = open_source(args.data, resolution=resolution, channels=channels, split=args.split or "train")
     if len(ds) < count:
         raise ValueError(f"--data {args.data}: {len(ds)} images, fewer than the {count} needed")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:count]
+    args.data_description = ds.description
     return ds.get_batch(sorted(idx.tolist()))
 
 
@@ -154,6 +163,7 @@ def _rate_distortion(args: argparse.Namespace, model: Any, diffusion: Any, devic
         raise ValueError(f"--t-chunk must be >= 1, got {args.t_chunk}")
     x = _data(args, args.n, R, C).to(device)
     rd = figures.rate_distortion(model, diffusion, x, seed=args.seed, t_chunk=args.t_chunk, progress=True)
+    rd["data"] = args.data_description
     path = figures.rate_distortion_figure(rd, out)
     json_path = Path(args.json) if args.json else out.with_suffix(".json")
     atomic_write_bytes(json_path, (json.dumps(rd, indent=1) + "\n").encode())
