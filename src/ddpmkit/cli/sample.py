@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             idx = todo[k : k + args.batch_size]
             x0 = sample(model, diffusion, (len(idx), *shape), sampler=args.sampler, steps=steps, eta=eta,
                         generator=sample_generators(args.seed, idx), clip_denoised=args.clip, device=device,
-                        progress=not bar.disable)
+                        progress=sys.stderr.isatty())  # a per-step bar on terminals only
             for i, img in zip(idx, x0.float().cpu(), strict=True):
                 save_image(img, out_dir / f"{i:06d}.png")
             bar.update(len(idx))
