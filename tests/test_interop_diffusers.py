@@ -490,3 +490,17 @@ def test_state_dict_entry_point_matches_the_folder_loader():
     )
     assert not unet.training
     assert_same_outputs(unet, ref, OTHER_ATTN_CONFIG, batches=(3,))
+
+
+def test_unreadable_configs_are_refused_naming_the_file(small_diffusers_folder):
+    scheduler = small_diffusers_folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text("{ truncated")
+    with pytest.raises(ValueError, match="not valid JSON") as err:
+        load_model(small_diffusers_folder)
+    assert str(scheduler) in str(err.value)
+    scheduler.write_text(json.dumps(RELEASED_SCHEDULER))
+    unet_config = small_diffusers_folder / "unet" / "config.json"
+    unet_config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object") as err:
+        load_model(small_diffusers_folder)
+    assert str(unet_config) in str(err.value)
