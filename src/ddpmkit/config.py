@@ -171,22 +171,24 @@ def _paper_256(name: str, steps: int) -> TrainConfig:
 
 
 def _digits() -> TrainConfig:
-    # A short CPU run on scikit-learn's 8x8 digits: a small net, a larger lr with a short warm-up
-    # and a faster EMA than the paper's, which are tuned for 800k steps.
+    # A short CPU run on scikit-learn's 8x8 digits (~6 minutes on 2 idle cores): a 385k-parameter
+    # U-Net (ch 32, levels 8x8 and 4x4, attention only in the middle block), a 5x larger lr with a
+    # short warm-up, and an EMA whose memory (~500 steps) suits 3000 steps rather than 800k.
     return TrainConfig(
         preset="digits",
-        unet=dataclasses.replace(UNET_PRESETS["digits"], dropout=0.0),
+        unet=dataclasses.replace(UNET_PRESETS["digits"], ch=32, ch_mult=(1, 1), num_res_blocks=2,
+                                 attn_resolutions=(), dropout=0.0),
         data="digits",
         random_flip=False,  # digits are not mirror-symmetric
         batch_size=128,
-        steps=4000,
+        steps=3000,
         lr=1e-3,
         warmup_steps=200,
-        ema_decay=0.999,
-        checkpoint_every=1000,
+        ema_decay=0.998,
+        checkpoint_every=500,
         keep_last=2,
         sample_every=1000,
-        num_samples=100,
+        num_samples=64,
         log_every=10,
     )
 

@@ -397,8 +397,9 @@ class _Trainer:
 def _progress_bar(config: TrainConfig, start: int, *, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
+    tty = sys.stderr.isatty()  # in a log file, one line every 30 s instead of a redraw per step
     return tqdm(total=config.steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
-                smoothing=0.05, file=sys.stderr)
+                smoothing=0.05, file=sys.stderr, mininterval=0.1 if tty else 30.0)
 
 
 def _prepare_run_dir(trainer: _Trainer, resume: str | None) -> Path | None:
