@@ -223,6 +223,7 @@ def test_channels_last_gives_the_same_output():
         unet_cl = unet.to(memory_format=torch.channels_last)
         out = unet_cl(x.to(memory_format=torch.channels_last), t)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # no layout round trips inside
 
 
 def test_output_depends_on_t_and_batch_items_are_independent():
