@@ -504,3 +504,13 @@ def test_unreadable_configs_are_refused_naming_the_file(small_diffusers_folder):
     with pytest.raises(ValueError, match="expected a JSON object") as err:
         load_model(small_diffusers_folder)
     assert str(unet_config) in str(err.value)
+
+
+def test_cli_convert_to_diffusers_from_a_run_directory_takes_the_ema_weights(tmp_path):
+    config = unet_config_from_diffusers(OTHER_ATTN_CONFIG)
+    ema, raw = randomize_(UNet(config=config), 6), randomize_(UNet(config=config), 7)
+    ema.save(tmp_path / "run" / "model", diffusion=DiffusionConfig())
+    raw.save(tmp_path / "run" / "model_raw", diffusion=DiffusionConfig())
+    assert cli_main(["convert", "--to-diffusers", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    hf = UNet2DModel.from_pretrained(tmp_path / "hf" / "unet").eval()
+    assert_same_outputs(ema.eval(), hf, OTHER_ATTN_CONFIG)
