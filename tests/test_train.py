@@ -157,7 +157,7 @@ def _wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float 
 
 
 @pytest.mark.parametrize("batch, steps, every, pause, position", [
-    (20, 8, 4, 5, "epoch boundary"),  # resumes from step 4: position 80 = 2 epochs of 40
+    pytest.param(20, 8, 4, 5, "epoch boundary", marks=pytest.mark.slow),  # resumes at position 80 = 2 epochs
     (16, 6, 3, 4, "mid-epoch"),  # resumes from step 3: position 48, 8 images into epoch 1
 ])
 def test_kill_9_then_resume_auto_equals_an_uninterrupted_run(tmp_path, tiny_npz, batch, steps, every, pause,
