@@ -278,3 +278,15 @@ def test_worker_processes_deliver_the_same_batches(tiny_npz):
         assert torch.equal(a, b)
         idx = batch_indices(step, batch_size=16, num_examples=NUM_IMAGES, seed=c.seed)[8:16]  # rank 1's half
         assert torch.equal(a, ds.get_batch(idx))
+
+
+def test_a_model_folder_renamed_aside_by_a_kill_is_put_back(tmp_path, tiny_npz):
+    c = tiny_config(tiny_npz, steps=3)
+    train(c, tmp_path, progress=False)
+    expected = load_file(tmp_path / "model" / "model.safetensors")
+    os.rename(tmp_path / "model", tmp_path / ".old-model-999")  # killed between the two renames
+    (tmp_path / ".tmp-model_raw-999").mkdir()  # and a half-written temp folder
+    train(apply_overrides(c, {"steps": 3}), tmp_path, resume="auto", progress=False)
+    got = load_file(tmp_path / "model" / "model.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -247,6 +248,9 @@ class _Trainer:
         ckpt.restore_rng_state(rng, c.state["rng"][me], self.generator)
         if not same_world and self.info.rank > 0:  # new ranks: fresh dropout streams, same shared generator
             torch.manual_seed(_derived_seed(self.config.seed, 1000 + self.info.rank + 7919 * c.step))
+        if c.state["data"]["num_examples"] != len(self.dataset):
+            self._warn(f"the data set now holds {len(self.dataset)} images, the checkpoint's held "
+                       f"{c.state['data']['num_examples']}: the data order will differ from the original run")
         self.step = c.step
         world = "" if same_world else f" (world size {c.state['world_size']} -> {self.info.world_size})"
         self._log(f"resumed from {path} at step {c.step}{world}")
@@ -420,6 +424,16 @@ def _prepare_run_dir(trainer: _Trainer, resume: str | None) -> Path | None:
     return path
 
 
+def _tidy_run_dir(run_dir: Path) -> None:
+    """Finish or undo what a kill left half done: a model folder renamed aside, temp folders."""
+    for name in ("model", "model_raw"):
+        old = sorted(run_dir.glob(f".old-{name}-*"))
+        if old and not (run_dir / name).exists():
+            os.rename(old[-1], run_dir / name)  # killed between the two renames: put it back
+        for p in [*run_dir.glob(f".old-{name}-*"), *run_dir.glob(f".tmp-{name}-*")]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past ``step`` (written by a run killed after its last checkpoint)."""
     if path.is_file():
@@ -455,6 +469,7 @@ def train(
         elif resume == "auto":
             trainer._log(f"no complete checkpoint in {run_dir}; starting from step 0")
         if info.is_main:
+            _tidy_run_dir(run_dir)
             save_config(config, run_dir / "config.json")
             _truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
             trainer.tb = _tensorboard(run_dir)
