@@ -277,7 +277,11 @@ class UNet(nn.Module):
         """x: (B, C, H, W) float; t: (B,) int64 in [0, T) -> (B, model_out_channels, H, W)."""
         t = self._check_inputs(x, t)
         temb = self.time_embedding(t)  # (B, 4ch)
-        h = self.conv_in(x)  # (B, ch, H, W)
+        # Speed (benchmarks/NOTES.md): activations are NHWC (channels_last) end to end, which the
+        # oneDNN / cuDNN convs, GroupNorm and the attention's (B, HW, C) views take without copies;
+        # the output comes back in the input's layout.
+        nchw_in = x.is_contiguous()
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # (B, ch, H, W)
         hs = [h]
         for level in self.down_blocks:
             for j, resnet in enumerate(level.resnets):
@@ -297,7 +301,9 @@ class UNet(nn.Module):
                     h = level.attentions[j](h)
             if level.upsample is not None:
                 h = level.upsample(h)  # (B, C, 2H, 2W)
-        return self.conv_out(nn.functional.silu(self.conv_norm_out(h)))
+        h = nn.functional.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled())
+        out = self.conv_out(h)  # (B, C_out, H, W) channels_last
+        return out.contiguous() if nchw_in else out
 
     def save(self, path: str | Path, *, diffusion: dict[str, Any] | Any | None = None) -> Path:
         """Write our model folder: ``config.json`` (format "ddpmkit.model") + ``model.safetensors``.
