@@ -15,10 +15,12 @@ and as medians of warmed-up repetitions:
   ``torch.utils.flop_counter.FlopCounterMode``.
 
 The systems:
-- ddpmkit: ``UNet.from_preset("cifar10")`` (35,746,307 parameters, dropout 0.1 as in the paper);
+- ddpmkit: ``UNet.from_preset("cifar10")`` (35,746,307 parameters);
 - diffusers: ``UNet2DModel`` with google/ddpm-cifar10-32's released config (35,746,307 parameters);
 - ddpd: lucidrains' ``Unet(dim=64, dim_mults=(1, 2, 4, 8), flash_attn=True)``, its README setting
   (35,711,491 parameters; a different architecture, see ``DDPD_ARCHITECTURE``).
+All three train with the paper's CIFAR-10 dropout 0.1 (``--dropout``), so the training steps do the
+same work; sampling runs in eval mode.
 
     python benchmarks/bench_unet.py                     # CPU, 2 threads, writes benchmarks/RESULTS.md
     python benchmarks/bench_unet.py --device cuda       # bf16 autocast, channels_last, torch.compile,
@@ -128,17 +130,19 @@ class EpsModel(nn.Module):
         return out.sample if self.name == "diffusers" else out
 
 
-def build_system(name: str) -> EpsModel:
+def build_system(name: str, *, dropout: float = 0.1) -> EpsModel:
+    """The system's U-Net with the paper's CIFAR-10 training dropout (0.1) for all three, so that the
+    training steps do the same work (the released diffusers config says 0.0: it is for inference)."""
     if name == "ddpmkit":
         from ddpmkit.nn import UNet
 
-        net = UNet.from_preset("cifar10")
+        net = UNet.from_preset("cifar10", dropout=dropout)
     elif name == "diffusers":
         from diffusers import UNet2DModel
 
-        net = UNet2DModel(**DIFFUSERS_CIFAR10_CONFIG)
+        net = UNet2DModel(**{**DIFFUSERS_CIFAR10_CONFIG, "dropout": dropout})
     elif name == "ddpd":
-        net = _import_ddpd().Unet(**DDPD_KWARGS)
+        net = _import_ddpd().Unet(**DDPD_KWARGS, dropout=dropout)
     else:
         raise ValueError(f"unknown system {name!r}; expected one of {list(SYSTEMS)}")
     return EpsModel(name, net)
@@ -409,12 +413,12 @@ def _proc_status_mib(key: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def memory_child(name: str, mode: str, batch: int) -> None:
+def memory_child(name: str, mode: str, batch: int, dropout: float) -> None:
     """(subprocess) peak RSS above the post-import RSS for one training step or one forward."""
     opts = Options(torch.device("cpu"), False, False, False, False, 1, 1, 1)
     gc.collect()
     base = _proc_status_mib("VmRSS")
-    b = Bench(name, build_system(name))
+    b = Bench(name, build_system(name, dropout=dropout))
     if mode == "train":
         prepare_training(b, opts)
         make_train_step(b, batch, opts)()
@@ -424,8 +428,19 @@ def memory_child(name: str, mode: str, batch: int) -> None:
     print(json.dumps({"peak_mib": _proc_status_mib("VmHWM") - base}))
 
 
-def peak_memory_cpu(name: str, mode: str, batch: int, threads: int) -> float:
-    cmd = [sys.executable, __file__, "--_memory", name, mode, str(batch), "--threads", str(threads)]
+def peak_memory_cpu(name: str, mode: str, batch: int, args: argparse.Namespace) -> float:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_memory",
+        name,
+        mode,
+        str(batch),
+        "--threads",
+        str(args.threads),
+        "--dropout",
+        str(args.dropout),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
@@ -462,7 +477,7 @@ def _spread(xs: list[float]) -> str:
 
 def measure_all(args: argparse.Namespace, opts: Options, res: Results) -> None:
     dev = opts.device
-    benches = {name: Bench(name, build_system(name).to(dev)) for name in args.systems}
+    benches = {name: Bench(name, build_system(name, dropout=args.dropout).to(dev)) for name in args.systems}
     for b in benches.values():
         if opts.channels_last:
             b.model.to(memory_format=torch.channels_last)
@@ -573,8 +588,8 @@ def measure_memory(args: argparse.Namespace, opts: Options, benches: dict[str, B
             prepare_sampling(b, opts)
             sample_peak = peak_memory_cuda(make_forward(b, sb, opts), opts.device)
         else:
-            train_peak = peak_memory_cpu(name, "train", tb, args.threads)
-            sample_peak = peak_memory_cpu(name, "sample", sb, args.threads)
+            train_peak = peak_memory_cpu(name, "train", tb, args)
+            sample_peak = peak_memory_cpu(name, "sample", sb, args)
         res.put(f"peak memory MiB, training batch {tb}", name, f"{train_peak:.0f}")
         res.put(f"peak memory MiB, sampling step batch {sb}", name, f"{sample_peak:.0f}")
     how = (
@@ -611,6 +626,7 @@ def render(res: Results, systems: list[str]) -> str:
         f"- versions: {m['versions']}",
         f"- command: `{m['command']}`",
         f"- options: {m['options']}",
+        f"- training dropout (all three systems): {m['dropout']}",
         f"- load average before / after the run: {m['load_before']} / {m['load_after']}",
         f"- ddpd = denoising-diffusion-pytorch: {DDPD_ARCHITECTURE}.",
         "",
@@ -658,6 +674,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batches of the full samples (default: 16 on the CPU, 16 and 256 on CUDA)",
     )
     p.add_argument("--ddim-steps", type=int, default=50)
+    p.add_argument("--dropout", type=float, default=0.1, help="training dropout of all three (default 0.1)")
     p.add_argument(
         "--full-ddpm",
         action="store_true",
@@ -696,7 +713,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._memory:
-        memory_child(args._memory[0], args._memory[1], int(args._memory[2]))
+        memory_child(args._memory[0], args._memory[1], int(args._memory[2]), args.dropout)
         return
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -728,6 +745,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{opts.compile}, CUDA graphs (sampling step) {opts.cuda_graphs}, reps {opts.reps} "
             f"(big batches {opts.big_reps}, full samples {opts.sample_reps})"
         ),
+        "dropout": str(args.dropout),
         "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
     t0 = time.time()
