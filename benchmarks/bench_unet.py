@@ -273,23 +273,31 @@ def prepare_sampling(b: Bench, opts: Options) -> None:
         b.sample_fn = b.model
 
 
+CPU_TIMES: dict[str, list[float]] = {}  # the process CPU seconds of the last round_robin's calls
+
+
 def round_robin(
     fns: dict[str, Callable[[], None]], reps: int, device: torch.device, warmup: int = 1
 ) -> dict[str, list[float]]:
-    """Seconds per call of each fn: ``warmup`` untimed calls each, then ``reps`` rounds, every round
-    calling each system once in turn (so a disturbance of the machine hits all systems alike)."""
+    """Wall seconds per call of each fn: ``warmup`` untimed calls each, then ``reps`` rounds, every
+    round calling each system once in turn (so a disturbance of the machine hits all systems alike).
+    The process CPU seconds of the same calls go to ``CPU_TIMES`` (robust to other processes' load
+    when one thread runs; with more threads, waiting threads may spin and count)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
+    CPU_TIMES.clear()
+    CPU_TIMES.update({k: [] for k in fns})
     for _ in range(reps):
         for name, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
+            CPU_TIMES[name].append(time.process_time() - c0)
     return times
 
 
@@ -542,7 +550,13 @@ def _put_rates(
             f"{ips * benches[name].flops[which_flops] / 1e9 / conv_ceiling:.0%}",
         )
         res.put(f"{row}: min-max time per call", name, _spread(ts))
+        if opts_device_is_cpu(benches):
+            res.put(f"{row}: images per process-CPU-second", name, f"{batch / _median(CPU_TIMES[name]):.2f}")
     log(f"{row}: {res.cells[row]}")
+
+
+def opts_device_is_cpu(benches: dict[str, Bench]) -> bool:
+    return next(iter(benches.values())).model.parameters().__next__().device.type == "cpu"
 
 
 def measure_full_samples(
@@ -610,7 +624,8 @@ def add_ratios(args: argparse.Namespace, res: Results) -> None:
     if "diffusers" not in args.systems:
         return
     for row in list(res.cells):
-        if row.startswith(("training img/s, batch", "sampling-step img/s")) and ":" not in row:
+        cpu_row = row.endswith(": images per process-CPU-second")
+        if row.startswith(("training img/s, batch", "sampling-step img/s")) and (":" not in row or cpu_row):
             base = float(res.cells[row]["diffusers"])
             for name, text in res.cells[row].items():
                 res.put(f"{row}: x diffusers", name, f"{float(text) / base:.2f}x")
