@@ -307,7 +307,10 @@ def ceiling_fns(opts: Options) -> dict[str, tuple[Callable[[], None], float]]:
     dev, dtype = opts.device, torch.bfloat16 if opts.bf16 else torch.float32
     a = torch.randn(2048, 2048, device=dev, dtype=dtype)
     b = torch.randn(2048, 2048, device=dev, dtype=dtype)
-    out: dict[str, tuple[Callable[[], None], float]] = {"gemm 2048^3": (lambda: torch.mm(a, b), 2 * 2048**3)}
+    kind = "bf16" if opts.bf16 else "fp32"
+    out: dict[str, tuple[Callable[[], None], float]] = {
+        f"{kind} GEMM 2048^3": (lambda: torch.mm(a, b), 2 * 2048**3)
+    }
     for cin, hw, batch in ((128, 32, 16), (256, 16, 16)):
         x = torch.randn(batch, cin, hw, hw, device=dev, dtype=dtype).contiguous(
             memory_format=torch.channels_last
@@ -319,7 +322,7 @@ def ceiling_fns(opts: Options) -> dict[str, tuple[Callable[[], None], float]]:
             with torch.no_grad():
                 F.conv2d(x, w, padding=1)
 
-        out[f"conv3x3 {cin}->{cin} {hw}x{hw} b{batch}"] = (conv, flops)
+        out[f"{kind} conv3x3 {cin}->{cin} {hw}x{hw} b{batch} channels_last"] = (conv, flops)
     return out
 
 
@@ -497,7 +500,7 @@ def measure_all(args: argparse.Namespace, opts: Options, res: Results) -> None:
     times = round_robin({k: v[0] for k, v in ceil.items()}, max(opts.reps, 5), dev)
     for k, (_, flops) in ceil.items():
         res.ceilings[k] = flops / _median(times[k]) / 1e9
-    conv_ceiling = max(v for k, v in res.ceilings.items() if k.startswith("conv"))
+    conv_ceiling = max(v for k, v in res.ceilings.items() if " conv3x3 " in k)
     log(f"ceilings (GFLOP/s): {res.ceilings}")
 
     for b in benches.values():
