@@ -458,6 +458,8 @@ def train(
     """
     info = init_distributed(device)
     run_dir = Path(run_dir)
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
     try:
         trainer = _Trainer(config, run_dir, info, progress=progress, inject_nonfinite=inject_nonfinite)
         start = _prepare_run_dir(trainer, resume)

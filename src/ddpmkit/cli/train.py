@@ -20,7 +20,8 @@ _FLAGS = {
     "data": "data", "steps": "steps", "seed": "seed", "batch_size": "batch_size", "lr": "lr",
     "checkpoint_every": "checkpoint_every", "keep_last": "keep_last", "max_nonfinite": "max_nonfinite",
     "precision": "precision", "sample_every": "sample_every", "num_samples": "num_samples",
-    "log_every": "log_every", "num_workers": "num_workers", "on_bad_image": "on_bad_image",
+    "log_every": "log_every", "num_workers": "num_workers", "num_threads": "num_threads",
+    "on_bad_image": "on_bad_image",
 }
 
 
@@ -58,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, metavar="N", help="images in each sample grid")
     p.add_argument("--log-every", type=int, metavar="N", help="metrics.jsonl line every N steps")
     p.add_argument("--num-workers", type=int, metavar="N", help="data loader worker processes")
+    p.add_argument("--num-threads", type=int, metavar="N", help="torch CPU threads (0: torch's default)")
     p.add_argument("--on-bad-image", choices=["skip", "error"])
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
