@@ -129,5 +129,5 @@ def test_changed_on_resume_allows_only_bookkeeping_and_length():
     c = train_preset("digits")
     ok = apply_overrides(c, {"steps": "99999", "checkpoint_every": "5", "num_workers": "2"})
     assert changed_on_resume(c, ok) == []
-    bad = apply_overrides(c, {"lr": "1e-5", "unet.ch": "64", "seed": "3"})
+    bad = apply_overrides(c, {"lr": "1e-5", "unet.ch": "128", "seed": "3"})
     assert sorted(changed_on_resume(c, bad)) == ["lr", "seed", "unet.ch"]

@@ -184,7 +184,7 @@ def _digits() -> TrainConfig:
         data="digits",
         random_flip=False,  # digits are not mirror-symmetric
         batch_size=128,
-        steps=2000,
+        steps=1500,
         lr=1e-3,
         warmup_steps=200,
         ema_decay=0.998,
