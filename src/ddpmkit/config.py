@@ -179,8 +179,7 @@ def _digits() -> TrainConfig:
     # pixels at 4x4, and about a fifth of the samples stayed noise (measured; see docs/training.md).
     return TrainConfig(
         preset="digits",
-        unet=dataclasses.replace(UNET_PRESETS["digits"], ch=64, ch_mult=(1, 1), num_res_blocks=1,
-                                 attn_resolutions=(), dropout=0.0),
+        unet=UNET_PRESETS["digits"],
         data="digits",
         random_flip=False,  # digits are not mirror-symmetric
         batch_size=128,
