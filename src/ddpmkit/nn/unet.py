@@ -140,28 +140,18 @@ class UNetConfig:
         return dataclasses.replace(self, **overrides)
 
 
+_PAPER_256 = UNetConfig(
+    resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0
+)
+
 UNET_PRESETS: dict[str, UNetConfig] = {
     # run_cifar.py: 35,746,307 parameters.
     "cifar10": UNetConfig(
         resolution=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1
     ),
-    # run_celebahq.py / run_lsun.py: 113,673,219 parameters.
-    "celebahq256": UNetConfig(
-        resolution=256,
-        ch=128,
-        ch_mult=(1, 1, 2, 2, 4, 4),
-        num_res_blocks=2,
-        attn_resolutions=(16,),
-        dropout=0.0,
-    ),
-    "lsun256": UNetConfig(
-        resolution=256,
-        ch=128,
-        ch_mult=(1, 1, 2, 2, 4, 4),
-        num_res_blocks=2,
-        attn_resolutions=(16,),
-        dropout=0.0,
-    ),
+    # run_celebahq.py / run_lsun.py share one network: 113,673,219 parameters.
+    "celebahq256": _PAPER_256,
+    "lsun256": _PAPER_256,
     # 8x8 grayscale digits on a CPU: levels 8x8 and 4x4, 64 ch, one res block per level, attention
     # only in the middle block; trains in minutes (the `digits` training preset, config.py).
     "digits": UNetConfig(
