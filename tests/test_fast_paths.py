@@ -1,10 +1,12 @@
 """The U-Net's speed paths change no numbers (benchmarks/NOTES.md lists them).
 
 The fast paths: activations in channels_last end to end, the residual and time-embedding adds done
-in place, the swish done in place when autograd is off, SDPA attention. Every check compares the
-module against an independent, plain composition of the paper's layers (App. B), written here with
-out-of-place functional ops on contiguous NCHW tensors and attention as an explicit softmax, within
-the U-Net parity tolerance: 1e-4 max abs difference in float32.
+in place, the swish done in place when autograd is off, SDPA attention with the four projections
+folded into two, and the upsampling conv run as four 2x2 phase convs on the low-resolution input.
+Every check compares the module against an independent, plain composition of the paper's layers
+(App. B), written here with out-of-place functional ops on contiguous NCHW tensors and attention as
+an explicit softmax with four projections, within the U-Net parity tolerance: 1e-4 max abs
+difference in float32.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpmkit.nn import UNet
-from ddpmkit.nn.layers import AttnBlock, ResBlock
+from ddpmkit.nn.layers import AttnBlock, ResBlock, Upsample
 
 ATOL = 1e-4  # the U-Net parity tolerance (tests/test_nn.py, tests/test_interop_diffusers.py)
 RTOL = 0.0
@@ -200,3 +202,56 @@ def test_attention_through_sdpa_equals_explicit_softmax():
             torch.testing.assert_close(blk(xin), ref, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(blk(xin).detach(), ref, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(xin, before, atol=0, rtol=0)
+
+
+def _grads(out: torch.Tensor, target: torch.Tensor, params) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(F.mse_loss(out, target), params))
+
+
+def test_folded_attention_gradients_equal_the_four_projection_reference():
+    """Gradients of every weight and of the input through the folded projections match the plain
+    q/k/v/out composition; the key bias's reference gradient is zero up to rounding, as folding
+    claims (the softmax cancels b_k), and the folded one is exactly zero."""
+    torch.manual_seed(0)
+    blk = _randomise_(AttnBlock(64))
+    g = torch.Generator().manual_seed(6)
+    x, target = torch.randn(2, 64, 8, 8, generator=g), torch.randn(2, 64, 8, 8, generator=g)
+    params = [x.requires_grad_(), *blk.parameters()]
+    names = ["x", *(n for n, _ in blk.named_parameters())]
+    for xin_layout in (torch.contiguous_format, torch.channels_last):
+        fast = _grads(blk(x.contiguous(memory_format=xin_layout)), target, params)
+        ref = _grads(ref_attn(blk, x), target, params)
+        for name, a, b in zip(names, fast, ref, strict=True):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4, msg=name)
+        k_bias = names.index("to_k.bias")
+        assert float(fast[k_bias].abs().max()) == 0.0
+        assert float(ref[k_bias].abs().max()) < 1e-6 * float(ref[names.index("to_q.bias")].abs().max())
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 4, 4), (1, 8, 3, 5), (3, 8, 1, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_phase_conv_upsample_equals_nearest_then_3x3_conv(shape, layout):
+    """Forward in every autograd mode and gradients of x, weight and bias match upsampling the image
+    by pixel repetition and running the 3x3 conv on it; the output is channels_last."""
+    torch.manual_seed(0)
+    up = _randomise_(Upsample(shape[1]))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randn(shape[0], shape[1], 2 * shape[2], 2 * shape[3], generator=g)
+
+    def ref(x: torch.Tensor) -> torch.Tensor:
+        return ref_conv(up.conv, x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+
+    with torch.no_grad():
+        expected = ref(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(up(x), expected, atol=ATOL, rtol=RTOL)
+    out = up(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.detach(), expected, atol=ATOL, rtol=RTOL)
+    params = [x.requires_grad_(), up.conv.weight, up.conv.bias]
+    fast, slow = _grads(up(x), target, params), _grads(ref(x), target, params)
+    for a, b, name in zip(fast, slow, ("x", "weight", "bias"), strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4, msg=name)

@@ -138,6 +138,13 @@ class AttnBlock(nn.Module):
     shape (C, C)); the attention itself is ``scaled_dot_product_attention``, whose default scale
     1/sqrt(head_dim) is C^-1/2 for one head.
 
+    Computed with two projections instead of four (speed, benchmarks/NOTES.md), the same function
+    up to float rounding:
+    - logits: q_i . k_j = h_i^T (W_q^T W_k) h_j + (W_k^T b_q) . h_j + (terms constant in j, which
+      the softmax cancels), so the queries become h (W_k^T W_q)^T + W_k^T b_q and the keys h itself;
+    - values: proj_out(w v) = w h (W_o W_v)^T + (W_o b_v + b_o), since each row of w sums to one.
+    The folded (C, C) products cost C^3 each, less than one projection of B*H*W >= C positions.
+
     x: (B, C, H, W) -> (B, C, H, W).
     """
 
@@ -149,12 +156,29 @@ class AttnBlock(nn.Module):
         self.to_v = linear(channels, channels)
         self.to_out = linear(channels, channels, scale=NEAR_ZERO_INIT_SCALE)
 
+    def folded_projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query weight W_k^T W_q, query bias W_k^T b_q, value weight W_o W_v, output bias
+        W_o b_v + b_o): (C, C), (C,), (C, C), (C,), in the weights' dtype even under autocast.
+
+        b_k drops out (the softmax cancels it; its gradient is zero in the unfolded form too). It
+        stays in the graph with a zero gradient so that DDP and the optimisers see every parameter."""
+        wq, wk, wv, wo = self.to_q.weight, self.to_k.weight, self.to_v.weight, self.to_out.weight
+        with torch.autocast(wq.device.type, enabled=False):
+            return (
+                wk.t() @ wq,
+                torch.addmv(self.to_k.bias * 0.0, wk.t(), self.to_q.bias),
+                wo @ wv,
+                torch.addmv(self.to_out.bias, wo, self.to_v.bias),
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); a view for channels_last
-        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)  # each (B, HW, C)
-        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
-        h = self.to_out(h)  # (B, HW, C)
+        w_query, b_query, w_value, b_out = self.folded_projections()
+        q = F.linear(h, w_query, b_query)  # (B, HW, C); the keys are h
+        v = F.linear(h, w_value)  # (B, HW, C), already through proj_out's weight
+        h = F.scaled_dot_product_attention(q[:, None], h[:, None], v[:, None])[:, 0]  # (B, HW, C)
+        h = h + b_out.to(h.dtype)  # not in place: the attention's backward keeps its output
         return h.transpose(1, 2).reshape(B, C, H, W).add_(x)  # x + h: (B, C, H, W), in place
 
 
@@ -172,15 +196,45 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad (left, right, top, bottom)
 
 
+def _fold_nearest_2x(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3 taps of a 3x3 kernel along ``dim`` seen from the half-resolution grid after a nearest 2x
+    upsampling: even outputs read low-res offsets (-1, 0) with taps (w0, w1 + w2), odd outputs read
+    offsets (0, +1) with taps (w0 + w1, w2). Returns the even and the odd 2-tap kernels."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour 2x upsampling followed by a 3x3 conv.
 
-    x: (B, C, H, W) -> (B, C, 2H, 2W).
+    Computed without materialising the upsampled image (speed, benchmarks/NOTES.md): each of the four
+    output phases (row parity a, column parity c) is a 2x2 conv on the low-resolution input with the
+    3x3 kernel's taps summed where the nearest upsampling repeats a pixel (``_fold_nearest_2x``).
+    That is 16 instead of 36 multiply-adds per output and input channel, the same function up to
+    float rounding. The four phase kernels run as one conv with 4C outputs (padding 1, output
+    (H+1) x (W+1)); phase (a, c) at low-res position (i, j) is that conv's output at (i + a, j + c).
+
+    x: (B, C, H, W) -> (B, C, 2H, 2W), channels_last.
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = conv3x3(channels, channels)
 
+    def phase_kernels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The four 2x2 phase kernels stacked (a, c, C_out): (4 C_out, C_in, 2, 2); the bias (4 C_out,)."""
+        rows = _fold_nearest_2x(self.conv.weight, 2)  # a = 0, 1: (C_out, C_in, 2, 3)
+        kernels = [k for r in rows for k in _fold_nearest_2x(r, 3)]  # (a, c) = 00, 01, 10, 11
+        return torch.cat(kernels, 0), self.conv.bias.repeat(4)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        B, _, H, W = x.shape
+        weight, bias = self.phase_kernels()
+        y = F.conv2d(x, weight, bias, padding=1)  # (B, 4 C_out, H+1, W+1)
+        C = y.shape[1] // 4
+        y = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, C))  # (B, H+1, W+1, a, c, C_out); a view if NHWC
+        out = y.new_empty(B, H, 2, W, 2, C)  # NHWC memory of the (B, 2H, 2W, C_out) output
+        for a in (0, 1):
+            for c in (0, 1):
+                out[:, :, a, :, c] = y[:, a : a + H, c : c + W, a, c]
+        return out.view(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)  # (B, C_out, 2H, 2W) channels_last
