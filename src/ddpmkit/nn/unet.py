@@ -243,6 +243,9 @@ class UNet(nn.Module):
 
         self.conv_norm_out = group_norm(cur)
         self.conv_out = conv3x3(cur, config.model_out_channels, scale=NEAR_ZERO_INIT_SCALE)
+        # Speed (benchmarks/NOTES.md): conv weights in the activations' NHWC layout, so that no conv
+        # reorders its weight on every call; state dicts and saved files stay contiguous.
+        self.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> UNet:
