@@ -213,45 +213,35 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad (left, right, top, bottom)
 
 
-def _fold_nearest_2x(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 3 taps of a 3x3 kernel along ``dim`` seen from the half-resolution grid after a nearest 2x
-    upsampling: even outputs read low-res offsets (-1, 0) with taps (w0, w1 + w2), odd outputs read
-    offsets (0, +1) with taps (w0 + w1, w2). Returns the even and the odd 2-tap kernels."""
+def _fold_nearest_2x(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 3 taps (w0, w1, w2) of a 3x3 kernel along ``dim``, seen from the half-resolution grid
+    after a nearest 2x upsampling, as the 4 taps of a stride-2 transposed conv (padding 1):
+    (w2, w1 + w2, w0 + w1, w0). Even outputs 2i read inputs i-1 and i with (w0, w1 + w2); odd
+    outputs 2i+1 read inputs i and i+1 with (w0 + w1, w2)."""
     w0, w1, w2 = w.unbind(dim)
-    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
 
 
 class Upsample(nn.Module):
     """Nearest-neighbour 2x upsampling followed by a 3x3 conv.
 
-    Computed without materialising the upsampled image (speed, benchmarks/NOTES.md): each of the four
-    output phases (row parity a, column parity c) is a 2x2 conv on the low-resolution input with the
-    3x3 kernel's taps summed where the nearest upsampling repeats a pixel (``_fold_nearest_2x``).
-    That is 16 instead of 36 multiply-adds per output and input channel, the same function up to
-    float rounding. The four phase kernels run as one conv with 4C outputs (padding 1, output
-    (H+1) x (W+1)); phase (a, c) at low-res position (i, j) is that conv's output at (i + a, j + c).
+    Computed without materialising the upsampled image (speed, benchmarks/NOTES.md): a nearest 2x
+    upsampling repeats each pixel, so each output pixel sees only 2x2 low-resolution pixels, with
+    the 3x3 kernel's taps summed where they land on the same pixel (``_fold_nearest_2x``). That is a
+    stride-2 transposed conv with a 4x4 kernel: 16 instead of 36 multiply-adds per output pixel and
+    channel pair, the same function up to float rounding.
 
-    x: (B, C, H, W) -> (B, C, 2H, 2W), channels_last.
+    x: (B, C, H, W) -> (B, C, 2H, 2W).
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = conv3x3(channels, channels)
 
-    def phase_kernels(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The four 2x2 phase kernels stacked (a, c, C_out): (4 C_out, C_in, 2, 2); the bias (4 C_out,)."""
-        rows = _fold_nearest_2x(self.conv.weight, 2)  # a = 0, 1: (C_out, C_in, 2, 3)
-        kernels = [k for r in rows for k in _fold_nearest_2x(r, 3)]  # (a, c) = 00, 01, 10, 11
-        return torch.cat(kernels, 0), self.conv.bias.repeat(4)
+    def transposed_kernel(self) -> torch.Tensor:
+        """The 3x3 conv folded into the transposed conv's kernel: (C_in, C_out, 4, 4), channels_last."""
+        folded = _fold_nearest_2x(_fold_nearest_2x(self.conv.weight, 2), 3)  # (C_out, C_in, 4, 4)
+        return folded.transpose(0, 1).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
-        weight, bias = self.phase_kernels()
-        y = F.conv2d(x, weight, bias, padding=1)  # (B, 4 C_out, H+1, W+1)
-        C = y.shape[1] // 4
-        y = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, C))  # (B, H+1, W+1, a, c, C_out); a view if NHWC
-        out = y.new_empty(B, H, 2, W, 2, C)  # NHWC memory of the (B, 2H, 2W, C_out) output
-        for a in (0, 1):
-            for c in (0, 1):
-                out[:, :, a, :, c] = y[:, a : a + H, c : c + W, a, c]
-        return out.view(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)  # (B, C_out, 2H, 2W) channels_last
+        return F.conv_transpose2d(x, self.transposed_kernel(), self.conv.bias, stride=2, padding=1)
