@@ -195,8 +195,10 @@ class AttnBlock(nn.Module):
         q = F.linear(h, w_query, b_query)  # (B, HW, C); the keys are h
         v = F.linear(h, w_value)  # (B, HW, C), already through proj_out's weight
         h = F.scaled_dot_product_attention(q[:, None], h[:, None], v[:, None])[:, 0]  # (B, HW, C)
-        h = h + b_out.to(h.dtype)  # not in place: the attention's backward keeps its output
-        return h.transpose(1, 2).reshape(B, C, H, W).add_(x)  # x + h: (B, C, H, W), in place
+        # x + h + b_out into a fresh tensor: the attention's backward keeps its output, and an
+        # in-place add on the reshaped view would hand x an NCHW gradient (slow convs after it).
+        out = x + h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        return out.add_(b_out.to(out.dtype)[:, None, None])
 
 
 class Downsample(nn.Module):
