@@ -57,7 +57,6 @@ EXIT_NONFINITE = 3
 PAUSE_ENV = "DDPMKIT_TEST_PAUSE_AFTER_STEP"  # test hook: idle after this step until a signal
 
 
-
 def _match_param_strides_(opt: torch.optim.Optimizer) -> None:
     """Give each per-parameter state tensor (Adam's moments) its parameter's strides. Saved state is
     contiguous while the U-Net's conv weights are channels_last, and the fused Adam kernel pairs
@@ -67,9 +66,7 @@ def _match_param_strides_(opt: torch.optim.Optimizer) -> None:
             state = opt.state.get(p, {})
             for key, value in state.items():
                 if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                    state[key] = torch.empty_strided(
-                        tuple(p.shape), p.stride(), dtype=value.dtype, device=value.device
-                    ).copy_(value)
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 @dataclass

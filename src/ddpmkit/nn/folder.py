@@ -101,12 +101,6 @@ def check_finite(state_dict: dict[str, torch.Tensor], source: Path | str) -> Non
             raise ValueError(f"{source}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf)")
 
 
-def _in_layout_of(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``value`` copied into ``ref``'s exact strides (the U-Net keeps conv weights channels_last,
-    1x1 kernels included, whose strides ``contiguous(memory_format=...)`` would not restore)."""
-    return torch.empty_strided(tuple(ref.shape), ref.stride(), dtype=value.dtype).copy_(value)
-
-
 def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path | str) -> None:
     """Put ``state_dict`` into ``model`` after checking keys, shapes, dtypes and finiteness.
 
@@ -136,7 +130,10 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     check_finite(state_dict, source)
     if any(ref.is_meta for ref in expected.values()):
         model.load_state_dict(
-            {k: _in_layout_of(state_dict[k].to("cpu", torch.float32), ref) for k, ref in expected.items()},
+            # empty_like keeps each parameter's strides: the U-Net's conv weights are channels_last,
+            # 1x1 kernels included, whose strides contiguous(memory_format=...) would not restore.
+            {k: torch.empty_like(ref, device="cpu", dtype=torch.float32).copy_(state_dict[k])
+             for k, ref in expected.items()},
             assign=True,
         )
         return
