@@ -203,7 +203,7 @@ class _Trainer:
         self.ddp = (DistributedDataParallel(self.model, device_ids=[info.device] if info.device.type == "cuda"
                                             else None) if info.enabled else self.model)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=config.adam_betas,
-                                    eps=config.adam_eps, fused=True)  # fused: 4x less CPU time than foreach
+                                    eps=config.adam_eps, fused=True)  # fused: ~6x less CPU time than foreach
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision is Precision.FP16)
         self.generator = torch.Generator().manual_seed(_derived_seed(config.seed, 1))
         self.step, self.nonfinite, self.losses = 0, 0, {}
