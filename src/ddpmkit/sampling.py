@@ -1,12 +1,17 @@
 """Samplers for a trained reverse process: plain functions, a model argument, noise generators.
 
 - ``sample_ancestral``: Algorithm 2 of the paper, x_{t-1} = mu_theta(x_t, t) + sigma_t z with the
-  model's variance type and x_0 clipping; no noise at the last step.
-- ``sample_respaced``: the same on S evenly strided timesteps, with the betas respaced from
-  alphas_cumprod at the kept steps (Nichol & Dhariwal's ``SpacedDiffusion``).
-- ``sample_ddim``: DDIM (Song, Meng, Ermon 2021, eq. 12) with its eta.
+  model's variance type and x_0 clipping; no noise at the last step. On fewer ``timesteps`` it runs
+  the respaced chain (``SpacedDiffusion``, Nichol & Dhariwal; docs/math.md Sec. 10).
+- ``sample_ddim``: DDIM (Song, Meng, Ermon 2021, eq. 12) with its eta; ``ddim_invert`` encodes.
+- ``p_sample``, ``ddim_step``: the public single steps every sampler is built from.
 - ``sample_progressive``, ``sample_from_xt``, ``reconstruct``, ``interpolate``,
   ``sample_shared_xt``: the chains behind the paper's Figures 6-9.
+
+The sampler contract: ``sample_X(model, diffusion, shape, *, timesteps, generator, clip_denoised,
+x_T, device, progress, callback, <options>)``; ``timesteps`` is None (all T), a count, an
+improved-diffusion string ("ddim50", "10,15,20") or a list (``parse_timesteps``); ``callback(step,
+t, x_t, pred_x0)`` runs after each step. Arguments are checked once, not at every step.
 
 Noise. Every sampler takes ``generator``: ``None`` (torch's global RNG), one ``torch.Generator``
 (the batch's noise drawn at once), or a sequence of generators, one per sample: sample i then
@@ -555,9 +560,9 @@ def ddim_invert(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM encoding x_0 -> x_{k_{S-1}} (eq. 12 with eta = 0 run forward; Song et al.
-    Sec. 4.3, improved-diffusion's ``ddim_reverse_sample``): from x at k_{i-1} (x_0 for i = 0, with
-    pred_x0 = x_0 and eps read at k_0), x_{k_i} = sqrt(abar_{k_i}) pred_x0 + sqrt(1 - abar_{k_i}) eps,
-    with eps and pred_x0 the model's at x_{k_{i-1}}. ``sample_ddim(x_T=..., timesteps=..., eta=0)``
+    Sec. 4.3, improved-diffusion's ``ddim_reverse_sample``): from x at k_{i-1} (x_0 for i = 0, read
+    by the model at k_0), x_{k_i} = sqrt(abar_{k_i}) pred_x0 + sqrt(1 - abar_{k_i}) eps, with eps and
+    pred_x0 the model's at x_{k_{i-1}}: the sampler's step with eps taken one step early. ``sample_ddim(x_T=..., timesteps=..., eta=0)``
     from the result gives x_0 back up to the change of eps over one step (exact as the steps shrink).
     x0: (B, C, ...). Returns the encoding, x0's shape. callback(step, t, x, pred_x0) per step, t = k_i.
     """
@@ -567,11 +572,10 @@ def ddim_invert(
     for i, k in enumerate(kept):
         t_read = kept[max(i - 1, 0)]  # the model at the current point (x_0 read at k_0)
         p = diffusion._p_mean_variance_model(model, x, _t_batch(t_read, x), clip_denoised)
-        pred_x0 = x0 if i == 0 else p["pred_x0"]
         abar = float(diffusion.alphas_cumprod[k])
-        x = math.sqrt(abar) * pred_x0 + math.sqrt(1.0 - abar) * p["pred_eps"]
+        x = math.sqrt(abar) * p["pred_x0"] + math.sqrt(1.0 - abar) * p["pred_eps"]
         if callback is not None:
-            callback(i, k, x, pred_x0)
+            callback(i, k, x, p["pred_x0"])
     return x
 
 
