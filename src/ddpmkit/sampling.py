@@ -39,6 +39,7 @@ from ddpmkit.diffusion import GaussianDiffusion, SpacedDiffusion
 
 __all__ = [
     "Callback",
+    "Encoder",
     "Generators",
     "SamplerType",
     "SpacedDiffusion",
@@ -65,6 +66,7 @@ __all__ = [
     "sample_seed",
     "sample_shared_xt",
     "space_timesteps",
+    "timesteps_from_text",
 ]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -686,14 +688,19 @@ def interpolate(
     *,
     generator: torch.Generator | None = None,
     clip_denoised: bool = True,
+    encoder: Encoder | str = "q",
+    timesteps: Timesteps = None,
 ) -> torch.Tensor:
-    """Interpolation in latent space (Sec. 4.3, Fig. 8-9): x_t = q(x0_a) and x'_t = q(x0_b) with
-    shared noise, xbar_t = (1 - lambda) x_t + lambda x'_t, decoded by the reverse chain from t.
-    The reverse chain's noise is also shared across the lambdas of a pair.
+    """Interpolation in latent space (Sec. 4.3, Fig. 8-9): x_t and x'_t encode x0_a and x0_b,
+    xbar_t = (1 - lambda) x_t + lambda x'_t is decoded from t. ``encoder`` "q": the stochastic
+    encoder q(x_t | x_0) with shared noise, decoded by Algorithm 2 from t, its noise shared across
+    the lambdas of a pair. "ddim": ``ddim_invert`` to t and eta = 0 DDIM back, over the kept
+    ``timesteps`` below t plus t itself (deterministic; ``generator`` unused).
 
     x0_a, x0_b: (B, C, H, W) pairs. Returns (B, L, C, H, W) for the L lambdas.
     """
     t = _check_t_index(t, diffusion)
+    encoder = _parse_encoder(encoder)
     if x0_a.shape != x0_b.shape:
         raise ValueError(
             f"the two image batches must share a shape, got {tuple(x0_a.shape)}, {tuple(x0_b.shape)}"
@@ -702,10 +709,16 @@ def interpolate(
     if lam.ndim != 1 or lam.numel() == 0:
         raise ValueError(f"lambdas must be a non-empty sequence of floats, got {lambdas!r}")
     B, L = x0_a.shape[0], lam.numel()
+    lam_b = lam.view(1, L, *([1] * (x0_a.ndim - 1)))  # (1, L, 1, 1, 1)
+    if encoder is Encoder.DDIM:
+        kept = [k for k in parse_timesteps(diffusion.num_timesteps, timesteps) if k < t] + [t]
+        x_a, x_b = (ddim_invert(model, diffusion, x, kept, clip_denoised=clip_denoised) for x in (x0_a, x0_b))
+        xbar = ((1 - lam_b) * x_a[:, None] + lam_b * x_b[:, None]).flatten(0, 1)  # (B L, C, H, W)
+        out = sample_ddim(model, diffusion, xbar.shape, timesteps=kept, x_T=xbar, clip_denoised=clip_denoised)
+        return out.view(B, L, *x0_a.shape[1:])
     noise = draw_noise(x0_a.shape, generator, device=x0_a.device, dtype=x0_a.dtype)
     tt = _t_batch(t, x0_a)
     x_a, x_b = diffusion.q_sample(x0_a, tt, noise), diffusion.q_sample(x0_b, tt, noise)
-    lam_b = lam.view(1, L, *([1] * (x0_a.ndim - 1)))  # (1, L, 1, 1, 1)
     xbar = ((1 - lam_b) * x_a[:, None] + lam_b * x_b[:, None]).flatten(0, 1)  # (B L, C, H, W)
     g_device = generator.device if generator is not None else "cpu"
     chain_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=g_device))
@@ -713,6 +726,31 @@ def interpolate(
     gens = [_clone_generator(g) for g in pair_gens for _ in range(L)]  # pair i's stream, L times
     out = sample_from_xt(model, diffusion, xbar, t, generator=gens, clip_denoised=clip_denoised)
     return out.view(B, L, *x0_a.shape[1:])
+
+
+class Encoder(str, Enum):
+    """How ``interpolate`` maps x_0 to x_t."""
+
+    Q = "q"  # x_t ~ q(x_t | x_0), eq. (4): the paper's stochastic encoder
+    DDIM = "ddim"  # ``ddim_invert``: deterministic
+
+
+def _parse_encoder(value: Any) -> Encoder:
+    allowed = [e.value for e in Encoder]
+    if value not in allowed:
+        raise ValueError(f"unknown encoder {value!r}; expected one of {allowed}")
+    return Encoder(value)
+
+
+def timesteps_from_text(text: str) -> Timesteps:
+    """A command line's timesteps: "list:0,250,999" is an explicit list; anything else is
+    improved-diffusion's string ("ddim50", "10,15,20", "50"). See ``parse_timesteps``."""
+    if text.startswith("list:"):
+        try:
+            return [int(k) for k in text[len("list:"):].split(",")]
+        except ValueError:
+            raise ValueError(f"timesteps {text!r}: expected 'list:' and comma-separated ints") from None
+    return text
 
 
 @torch.inference_mode()
