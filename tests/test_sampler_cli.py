@@ -81,8 +81,6 @@ def test_interpolation_figure_with_ddim_encoding(model_dir, tmp_path) -> None:
             "--lambdas", "3", "--scale", "1", "--encode", "ddim", "--timesteps", "list:0,2", "--out", str(out)]
     assert main(args) == 0
     assert Image.open(out).size == (5 * 10 + 2, 10 + 2)
-    assert main([*args[:-2], "--out", str(tmp_path / "j.png")]) == 0  # deterministic
-    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "j.png")))
     assert main([*args[:-6], "--timesteps", "ddim4"]) == 2  # --timesteps needs --encode ddim
 
 

@@ -431,7 +431,9 @@ def p_sample_loop_progressive(
     T = diffusion.num_timesteps
     t_start = _check_t_index(T - 1 if t_start is None else t_start, diffusion, "t_start")
     _check_x_batch(diffusion, x, "x")
-    for t in range(t_start, -1, -1):
+    from tqdm.auto import tqdm
+
+    for t in tqdm(range(t_start, -1, -1), disable=not progress, desc="sampling", unit="step", leave=False):
         with torch.inference_mode():
             z = draw_noise(x.shape, generator, device=x.device, dtype=x.dtype) if t > 0 else None
             p = _p_sample(model, diffusion, x, _t_batch(t, x), z, clip_denoised)
