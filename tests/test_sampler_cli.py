@@ -47,8 +47,9 @@ def _npz(folder: Path) -> np.ndarray:
         return f["arr_0"]
 
 
-@pytest.mark.parametrize("spec,kept,sampler", [("ddim4", [0, 2, 4, 6], "ddpm"), ("3,2", [0, 2, 3, 4, 7], "ddim"),
-                                               ("list:7,0,3", [0, 3, 7], "ddpm")])
+@pytest.mark.parametrize("spec,kept,sampler", [
+    ("ddim4", [0, 2, 4, 6], "ddpm"), ("3,2", [0, 2, 3, 4, 7], "ddim"), ("list:7,0,3", [0, 3, 7], "ddpm"),
+])
 def test_sample_timesteps_option(model_dir, tmp_path, spec, kept, sampler) -> None:
     from ddpmkit.models import load_model
 
@@ -59,8 +60,8 @@ def test_sample_timesteps_option(model_dir, tmp_path, spec, kept, sampler) -> No
     assert settings["timesteps"] == kept and settings["steps"] == len(kept)
     loaded = load_model(str(model_dir))
     with torch.inference_mode():
-        x0 = sample(loaded.unet.eval(), loaded.diffusion.build(), (3, 1, 8, 8), sampler=sampler, timesteps=kept,
-                    generator=sample_generators(2, range(3)))
+        x0 = sample(loaded.unet.eval(), loaded.diffusion.build(), (3, 1, 8, 8), sampler=sampler,
+                    timesteps=kept, generator=sample_generators(2, range(3)))
     ref = ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.abs(_npz(out).astype(int) - ref.astype(int)).max() <= 1
 
@@ -78,7 +79,8 @@ def test_sample_timesteps_errors_exit_2(model_dir, tmp_path, capsys) -> None:
 def test_interpolation_figure_with_ddim_encoding(model_dir, tmp_path) -> None:
     out = tmp_path / "i.png"
     args = ["figure", "interpolate", str(model_dir), "--data", "digits", "--n", "1", "--t", "5",
-            "--lambdas", "3", "--scale", "1", "--encode", "ddim", "--timesteps", "list:0,2", "--out", str(out)]
+            "--lambdas", "3", "--scale", "1", "--encode", "ddim", "--timesteps", "list:0,2",
+            "--out", str(out)]
     assert main(args) == 0
     assert Image.open(out).size == (5 * 10 + 2, 10 + 2)
     assert main([*args[:-6], "--timesteps", "ddim4"]) == 2  # --timesteps needs --encode ddim
@@ -96,8 +98,8 @@ def test_ddim_interpolation_endpoints_reconstruct_through_inversion(model_dir) -
     a, b = (torch.rand(2, 1, 8, 8, generator=g) * 2 - 1 for _ in range(2))
     with torch.inference_mode():
         mix = interpolate(net, d, a, b, 5, [0.0, 0.5, 1.0], encoder="ddim")
-        ref_a = sample_ddim(net, d, a.shape, timesteps=list(range(6)), x_T=ddim_invert(net, d, a, list(range(6)),
-                                                                                    clip_denoised=True))
+        x_t = ddim_invert(net, d, a, list(range(6)), clip_denoised=True)
+        ref_a = sample_ddim(net, d, a.shape, timesteps=list(range(6)), x_T=x_t)
     torch.testing.assert_close(mix[:, 0], ref_a, atol=1e-5, rtol=0)
     assert (mix[:, 1] - mix[:, 0]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="unknown encoder 'x'"):

@@ -717,7 +717,8 @@ def _check_kept_timesteps(timesteps: Any, T: int) -> list[int]:
         ok = all(float(k) == int(k) for k in timesteps)
     except (TypeError, ValueError):
         ks, ok = [], False
-    if not ok or len(ks) < 2 or any(b <= a for a, b in zip(ks, ks[1:])) or ks[0] < 0 or ks[-1] >= T:
+    increasing = all(b > a for a, b in zip(ks, ks[1:], strict=False))
+    if not ok or len(ks) < 2 or not increasing or ks[0] < 0 or ks[-1] >= T:
         raise ValueError(
             f"timesteps must be at least 2 increasing ints in [0, {T - 1}], got {list(timesteps)!r}"
             if isinstance(timesteps, Sequence) else f"timesteps must be a sequence of ints, got {timesteps!r}"

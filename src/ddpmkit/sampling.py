@@ -176,7 +176,9 @@ def improved_diffusion_timesteps(num_timesteps: int, spec: str) -> list[int]:
         raise ValueError(f"timesteps {spec!r}: no integer stride gives exactly {n} of T = {T} steps")
     parts = text.split(",")
     if not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"timesteps {spec!r}: expected 'ddimN' or comma-separated section counts like '10,15,20'")
+        raise ValueError(
+            f"timesteps {spec!r}: expected 'ddimN' or comma-separated section counts like '10,15,20'"
+        )
     counts = [int(p) for p in parts]
     size_per, extra = divmod(T, len(counts))
     start, kept = 0, []
@@ -566,7 +568,8 @@ def ddim_invert(
     """Deterministic DDIM encoding x_0 -> x_{k_{S-1}} (eq. 12 with eta = 0 run forward; Song et al.
     Sec. 4.3, improved-diffusion's ``ddim_reverse_sample``): from x at k_{i-1} (x_0 for i = 0, read
     by the model at k_0), x_{k_i} = sqrt(abar_{k_i}) pred_x0 + sqrt(1 - abar_{k_i}) eps, with eps and
-    pred_x0 the model's at x_{k_{i-1}}: the sampler's step with eps taken one step early. ``sample_ddim(x_T=..., timesteps=..., eta=0)``
+    pred_x0 the model's at x_{k_{i-1}}: the sampler's step with eps taken one step early.
+    ``sample_ddim(x_T=..., timesteps=..., eta=0)``
     from the result gives x_0 back up to the change of eps over one step (exact as the steps shrink).
     x0: (B, C, ...). Returns the encoding, x0's shape. callback(step, t, x, pred_x0) per step, t = k_i.
     """
@@ -611,7 +614,9 @@ def sample(
     if steps is not None:
         lo = 2 if sampler is SamplerType.DDPM else 1
         if isinstance(steps, bool) or not isinstance(steps, int) or not lo <= steps <= T:
-            raise ValueError(f"steps must be an int in [{lo}, {T}] for the {sampler.value} sampler, got {steps!r}")
+            raise ValueError(
+                f"steps must be an int in [{lo}, {T}] for the {sampler.value} sampler, got {steps!r}"
+            )
         timesteps = steps
     kw = dict(timesteps=timesteps, generator=generator, clip_denoised=clip_denoised, device=device,
               progress=progress, callback=callback)

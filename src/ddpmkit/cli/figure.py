@@ -71,8 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             k.add_argument("--encode", default="q", help="q (default: the paper's stochastic encoder) or "
                            "ddim (deterministic DDIM inversion, decoded by DDIM with eta 0)")
             k.add_argument("--timesteps", default=None, metavar="SPEC",
-                           help="--encode ddim's timesteps below t: 'ddim50', '10,15,20' (improved-diffusion) "
-                           "or 'list:0,10,...' (default: all)")
+                           help="--encode ddim's timesteps below t: 'ddim50', '10,15,20' "
+                           "(improved-diffusion) or 'list:0,10,...' (default: all)")
         elif kind == "reconstruct":
             k.add_argument("--n", type=int, default=4, help="number of images (default 4)")
         elif kind == "shared-xt":

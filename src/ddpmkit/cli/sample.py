@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default="ddpm", help="ddpm (default; Algorithm 2 or respaced) or ddim")
     p.add_argument("--steps", type=int, default=None, help="sampling steps S <= T (default: all T)")
     p.add_argument("--timesteps", default=None, metavar="SPEC",
-                   help="instead of --steps: improved-diffusion's 'ddim50' or '10,15,20', or 'list:0,250,999'")
+                   help="instead of --steps: improved-diffusion's 'ddim50' or '10,15,20', "
+                   "or 'list:0,250,999'")
     p.add_argument("--eta", type=float, default=None, help="DDIM's eta (default 0: deterministic)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses the stream (seed, i))")
     p.add_argument("--batch-size", type=int, default=64, help="samples per network call (default 64)")
@@ -100,7 +101,8 @@ def existing_indices(out_dir: Path) -> set[int]:
 def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     """Write DIR/sampling.json, or check that the samples already there were made the same way."""
     path = out_dir / SETTINGS_NAME
-    keys = ("sampler", "steps", "timesteps", "eta", "seed", "clip_denoised", "ema", "image_shape", "num_timesteps")
+    keys = ("sampler", "steps", "timesteps", "eta", "seed", "clip_denoised", "ema", "image_shape",
+            "num_timesteps")
     if path.is_file():
         old = json.loads(path.read_text())
         diff = [k for k in keys if old.get(k) != settings.get(k)]
@@ -120,8 +122,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ddpmkit.figures import save_image
     from ddpmkit.models import load_model
-    from ddpmkit.sampling import parse_timesteps, prepare_model, sample, sample_generators, space_timesteps
-    from ddpmkit.sampling import timesteps_from_text
+    from ddpmkit.sampling import (
+        parse_timesteps,
+        prepare_model,
+        sample,
+        sample_generators,
+        space_timesteps,
+        timesteps_from_text,
+    )
 
     _check_args(args)
     device = resolve_device(args.device)
@@ -149,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--output-dir {out_dir}: exists and is not a folder")
     _check_settings(out_dir, {
-        "model": loaded.source, "sampler": args.sampler, "steps": steps, **({"timesteps": kept} if kept else {}), "eta": eta, "seed": args.seed,
+        "model": loaded.source, "sampler": args.sampler, "steps": steps,
+        **({"timesteps": kept} if kept else {}), "eta": eta, "seed": args.seed,
         "clip_denoised": args.clip, "ema": args.ema, "image_shape": list(shape), "num_timesteps": T,
     })
     wanted = range(args.start_index, args.start_index + args.n)
