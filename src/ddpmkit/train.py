@@ -270,8 +270,10 @@ class _Trainer:
 
     # -------------------------------------------------------------------------- feedback
     def _log(self, msg: str) -> None:
-        if self.info.is_main:
-            print(msg, flush=True)
+        if self.info.is_main:  # through logging.getLogger("ddpmkit.train") (see ddpmkit.logs)
+            from ddpmkit.logs import logger
+
+            logger(__name__).info(msg)
 
     def summary(self) -> None:
         c, info = self.config, self.info
