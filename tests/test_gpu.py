@@ -438,8 +438,13 @@ def test_the_host_read_trap_catches_a_read_in_the_loop(monkeypatch):
         diffusion.p_mean_variance(reads, torch.zeros(2, 1, 8, 8), torch.tensor([3, 3]))
 
 
+SYNC_TODAY = ("today GaussianDiffusion._check_t reads torch.aminmax(t) with int() at every step (the CPU "
+              "trap above shows it); issue i13 moves that validation to the API boundary")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=SYNC_TODAY)
 def test_cuda_sampling_loop_does_not_synchronize():
     # torch's sync debug mode raises on any synchronizing call (item, nonzero, a blocking copy) once
     # armed, here from the second step on (the first carries the boundary checks and warm-up).
