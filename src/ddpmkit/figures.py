@@ -532,9 +532,12 @@ def interpolation_figure(
     *,
     num_lambdas: int = 11,
     seed: int = 0,
+    encoder: str = "q",
+    timesteps: Any = None,
 ) -> tuple[np.ndarray, int]:
     """Fig. 8-9: for each pair (x0_a[b], x0_b[b]) and each t in ``ts``, a row [source a, the
-    decoded interpolations for lambda = 0, 1/(L-1), ..., 1, source b]. Returns (grid images, cols)."""
+    decoded interpolations for lambda = 0, 1/(L-1), ..., 1, source b]. ``encoder`` "q" (the paper)
+    or "ddim" (deterministic, over ``timesteps``; ``sampling.interpolate``). Returns (grid images, cols)."""
     from ddpmkit.sampling import interpolate
 
     if isinstance(num_lambdas, bool) or not isinstance(num_lambdas, int) or num_lambdas < 2:
@@ -544,7 +547,8 @@ def interpolation_figure(
     for b in range(x0_a.shape[0]):
         for t in ts:
             g = torch.Generator().manual_seed(seed * 1_000_003 + b)  # the pair's encoder noise
-            mix = interpolate(model, diffusion, x0_a[b : b + 1], x0_b[b : b + 1], t, lambdas, generator=g)
+            mix = interpolate(model, diffusion, x0_a[b : b + 1], x0_b[b : b + 1], t, lambdas, generator=g,
+                              encoder=encoder, timesteps=timesteps)
             rows.append(torch.cat([x0_a[b : b + 1], mix[0].to(x0_a.device), x0_b[b : b + 1]]))
     return _rows(rows)
 
