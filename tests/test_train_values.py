@@ -80,7 +80,8 @@ def rec(monkeypatch) -> Recorder:
             r.w0 = [p.detach().clone() for p in params]
             self._grads: list[torch.Tensor | None] = [None] * len(params)
             for i, p in enumerate(params):
-                p.register_post_accumulate_grad_hook(lambda p, i=i: self._grads.__setitem__(i, p.grad.clone()))
+                p.register_post_accumulate_grad_hook(
+                    lambda p, i=i: self._grads.__setitem__(i, p.grad.clone()))
 
         def step(self, closure=None):
             g = self.param_groups[0]

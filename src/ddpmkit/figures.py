@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ddpmkit.data.convert import to_uint8_nhwc
+
 __all__ = [
     "image_grid",
     "images_to_uint8",
@@ -50,13 +52,13 @@ def images_to_uint8(images: Any) -> np.ndarray:
     """Images as uint8 (N, H, W, C).
 
     images: uint8 (N, H, W, C) or (N, H, W) array/tensor, or a float tensor (N, C, H, W) in [-1, 1]
-    (quantised as ``round((x + 1) * 127.5)`` clamped to [0, 255]). Returns a numpy uint8 array.
+    (quantised by ``data.to_uint8_nhwc``: ``round((x + 1) * 127.5)``, half up, clamped to [0, 255]).
+    Returns a numpy uint8 array.
     """
     if isinstance(images, torch.Tensor) and images.is_floating_point():
         if images.ndim != 4:
             raise ValueError(f"float images must be shaped (N, C, H, W), got {tuple(images.shape)}")
-        x = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return x.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C)
+        return to_uint8_nhwc(images.detach().cpu()).numpy()  # (N, H, W, C)
     a = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if a.dtype != np.uint8:
         raise ValueError(
