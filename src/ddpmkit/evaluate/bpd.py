@@ -62,7 +62,7 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
 
 def _run_batch(model: Any, diffusion: Any, x0: torch.Tensor, *, seed: int, batch: int,
                clip_denoised: bool, t_chunk: int | None) -> dict[str, Any]:
-    g = torch.Generator(device=x0.device).manual_seed(seed * 1_000_003 + batch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + batch)  # CPU: the same noise on any device
     out = diffusion.calc_bpd_loop(model, x0, clip_denoised=clip_denoised, t_chunk=t_chunk, generator=g)
     vb, x0_mse = out["vb"].double().cpu(), out["x0_mse"].double().cpu()  # (B, T) each
     return {
