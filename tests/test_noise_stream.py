@@ -19,9 +19,13 @@ def test_draw_is_the_cpu_stream_in_float32_moved_to_the_device():
     got = draw_standard_normal((2, 3), torch.Generator().manual_seed(7), device=torch.device("cpu"),
                                dtype=torch.float64)
     assert got.dtype == torch.float64 and torch.equal(got, expected.double())
-    moved = draw_standard_normal((2, 3), torch.Generator().manual_seed(7), device=torch.device("meta"),
-                                 dtype=torch.float32)
+    g = torch.Generator().manual_seed(7)
+    moved = draw_standard_normal((2, 3), g, device=torch.device("meta"), dtype=torch.float32)
     assert moved.device.type == "meta" and moved.shape == (2, 3)
+    # the numbers were drawn from the CPU stream (which moved on), not on the target device
+    ref = torch.Generator().manual_seed(7)
+    torch.randn((2, 3), generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
 
 
 def test_calc_bpd_loop_draws_each_timesteps_noise_from_the_stream():
