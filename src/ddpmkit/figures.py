@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ddpmkit.data.convert import to_uint8_nhwc
+
 __all__ = [
     "ChartBackend",
     "image_grid",
@@ -68,13 +70,13 @@ def images_to_uint8(images: Any) -> np.ndarray:
     """Images as uint8 (N, H, W, C).
 
     images: uint8 (N, H, W, C) or (N, H, W) array/tensor, or a float tensor (N, C, H, W) in [-1, 1]
-    (quantised as ``round((x + 1) * 127.5)`` clamped to [0, 255]). Returns a numpy uint8 array.
+    (quantised by ``data.to_uint8_nhwc``: ``round((x + 1) * 127.5)``, half up, clamped to [0, 255]).
+    Returns a numpy uint8 array.
     """
     if isinstance(images, torch.Tensor) and images.is_floating_point():
         if images.ndim != 4:
             raise ValueError(f"float images must be shaped (N, C, H, W), got {tuple(images.shape)}")
-        x = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return x.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C)
+        return to_uint8_nhwc(images.detach().cpu()).numpy()  # (N, H, W, C)
     a = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if a.dtype != np.uint8:
         raise ValueError(
@@ -591,19 +593,17 @@ def rate_distortion(model: Model, diffusion: Any, x0: torch.Tensor, *, seed: int
     RMSE(pred_x0(x_t), x_0) on the [0, 255] scale = 127.5 sqrt(x0_mse[t]). Returns a JSON-able dict
     with per-t lists, the totals (rate = rate[0], distortion = the decoder's vb[0], total_bpd) and a
     Table-4-style list of rows at reverse-process times T, 0.9 T, ..., 0.1 T."""
-    g = torch.Generator(device=x0.device).manual_seed(seed)
+    from ddpmkit.evaluate.bpd import rate_distortion_by_t, rate_distortion_table
+
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on any device
     terms = diffusion.calc_bpd_loop(model, x0, generator=g, t_chunk=t_chunk, progress=progress)
-    vb = terms["vb"].double().mean(0).cpu()  # (T,)
+    vb = terms["vb"].double().mean(0).cpu().numpy()  # (T,)
     prior = float(terms["prior_bpd"].double().mean())
     T = vb.shape[0]
-    tail = torch.flip(torch.cumsum(torch.flip(vb, [0]), 0), [0])  # tail[t] = sum_{k >= t} vb[k]
-    rate = prior + torch.cat([tail[1:], vb.new_zeros(1)])  # (T,)
-    distortion = 127.5 * terms["x0_mse"].double().mean(0).cpu().sqrt()  # (T,)
-    table = []
-    for r in [round(T * (10 - i) / 10) for i in range(10)]:  # reverse-process time T - t + 1 (paper)
-        t = T - r  # 0-based
-        table.append({"reverse_time": r, "t": t + 1, "rate_bpd": float(rate[t]),
-                      "distortion_rmse": float(distortion[t])})
+    rate, distortion = rate_distortion_by_t(vb, terms["x0_mse"].double().mean(0).cpu().numpy(), prior)
+    by_t = {"rate": rate.tolist(), "distortion": distortion.tolist()}
+    table = [{"reverse_time": r, "t": T - r + 1, "rate_bpd": rt, "distortion_rmse": d}  # paper's 1-based t
+             for r, rt, d in rate_distortion_table({"by_t": by_t})]
     return {
         "num_images": int(x0.shape[0]),
         "num_timesteps": T,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpmkit.data.convert import to_uint8_nhwc
 from ddpmkit.evaluate.frechet import FeatureStats, frechet_distance, inception_score
 
 __all__ = [
@@ -52,7 +53,7 @@ def cache_dir() -> Path:
 
 def to_uint8_images(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """Samples -> uint8 (N, H, W, C). uint8 arrays are NHWC and pass through; float tensors are
-    (N, C, H, W) in [-1, 1] and are rounded: round((x + 1) * 127.5), clamped (never truncated)."""
+    (N, C, H, W) in [-1, 1] and are rounded (``data.to_uint8_nhwc``: half up, clamped, never truncated)."""
     if isinstance(x, np.ndarray) and x.dtype == np.uint8:
         a = x
     elif isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
@@ -60,8 +61,7 @@ def to_uint8_images(x: torch.Tensor | np.ndarray) -> np.ndarray:
     elif isinstance(x, torch.Tensor) and x.is_floating_point():
         if x.ndim != 4:
             raise ValueError(f"expected float samples shaped (N, C, H, W) in [-1, 1], got {tuple(x.shape)}")
-        a = ((x.detach().double() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        a = a.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
+        a = to_uint8_nhwc(x).cpu().numpy()  # (N, H, W, C)
     else:
         raise ValueError("expected samples as uint8 (N, H, W, C) or a float tensor (N, C, H, W) in "
                          f"[-1, 1], got {type(x).__name__} of dtype {getattr(x, 'dtype', None)}")
