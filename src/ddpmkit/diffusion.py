@@ -70,6 +70,18 @@ def _parse_enum(enum_cls: type[_E], value: Any, what: str) -> _E:
     return enum_cls(value)
 
 
+def draw_standard_normal(
+    shape: tuple[int, ...], generator: torch.Generator | None, *, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """eps ~ N(0, I) of ``shape`` on ``device``: drawn in float32 on the generator's device, then
+    moved, so a CPU generator gives the same numbers whatever device the model runs on. Without a
+    generator: the global RNG of ``device``."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return z.to(device=device, dtype=dtype)
+
+
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dimension but the first: (B, ...) -> (B,)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -306,7 +318,7 @@ class GaussianDiffusion:
         """
         self._check_batch(x0, t, "x0")
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = draw_standard_normal(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         else:
             self._check_like(noise, x0, "noise", "x0")
         return self._q_sample(x0, t, noise)
@@ -544,7 +556,7 @@ class GaussianDiffusion:
         """
         self._check_batch(x0, t, "x0", min_ndim=2)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = draw_standard_normal(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         else:
             self._check_like(noise, x0, "noise", "x0")
         x_t = self._q_sample(x0, t, noise)
@@ -622,10 +634,8 @@ class GaussianDiffusion:
                 t = torch.arange(start, start + k, device=x0.device).repeat_interleave(B)  # (kB,)
                 x0_k = x0.repeat(k, *([1] * (x0.ndim - 1)))  # (kB, C, ...), timestep-major
                 noise = torch.cat(
-                    [
-                        torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                        for _ in range(k)
-                    ]
+                    [draw_standard_normal(x0.shape, generator, device=x0.device, dtype=x0.dtype)
+                     for _ in range(k)]
                 )  # (kB, C, ...)
                 x_t = self._q_sample(x0_k, t, noise)
                 p = self._p_mean_variance_model(model, x_t, t, clip_denoised)
