@@ -49,6 +49,7 @@ from ddpmkit.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from ddpmkit.fileio import append_line_synced, atomic_write_bytes
 from ddpmkit.nn import UNet
 
 __all__ = ["EXIT_NONFINITE", "TrainResult", "batch_indices", "epoch_permutation", "learning_rate", "train"]
@@ -241,8 +242,8 @@ class _Trainer:
                 ckpt.replace_dir_atomically(tmp, self.run_dir / name)
         barrier(self.info)
 
-    def restore(self, path: Path) -> None:
-        c = ckpt.load_checkpoint(path)
+    def restore(self, c: ckpt.Checkpoint) -> None:
+        path = c.path
         saved = TrainConfig.from_dict(c.state["config"])
         changed = changed_on_resume(saved, self.config)
         if changed:
@@ -291,8 +292,7 @@ class _Trainer:
         self._log("\n".join(lines))
 
     def metrics(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line_synced(self.run_dir / "metrics.jsonl", json.dumps(record))
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -419,8 +419,25 @@ def _progress_bar(config: TrainConfig, start: int, *, enabled: bool) -> Any:
                 smoothing=0.05, file=sys.stderr, mininterval=0.1 if tty else 30.0)
 
 
-def _prepare_run_dir(trainer: _Trainer, resume: str | None) -> Path | None:
-    """Which checkpoint to resume from (or None); refuses to mix a new run into an old one."""
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors",
+                    ckpt.STATE)
+STATE_KEYS = ("config", "world_size", "data", "optimizer", "rng", "ema_n_averaged", "scaler")
+
+
+def load_resumable(path: str | Path) -> ckpt.Checkpoint:
+    """A checkpoint of this trainer, verified (SHA-256, every file and state key it needs)."""
+    return ckpt.load_checkpoint(path, required=CHECKPOINT_FILES, state_keys=STATE_KEYS)
+
+
+def newest_resumable(run_dir: str | Path) -> ckpt.Checkpoint | None:
+    """The newest checkpoint of ``run_dir`` that loads; each newer torn one is skipped with a warning."""
+    def warn(msg: str) -> None:
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return ckpt.newest_loadable(run_dir, required=CHECKPOINT_FILES, state_keys=STATE_KEYS, warn=warn)
+
+
+def _prepare_run_dir(trainer: _Trainer, resume: str | None) -> ckpt.Checkpoint | None:
+    """The checkpoint to resume from (or None); refuses to mix a new run into an old one."""
     run_dir, info = trainer.run_dir, trainer.info
     if resume in (None, "none", "never"):
         if all_gather_objects(ckpt.latest_checkpoint(run_dir) is not None, info)[0]:  # rank 0 decides
@@ -428,13 +445,17 @@ def _prepare_run_dir(trainer: _Trainer, resume: str | None) -> Path | None:
                              "or choose another --output-dir")
         return None
     if resume == "auto":
-        found = all_gather_objects(str(ckpt.latest_checkpoint(run_dir) or ""), info)[0]  # rank 0 decides
-        return Path(found) if found else None
+        found = newest_resumable(run_dir) if info.is_main else None
+        path = all_gather_objects(str(found.path) if found else "", info)[0]  # rank 0 decides
+        if not path:
+            return None
+        return found if info.is_main else load_resumable(path)
     path = Path(resume)
-    if not ckpt.is_complete(path):
-        raise ValueError(f"--resume {resume!r}: not a complete checkpoint folder; expected 'auto' or a "
-                         f"folder like {run_dir}/checkpoints/step-000001000")
-    return path
+    try:
+        return load_resumable(path)
+    except ValueError as e:
+        raise ValueError(f"--resume {resume!r}: {e}; expected 'auto' or a folder like "
+                         f"{run_dir}/checkpoints/step-000001000") from None
 
 
 def _tidy_run_dir(run_dir: Path) -> None:
@@ -448,10 +469,23 @@ def _tidy_run_dir(run_dir: Path) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (written by a run killed after its last checkpoint)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+    """Drop metric lines past ``step`` (written by a run killed after its last checkpoint), and lines
+    torn by a power cut or a full disk (with a warning naming the file and line); rewritten atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for number, line in enumerate(path.read_bytes().decode(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            record_step = record["step"] if isinstance(record, dict) else None
+        except ValueError:
+            record_step = None
+        if type(record_step) is not int:
+            warnings.warn(f"{path} line {number}: torn or invalid record dropped: {line[:80]!r}",
+                          RuntimeWarning, stacklevel=2)
+        elif record_step <= step:
+            keep.append(line)
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def train(

@@ -1,0 +1,119 @@
+"""Issue 17: what --resume reads is valid or torn-and-skipped with a warning naming the file; updates
+with a non-finite result are skipped; a lock per run dir; published artefacts stay consistent."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpmkit import checkpoint as ckpt
+from ddpmkit.config import apply_overrides
+from ddpmkit.data import load_digits_uint8
+from ddpmkit.train import train
+
+from test_train import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, load_digits_uint8("train")[0][:40])
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_npz, tmp_path_factory) -> Path:
+    """A 4-step run with checkpoints at steps 2 and 4 (keep_last 2), copied by each test that edits it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(tiny_config(tiny_npz, steps=4, checkpoint_every=2, keep_last=2), run, progress=False)
+    return run
+
+
+def _copy(run: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dst / "run")
+    return dst / "run"
+
+
+def _resume(run: Path, tiny_npz: Path, steps: int = 4):
+    c = tiny_config(tiny_npz, steps=steps, checkpoint_every=2, keep_last=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(c, run, resume="auto", progress=False)
+    return result, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------- 4: torn metrics line
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, tiny_npz, finished_run):
+    run = _copy(finished_run, tmp_path)
+    (run / "checkpoints" / "step-000000004").rename(run / "checkpoints" / ".gone")  # resume from step 2
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a power cut mid-append
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("metrics.jsonl" in w and "line 5" in w for w in warned), warned
+    assert _steps(run) == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------- 5, 6, 7: torn checkpoints
+def _corrupt_same_size(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["ema.safetensors", "state.json"])
+def test_a_same_size_corruption_of_the_newest_checkpoint_falls_back_to_the_older(tmp_path, tiny_npz,
+                                                                                finished_run, name):
+    run = _copy(finished_run, tmp_path)
+    _corrupt_same_size(run / "checkpoints" / "step-000000004" / name)
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any(f"step-000000004/{name}" in w for w in warned), warned
+    want = load_file(finished_run / "model" / "model.safetensors")  # redone from step 2: same weights
+    got = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["files"].update({"model.safetensors": 7}),  # an entry that is not an object
+    lambda m: m["files"].pop("model.safetensors"),  # a required file missing
+    lambda m: m.update(files=[]),
+    lambda m: m["files"]["state.json"].update(bytes="12"),
+])
+def test_a_manifest_of_the_wrong_shape_is_torn(tmp_path, tiny_npz, finished_run, edit):
+    run = _copy(finished_run, tmp_path)
+    path = run / "checkpoints" / "step-000000004" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("step-000000004" in w for w in warned), warned
+
+
+@pytest.mark.parametrize("name", ["../../../outside.bin", "/ABS/outside.bin", ".", "sub/x"])
+def test_manifest_names_are_confined_to_the_checkpoint_folder(tmp_path, tiny_npz, finished_run, name):
+    run = _copy(finished_run, tmp_path)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret")
+    folder = run / "checkpoints" / "step-000000004"
+    name = name.replace("/ABS", str(tmp_path))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": 6, "sha256": ckpt.hashlib.sha256(b"secret").hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert not ckpt.is_complete(folder)
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and any("step-000000004" in w for w in warned), warned
