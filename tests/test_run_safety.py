@@ -117,3 +117,35 @@ def test_manifest_names_are_confined_to_the_checkpoint_folder(tmp_path, tiny_npz
     assert not ckpt.is_complete(folder)
     result, warned = _resume(run, tiny_npz)
     assert result.exit_code == 0 and any("step-000000004" in w for w in warned), warned
+
+
+# ------------------------------------------------------------------------- 9: non-finite update results
+def test_lr_inf_is_refused_up_front(tiny_npz):
+    for lr in ("inf", "nan"):
+        with pytest.raises(ValueError, match="lr must be"):
+            tiny_config(tiny_npz, lr=lr)
+
+
+def test_an_update_whose_result_is_non_finite_is_skipped_like_a_nan_loss(tmp_path, tiny_npz, monkeypatch):
+    """Update 1 writes a NaN into one weight after Adam's step: the weights, the optimiser and the EMA
+    must end exactly as in a run whose update 1 had a NaN loss (skipped)."""
+    c = tiny_config(tiny_npz, steps=4, max_nonfinite=2)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        reference = train(c, tmp_path / "ref", progress=False, inject_nonfinite=lambda step: step == 1)
+    step_fn, calls = torch.optim.Adam.step, []
+
+    def poisoning_step(self, *a, **k):
+        out = step_fn(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:  # the second update (0-based update 1)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        result = train(c, tmp_path / "poison", progress=False)
+    assert result.exit_code == 0 and sorted(result.losses) == sorted(reference.losses) == [1, 3, 4]
+    from test_train import assert_states_equal, final_state
+
+    assert_states_equal(final_state(tmp_path / "poison"), final_state(tmp_path / "ref"))

@@ -112,8 +112,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip!r}")
         if not 0.0 <= self.ema_decay < 1.0:

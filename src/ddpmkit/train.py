@@ -10,8 +10,8 @@ Reproducibility. Everything random is a pure function of the seed and restored s
 - dropout draws from torch's global RNG (per rank), whose state is checkpointed per rank.
 On the CPU a resumed run therefore equals an uninterrupted one: same losses, ``torch.equal`` weights.
 
-Safety. A non-finite loss or gradient norm skips the update (weights, optimiser, EMA unchanged)
-and warns; ``max_nonfinite`` in a row stop the run with exit code ``EXIT_NONFINITE``. SIGTERM and
+Safety. A non-finite loss, gradient norm or update result (a weight) skips the update (weights,
+optimiser, EMA unchanged) and warns; ``max_nonfinite`` in a row stop the run with exit code ``EXIT_NONFINITE``. SIGTERM and
 SIGINT finish the current step, save a checkpoint and return 128 + signal.
 """
 
@@ -350,13 +350,37 @@ class _Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
         loss_value = float(all_reduce_mean(loss.detach().float(), self.info))
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if finite or self.scaler.is_enabled():  # the scaler skips inf/NaN gradients itself
+        if finite:
+            finite = self._update_or_undo()
+        elif self.scaler.is_enabled():  # the scaler skips inf/NaN gradients itself
             self.scaler.step(self.opt)
             self.scaler.update()
         if finite:
             self.ema.update_parameters(self.model)
         self.opt.zero_grad(set_to_none=True)
         return loss_value, grad_norm, finite
+
+    def _update_tensors(self) -> list[torch.Tensor]:
+        """Everything one optimiser step writes: the parameters, then the optimiser's state tensors."""
+        params = list(self.model.parameters())
+        state = [v for p in params for v in self.opt.state.get(p, {}).values() if torch.is_tensor(v)]
+        return params + state
+
+    def _update_or_undo(self) -> bool:
+        """The optimiser step; if it leaves a weight non-finite, the parameters and the optimiser state
+        are put back, so a non-finite update result is skipped like a non-finite loss. True if kept."""
+        had_state = bool(self.opt.state)
+        before = [t.clone() for t in self._update_tensors()]  # one copy: ~3x the weights, device-side
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        params = list(self.model.parameters())
+        if bool(torch.stack(torch._foreach_norm(params, float("inf"))).isfinite().all()):
+            return True
+        if not had_state:  # the first update: Adam had no state before it
+            self.opt.state.clear()
+        with torch.no_grad():
+            torch._foreach_copy_(self._update_tensors(), before[:len(self._update_tensors())])
+        return False
 
     # -------------------------------------------------------------------------- the loop
     def run(self, stop: _StopFlag) -> int:
@@ -373,8 +397,8 @@ class _Trainer:
                 self.losses[self.step] = loss
             else:
                 self.nonfinite += 1
-                self._warn(f"step {self.step}: non-finite loss {loss} or gradient norm {grad_norm}; update "
-                           f"skipped ({self.nonfinite} in a row, limit {c.max_nonfinite})")
+                self._warn(f"step {self.step}: non-finite loss {loss}, gradient norm {grad_norm} or "
+                           f"updated weights; update skipped ({self.nonfinite} in a row, limit {c.max_nonfinite})")
                 if self.nonfinite >= c.max_nonfinite:
                     self._log(f"stopping: {self.nonfinite} non-finite steps in a row; the last good "
                               "checkpoint is kept (lower lr or check the data, then --resume auto)")
