@@ -152,6 +152,7 @@ def _batch_stream(dataset: Any, config: TrainConfig, info: DistInfo, start: int)
     loader = torch.utils.data.DataLoader(
         _Batches(dataset), sampler=sampler, batch_size=None, num_workers=config.num_workers,
         pin_memory=info.device.type == "cuda", prefetch_factor=4,
+        generator=torch.Generator().manual_seed(_derived_seed(config.seed, 2)),  # not torch's global RNG
     )
     return iter(loader)
 
@@ -208,7 +209,7 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision is Precision.FP16)
         self.generator = torch.Generator().manual_seed(_derived_seed(config.seed, 1))
         self.step, self.nonfinite, self.losses = 0, 0, {}
-        self.tb = None
+        self.tb, self.pending_rng = None, None
 
     # -------------------------------------------------------------------------- checkpoints
     def state_tensors_and_json(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
@@ -259,15 +260,24 @@ class _Trainer:
         same_world = c.state["world_size"] == self.info.world_size
         me = f"rank{self.info.rank if same_world else 0}"
         rng = {k.split(".", 1)[1]: v for k, v in c.tensors["rng"].items() if k.startswith(me + ".")}
-        ckpt.restore_rng_state(rng, c.state["rng"][me], self.generator)
-        if not same_world and self.info.rank > 0:  # new ranks: fresh dropout streams, same shared generator
-            torch.manual_seed(_derived_seed(self.config.seed, 1000 + self.info.rank + 7919 * c.step))
+        self.pending_rng = (rng, c.state["rng"][me], same_world, c.step)  # applied by run(), see restore_rng
         if c.state["data"]["num_examples"] != len(self.dataset):
             self._warn(f"the data set now holds {len(self.dataset)} images, the checkpoint's held "
                        f"{c.state['data']['num_examples']}: the data order will differ from the original run")
         self.step = c.step
         world = "" if same_world else f" (world size {c.state['world_size']} -> {self.info.world_size})"
         self._log(f"resumed from {path} at step {c.step}{world}")
+
+    def restore_rng(self) -> None:
+        """Put back the checkpoint's RNG states. Called after every object that may draw from them at
+        construction (the data loader's iterator), so that the first dropout mask is the saved one."""
+        if self.pending_rng is None:
+            return
+        rng, meta, same_world, step = self.pending_rng
+        ckpt.restore_rng_state(rng, meta, self.generator)
+        if not same_world and self.info.rank > 0:  # new ranks: fresh dropout streams, same shared generator
+            torch.manual_seed(_derived_seed(self.config.seed, 1000 + self.info.rank + 7919 * step))
+        self.pending_rng = None
 
     # -------------------------------------------------------------------------- feedback
     def _log(self, msg: str) -> None:
@@ -388,7 +398,9 @@ class _Trainer:
         pause_after = int(os.environ.get(PAUSE_ENV, "-1"))
         bar = _progress_bar(c, self.step, enabled=self.progress and self.info.is_main)
         t_last, s_last, window = time.perf_counter(), self.step, []
-        for x0 in _batch_stream(self.dataset, c, self.info, self.step):
+        stream = _batch_stream(self.dataset, c, self.info, self.step)
+        self.restore_rng()
+        for x0 in stream:
             loss, grad_norm, finite = self.train_step(x0)
             self.step += 1
             if finite:
