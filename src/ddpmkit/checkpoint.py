@@ -47,6 +47,7 @@ __all__ = [
     "newest_loadable",
     "optimizer_state_from_tensors",
     "optimizer_state_to_tensors",
+    "prune",
     "read_state",
     "replace_dir_atomically",
     "restore_rng_state",
@@ -144,13 +145,32 @@ def replace_dir_atomically(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
 
 
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    """Finish what a kill left of pruning: the rules of ``_prune`` applied to ``run_dir``."""
+    root = checkpoint_dir(run_dir)
+    if root.is_dir():
+        _prune(root, keep_last)
+
+
 def _prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and torn temp folders."""
+    """Delete all but the newest ``keep_last`` complete checkpoints, torn ones older than the newest
+    complete one, and temp folders. Each is first renamed to ``.del-...`` (atomic), so a kill
+    mid-delete leaves a folder that the next prune finishes, never a half-deleted ``step-...``."""
     complete = list_checkpoints(root.parent)
-    for path in complete[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+    doomed = complete[:-keep_last]
+    if complete:
+        newest = complete[-1].name
+        doomed += [p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir() and p.name < newest
+                   and p not in complete]
+    for path in doomed:
+        aside = root / f".del-{path.name}"
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.rename(path, aside)
+    if doomed:
+        _fsync_dir(root)
     for path in root.iterdir():
-        if path.name.startswith((".tmp-", ".old-")) and path.is_dir():
+        if path.name.startswith((".tmp-", ".old-", ".del-")) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -236,12 +236,22 @@ class _Trainer:
                     raise RuntimeError(f"refusing to checkpoint non-finite {name} weights: {bad[:3]}")
             ckpt.save_checkpoint(self.run_dir, self.step, tensors=tensors, state=state,
                                  keep_last=self.config.keep_last)
-            diffusion = self.config.diffusion.to_dict()
-            for net, name in ((self.ema.module, "model"), (self.model, "model_raw")):
-                tmp = self.run_dir / f".tmp-{name}-{os.getpid()}"
-                net.save(tmp, diffusion=diffusion)
-                ckpt.replace_dir_atomically(tmp, self.run_dir / name)
+            self.publish_models(only_if_stale=False)
         barrier(self.info)
+
+    def publish_models(self, *, only_if_stale: bool) -> None:
+        """Write RUN/model (EMA) and RUN/model_raw, each atomically; with ``only_if_stale``, only a
+        folder that is missing, unreadable or not the current weights (a kill between the checkpoint's
+        rename and these writes leaves them at an older checkpoint)."""
+        diffusion = self.config.diffusion.to_dict()
+        for net, name in ((self.ema.module, "model"), (self.model, "model_raw")):
+            if only_if_stale and _model_folder_holds(self.run_dir / name, net, diffusion):
+                continue
+            if only_if_stale:
+                self._log(f"{self.run_dir / name} is missing or older than the checkpoint; rewriting it")
+            tmp = self.run_dir / f".tmp-{name}-{os.getpid()}"
+            net.save(tmp, diffusion=diffusion)
+            ckpt.replace_dir_atomically(tmp, self.run_dir / name)
 
     def restore(self, c: ckpt.Checkpoint) -> None:
         path = c.path
@@ -494,6 +504,21 @@ def _prepare_run_dir(trainer: _Trainer, resume: str | None) -> ckpt.Checkpoint |
                          f"{run_dir}/checkpoints/step-000001000") from None
 
 
+def _model_folder_holds(folder: Path, net: UNet, diffusion: dict[str, Any]) -> bool:
+    """True if the model folder ``folder`` stores exactly ``net``'s weights and ``diffusion``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        saved = load_file(folder / "model.safetensors")
+        meta = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError, SafetensorError):
+        return False
+    current = net.state_dict()
+    return (isinstance(meta, dict) and meta.get("diffusion") == diffusion and saved.keys() == current.keys()
+            and all(torch.equal(saved[k], current[k].cpu()) for k in saved))
+
+
 def _tidy_run_dir(run_dir: Path) -> None:
     """Finish or undo what a kill left half done: a model folder renamed aside, temp folders."""
     for name in ("model", "model_raw"):
@@ -555,6 +580,9 @@ def train(
             trainer._log(f"no complete checkpoint in {run_dir}; starting from step 0")
         if info.is_main:
             _tidy_run_dir(run_dir)
+            if start is not None:
+                trainer.publish_models(only_if_stale=True)
+                ckpt.prune(run_dir, config.keep_last)
             save_config(config, run_dir / "config.json")
             _truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
             trainer.tb = _tensorboard(run_dir)
