@@ -149,3 +149,47 @@ def test_an_update_whose_result_is_non_finite_is_skipped_like_a_nan_loss(tmp_pat
     from test_train import assert_states_equal, final_state
 
     assert_states_equal(final_state(tmp_path / "poison"), final_state(tmp_path / "ref"))
+
+
+# ------------------------------------------------------------------------- 3, 10: one lock per run dir
+_HOLDER = """
+import sys, time
+from ddpmkit.fileio import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_trainer_on_a_live_run_dir_is_refused_and_a_dead_holders_lock_is_stale(tmp_path, tiny_npz):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        c = tiny_config(tiny_npz, steps=2)
+        with pytest.raises(ValueError, match=f"in use by .*{holder.pid}@{socket.gethostname()}"):
+            train(c, run, resume="auto", progress=False)
+        assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert (run / ".lock").read_text().startswith(f"{holder.pid}@")  # left behind by kill -9: stale
+    assert train(c, run, resume="auto", progress=False).exit_code == 0
+
+
+def test_an_unwritable_run_dir_is_a_one_line_error_before_any_work(tmp_path, tiny_npz, monkeypatch):
+    import ddpmkit.train as train_module
+
+    blocker = tmp_path / "a-file"  # a folder below a file cannot be created, not even by root
+    blocker.write_text("")
+    monkeypatch.setattr(train_module, "_Trainer", None)  # building the trainer (data, model) must not start
+    with pytest.raises(ValueError, match="cannot write to .*a-file/run"):
+        train(tiny_config(tiny_npz, steps=2), blocker / "run", progress=False)

@@ -49,7 +49,7 @@ from ddpmkit.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from ddpmkit.fileio import append_line_synced, atomic_write_bytes
+from ddpmkit.fileio import RunLock, append_line_synced, atomic_write_bytes
 from ddpmkit.nn import UNet
 
 __all__ = ["EXIT_NONFINITE", "TrainResult", "batch_indices", "epoch_permutation", "learning_rate", "train"]
@@ -568,7 +568,11 @@ def train(
     run_dir = Path(run_dir)
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
+    lock = RunLock(run_dir)
     try:
+        if info.is_main:
+            lock.acquire()  # one trainer per run dir; also the check that it can be written, before any work
+        barrier(info)
         trainer = _Trainer(config, run_dir, info, progress=progress, inject_nonfinite=inject_nonfinite)
         start = _prepare_run_dir(trainer, resume)
         if info.is_main:
@@ -602,6 +606,7 @@ def train(
                            ema=trainer.ema.module, losses=trainer.losses, sample_grid=grid,
                            num_skipped=trainer.dataset.num_skipped)
     finally:
+        lock.release()
         shutdown_distributed(info)
 
 
