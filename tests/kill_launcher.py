@@ -2,7 +2,7 @@
 
 Runs ``ddpm train`` in this process with the file-system and step functions that a run's safety
 depends on wrapped (monkeypatched here, nothing in ddpmkit knows): every call is an event, appended
-to LOG as one line (its number and name) before it happens. At event number KILL_AT this process
+to LOG as one line (its number and name) before it happens; the main process only. At event number KILL_AT this process
 sends itself SIGKILL, exactly as a crash or ``kill -9`` at that moment would. KILL_AT -1: never.
 """
 
@@ -17,9 +17,11 @@ import sys
 def main() -> int:
     kill_at, log_path, rest = int(sys.argv[1]), sys.argv[2], sys.argv[4:]
     log = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the process
-    count = [0]
+    count, me = [0], os.getpid()
 
     def event(name: str) -> None:
+        if os.getpid() != me:  # a data-loader worker (forked with these wrappers): not counted
+            return
         count[0] += 1
         log.write(f"{count[0]} {name}\n")
         if count[0] == kill_at:

@@ -289,4 +289,4 @@ def test_a_model_folder_renamed_aside_by_a_kill_is_put_back(tmp_path, tiny_npz):
     train(apply_overrides(c, {"steps": 3}), tmp_path, resume="auto", progress=False)
     got = load_file(tmp_path / "model" / "model.safetensors")
     assert all(torch.equal(got[k], v) for k, v in expected.items())
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".lock"]
