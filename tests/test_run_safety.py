@@ -193,3 +193,21 @@ def test_an_unwritable_run_dir_is_a_one_line_error_before_any_work(tmp_path, tin
     monkeypatch.setattr(train_module, "_Trainer", None)  # building the trainer (data, model) must not start
     with pytest.raises(ValueError, match="cannot write to .*a-file/run"):
         train(tiny_config(tiny_npz, steps=2), blocker / "run", progress=False)
+
+
+# ------------------------------------------------------------------------- 14: one-line worker errors
+def test_a_data_error_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    from ddpmkit.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.png").write_bytes(b"not a png")
+    args = ["train", "-o", str(tmp_path / "run"), "--data", str(images), "--no-progress", "--steps", "2",
+            "--batch-size", "2", "--set", "unet.resolution=8", "--set", "unet.ch_mult=1"]
+    assert main([*args, "--num-workers", "0"]) == 2
+    plain = capsys.readouterr().err
+    assert main([*args, "--num-workers", "1", "-o", str(tmp_path / "run1")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "worker" not in err, err
+    assert err.split("error: ", 1)[1] == plain.split("error: ", 1)[1]

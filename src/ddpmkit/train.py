@@ -122,8 +122,31 @@ class _Batches(torch.utils.data.Dataset):
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
 
-    def __getitem__(self, indices: np.ndarray) -> torch.Tensor:
-        return self.dataset.get_batch(indices)
+    def __getitem__(self, indices: np.ndarray) -> torch.Tensor | _DataError:
+        try:
+            return self.dataset.get_batch(indices)
+        except (ValueError, OSError) as e:  # a data error: sent back as such, re-raised as one line
+            return _DataError(type(e).__name__, str(e))
+
+
+@dataclass(frozen=True)
+class _DataError:
+    """A data error raised in a loader worker, carried to the main process (whose DataLoader would wrap
+    the exception in a multi-line worker traceback)."""
+
+    kind: str
+    message: str
+
+    def reraise(self) -> None:
+        exc = {"FileNotFoundError": FileNotFoundError, "OSError": OSError}.get(self.kind, ValueError)
+        raise exc(self.message)
+
+
+def _unwrap(loader: Any) -> Iterator[torch.Tensor]:
+    for item in loader:
+        if isinstance(item, _DataError):
+            item.reraise()
+        yield item
 
 
 class _RankBatchSampler(torch.utils.data.Sampler):
@@ -154,7 +177,7 @@ def _batch_stream(dataset: Any, config: TrainConfig, info: DistInfo, start: int)
         pin_memory=info.device.type == "cuda", prefetch_factor=4,
         generator=torch.Generator().manual_seed(_derived_seed(config.seed, 2)),  # not torch's global RNG
     )
-    return iter(loader)
+    return _unwrap(iter(loader))
 
 
 class _StopFlag:
