@@ -234,3 +234,36 @@ def test_data_verify_reports_a_file_whose_name_is_not_utf8(tmp_path, monkeypatch
     text = out.buffer.getvalue().decode("utf-8")
     assert code == 1, text
     assert "bad\\xff.png: " in text and "1 unreadable" in text
+
+
+# ------------------------------------------------------------------------- 13: sizes that cannot fit
+@pytest.mark.parametrize("flags", [
+    ["--set", "unet.ch=100000"],
+    ["--set", "unet.num_res_blocks=100000"],
+    ["--batch-size", "100000000"],
+])
+def test_train_refuses_sizes_that_cannot_fit_before_allocating(tmp_path, capsys, flags):
+    from ddpmkit.cli import main
+
+    assert main(["train", "-o", str(tmp_path / "run"), "--no-progress", "--steps", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GiB" in err and "more than the" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key, value", [("resolution", 100000)])  # T = 10^9: see the note (diffusion.py)
+def test_sample_refuses_a_model_config_that_cannot_fit(tmp_path, capsys, key, value):
+    from ddpmkit.cli import main
+    from ddpmkit.diffusion import DiffusionConfig
+    from ddpmkit.nn import UNet, UNetConfig
+
+    net = UNet(config=UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,),
+                                 num_res_blocks=1, attn_resolutions=()))
+    net.save(tmp_path / "m", diffusion=DiffusionConfig(num_timesteps=10, beta_start=0.01, beta_end=0.4))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (cfg["diffusion"] if key == "num_timesteps" else cfg["unet"] if "unet" in cfg else cfg)[key] = value
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert main(["sample", str(tmp_path / "m"), "--n", "1", "--output-dir", str(tmp_path / "s"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GiB" in err, err

@@ -39,7 +39,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ddpmkit import checkpoint as ckpt
-from ddpmkit.config import Precision, TrainConfig, changed_on_resume, deviations_from_paper, save_config
+from ddpmkit.config import (
+    Precision,
+    TrainConfig,
+    changed_on_resume,
+    check_fits,
+    deviations_from_paper,
+    save_config,
+)
 from ddpmkit.distributed import (
     DistInfo,
     all_gather_objects,
@@ -593,6 +600,8 @@ def train(
         torch.set_num_threads(config.num_threads)
     lock = RunLock(run_dir)
     try:
+        check_fits(config.unet, config.diffusion.num_timesteps, config.batch_size // info.world_size,
+                   training=True, device=info.device)
         if info.is_main:
             lock.acquire()  # one trainer per run dir; also the check that it can be written, before any work
         barrier(info)

@@ -164,12 +164,14 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, out_dir: Path) -> int:
     from tqdm.auto import tqdm
 
+    from ddpmkit.config import check_fits
     from ddpmkit.figures import save_image
     from ddpmkit.models import load_model
     from ddpmkit.sampling import prepare_model, sample, sample_generators, space_timesteps
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, ema=args.ema)
+    check_fits(loaded.unet.config, loaded.diffusion.num_timesteps, args.batch_size, training=False, device=device)
     diffusion = loaded.diffusion.build()
     T = diffusion.num_timesteps
     steps = args.steps if args.steps is not None else T
