@@ -267,3 +267,16 @@ def test_sample_refuses_a_model_config_that_cannot_fit(tmp_path, capsys, key, va
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "GiB" in err, err
+
+
+@pytest.mark.parametrize("kind", ["digits", "fid", "bpd"])
+def test_eval_with_an_unwritable_output_is_a_one_line_error_before_any_work(tmp_path, capsys, kind):
+    from ddpmkit.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    first = {"digits": ["missing.npz"], "fid": ["missing.npz", "--ref", "missing-ref.npz"],
+             "bpd": ["missing-model", "--data", "digits"]}[kind]
+    assert main(["eval", kind, *first, "--out", str(blocker / "x" / "out.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write to" in err, err  # not the missing input: checked first
