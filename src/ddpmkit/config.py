@@ -337,9 +337,11 @@ def changed_on_resume(saved: TrainConfig, requested: TrainConfig) -> list[str]:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:
-    """Write ``config.to_dict()`` as indented JSON."""
+    """Write ``config.to_dict()`` as indented JSON, atomically (fsync + rename)."""
+    from ddpmkit.fileio import atomic_write_json
+
     path = Path(path)
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path, config.to_dict())
     return path
 
 
