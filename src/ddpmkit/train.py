@@ -56,7 +56,6 @@ from ddpmkit.nn import UNet
 __all__ = ["EXIT_NONFINITE", "TrainResult", "batch_indices", "epoch_permutation", "learning_rate", "train"]
 
 EXIT_NONFINITE = 3
-PAUSE_ENV = "DDPMKIT_TEST_PAUSE_AFTER_STEP"  # test hook: idle after this step until a signal
 
 
 def _match_param_strides_(opt: torch.optim.Optimizer) -> None:
@@ -429,7 +428,6 @@ class _Trainer:
     # -------------------------------------------------------------------------- the loop
     def run(self, stop: _StopFlag) -> int:
         c = self.config
-        pause_after = int(os.environ.get(PAUSE_ENV, "-1"))
         bar = _progress_bar(c, self.step, enabled=self.progress and self.info.is_main)
         t_last, s_last, window = time.perf_counter(), self.step, []
         stream = _batch_stream(self.dataset, c, self.info, self.step)
@@ -461,9 +459,6 @@ class _Trainer:
                     self.metrics(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate * c.batch_size:.0f}")
                 t_last, s_last, window = now, self.step, []
-            if self.step == pause_after:
-                while not stop.signum:
-                    time.sleep(0.02)
             signum = all_reduce_max(stop.signum, self.info)
             if self.step % c.checkpoint_every == 0 or self.step == c.steps or signum:
                 self.save()
