@@ -92,7 +92,7 @@ def test_kill_points_cover_the_dangerous_moments(setup):
     assert len(kill_points(names, 20)) >= 20
 
 
-@pytest.mark.parametrize("which", ["final model write", "pruning"])
+@pytest.mark.parametrize("which", ["final model write", pytest.param("pruning", marks=pytest.mark.slow)])
 def test_kill_at_the_worst_moments_then_resume_is_bit_identical(setup, which):
     root, over, names = setup
     points = kill_points(names, 0)

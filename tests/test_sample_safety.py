@@ -85,6 +85,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # a subprocess start: ~10 s under load
 def test_a_sample_folder_in_use_is_refused(models, tmp_path, capsys):
     import os
 
