@@ -11,8 +11,10 @@ A run directory holds ``checkpoints/step-000001000/``, each with
 
 A checkpoint is written into ``checkpoints/.tmp-step-...``, every file fsynced, the manifest last,
 then the folder is renamed into place and the parent fsynced. A folder without a manifest, or whose
-files do not match it, is torn and is ignored by ``latest_checkpoint``. Old checkpoints are pruned
-only after the new one is complete. Nothing is pickled: loading a checkpoint never runs code.
+files do not match it, is torn and is ignored by ``latest_checkpoint``; ``newest_loadable`` also
+checks every SHA-256 and skips a corrupt one with a warning naming the file. Manifest names are
+confined to the folder. Old checkpoints are pruned only after the new one is complete, each renamed
+to ``.del-...`` before it is deleted. Nothing is pickled: loading a checkpoint never runs code.
 """
 
 from __future__ import annotations
