@@ -64,9 +64,10 @@ def read_json_file(path: str | Path) -> Any:
 
 
 class RunLock:
-    """An exclusive ``fcntl.flock`` on ``FOLDER/.lock``, holding ``PID@host`` of its owner.
+    """An exclusive POSIX lock (``fcntl.lockf``) on ``FOLDER/.lock``, holding ``PID@host`` of its owner.
 
-    The kernel drops the lock when its process dies (kill -9 included), so a lock left by a dead
+    The kernel drops the lock when its process dies (kill -9 included), and forked children (data
+    loader workers) do not inherit it (a ``flock`` they would keep), so a lock left by a dead
     run is stale by construction and simply taken over. ``acquire`` also checks that the folder can
     be written, before any work: a clear ValueError names the folder, or the live holder.
     """
@@ -85,7 +86,7 @@ class RunLock:
         except OSError as e:
             raise ValueError(f"cannot write to {self.folder}: {e.strerror or e}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: not inherited by forked workers
         except OSError as e:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
@@ -100,7 +101,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
+            os.close(self._fd)  # closing drops the lock
             self._fd = None
 
     def __enter__(self) -> RunLock:
