@@ -407,9 +407,6 @@ def _trap(name: str, armed: list[bool], original):
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
 
 
-@pytest.mark.xfail(strict=True, raises=HostSync,
-                   reason="today GaussianDiffusion._check_t reads torch.aminmax(t) with int() at every "
-                          "step; issue i13 moves that validation to the API boundary")
 def test_sampling_loop_reads_no_tensor_on_the_host(monkeypatch):
     """After the boundary checks (armed at the first network call), Algorithm 2's loop must not
     read a tensor's value on the host: on CUDA each such read waits for the GPU, every step."""
@@ -439,13 +436,9 @@ def test_the_host_read_trap_catches_a_read_in_the_loop(monkeypatch):
         diffusion.p_mean_variance(reads, torch.zeros(2, 1, 8, 8), torch.tensor([3, 3]))
 
 
-SYNC_TODAY = ("today GaussianDiffusion._check_t reads torch.aminmax(t) with int() at every step (the CPU "
-              "trap above shows it); issue i13 moves that validation to the API boundary")
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=SYNC_TODAY)
 def test_cuda_sampling_loop_does_not_synchronize():
     # torch's sync debug mode raises on any synchronizing call (item, nonzero, a blocking copy) once
     # armed, here from the second step on (the first carries the boundary checks and warm-up).
