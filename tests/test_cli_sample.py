@@ -66,7 +66,7 @@ def test_sample_writes_pngs_grid_and_npz(model_dir, tmp_path, capsys) -> None:
     settings = json.loads((out / "sampling.json").read_text())
     assert settings["sampler"] == "ddpm" and settings["steps"] == T and settings["seed"] == 3
     assert "images/s" in capsys.readouterr().out
-    assert not list(out.glob(".*"))  # no temporary files left behind
+    assert [p.name for p in out.glob(".*")] == [".lock"]  # no temporary files left behind, only the lock
 
 
 def test_same_images_for_any_batch_size_and_seed_matters(model_dir, tmp_path) -> None:

@@ -29,7 +29,7 @@ from ddpmkit.data import load_digits_uint8
 from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.nn import UNet, UNetConfig
 from ddpmkit.sampling import prepare_model, sample_ancestral, sample_generators
-from ddpmkit.train import PAUSE_ENV, train
+from ddpmkit.train import train
 
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "needs a CUDA device (none here); run on the device machine: bash benchmarks/gpu_check.sh"
@@ -294,11 +294,12 @@ def test_transposed_conv_upsample_and_folded_attention_under_bf16_match_fp32(dev
 
 # ------------------------------------------------------------------------------- torchrun
 def _torchrun(run: Path, over: dict[str, str], device: str, *extra: str, pause: int = -1) -> subprocess.Popen:
+    launcher = Path(__file__).with_name("kill_launcher.py")  # test-only: pauses after step ``pause``
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-           "-m", "ddpmkit.cli", "train", "--device", device, "--no-progress", "-o", str(run), *extra]
+           str(launcher), "-1", os.devnull, "--pause-after", str(pause), "--",
+           "--device", device, "--no-progress", "-o", str(run), *extra]
     cmd += [a for k, v in over.items() for a in ("--set", f"{k}={v}")]
-    env = dict(os.environ, **{PAUSE_ENV: str(pause)})
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 

@@ -21,7 +21,7 @@ from ddpmkit.cli import build_parser
 from ddpmkit.cli.train import resolve_config
 from ddpmkit.config import apply_overrides, train_preset
 from ddpmkit.data import load_digits_uint8
-from ddpmkit.train import EXIT_NONFINITE, PAUSE_ENV, batch_indices, epoch_permutation, learning_rate, train
+from ddpmkit.train import EXIT_NONFINITE, batch_indices, epoch_permutation, learning_rate, train
 
 NUM_IMAGES = 40  # the tiny data set: the first 40 training digits
 
@@ -139,10 +139,11 @@ def test_existing_run_needs_resume(tmp_path, tiny_npz):
 
 
 def _start_cli(run: Path, over: dict[str, str], pause_after: int) -> subprocess.Popen:
-    env = dict(os.environ, **{PAUSE_ENV: str(pause_after)})
-    cmd = [sys.executable, "-m", "ddpmkit.cli", "train", "--output-dir", str(run), "--no-progress",
-           *cli_args(over)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """`ddpm train` through the test-only launcher, idling after step ``pause_after`` until a signal."""
+    launcher = Path(__file__).with_name("kill_launcher.py")
+    cmd = [sys.executable, str(launcher), "-1", os.devnull, "--pause-after", str(pause_after), "--",
+           "--output-dir", str(run), "--no-progress", *cli_args(over)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float = 120.0) -> None:
@@ -289,4 +290,4 @@ def test_a_model_folder_renamed_aside_by_a_kill_is_put_back(tmp_path, tiny_npz):
     train(apply_overrides(c, {"steps": 3}), tmp_path, resume="auto", progress=False)
     got = load_file(tmp_path / "model" / "model.safetensors")
     assert all(torch.equal(got[k], v) for k, v in expected.items())
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".lock"]

@@ -11,8 +11,10 @@ A run directory holds ``checkpoints/step-000001000/``, each with
 
 A checkpoint is written into ``checkpoints/.tmp-step-...``, every file fsynced, the manifest last,
 then the folder is renamed into place and the parent fsynced. A folder without a manifest, or whose
-files do not match it, is torn and is ignored by ``latest_checkpoint``. Old checkpoints are pruned
-only after the new one is complete. Nothing is pickled: loading a checkpoint never runs code.
+files do not match it, is torn and is ignored by ``latest_checkpoint``; ``newest_loadable`` also
+checks every SHA-256 and skips a corrupt one with a warning naming the file. Manifest names are
+confined to the folder. Old checkpoints are pruned only after the new one is complete, each renamed
+to ``.del-...`` before it is deleted. Nothing is pickled: loading a checkpoint never runs code.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from ddpmkit.fileio import read_json_file
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpoint",
@@ -41,8 +45,11 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "manifest_problem",
+    "newest_loadable",
     "optimizer_state_from_tensors",
     "optimizer_state_to_tensors",
+    "prune",
     "read_state",
     "replace_dir_atomically",
     "restore_rng_state",
@@ -140,33 +147,74 @@ def replace_dir_atomically(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
 
 
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    """Finish what a kill left of pruning: the rules of ``_prune`` applied to ``run_dir``."""
+    root = checkpoint_dir(run_dir)
+    if root.is_dir():
+        _prune(root, keep_last)
+
+
 def _prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and torn temp folders."""
+    """Delete all but the newest ``keep_last`` complete checkpoints, torn ones older than the newest
+    complete one, and temp folders. Each is first renamed to ``.del-...`` (atomic), so a kill
+    mid-delete leaves a folder that the next prune finishes, never a half-deleted ``step-...``."""
     complete = list_checkpoints(root.parent)
-    for path in complete[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+    doomed = complete[:-keep_last]
+    if complete:
+        newest = complete[-1].name
+        doomed += [p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir() and p.name < newest
+                   and p not in complete]
+    for path in doomed:
+        aside = root / f".del-{path.name}"
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.rename(path, aside)
+    if doomed:
+        _fsync_dir(root)
     for path in root.iterdir():
-        if path.name.startswith((".tmp-", ".old-")) and path.is_dir():
+        if path.name.startswith((".tmp-", ".old-", ".del-")) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _safe_name(name: Any) -> bool:
+    """A manifest entry must name a plain file directly inside the checkpoint folder."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not name.startswith(".") and Path(name).name == name)
+
+
+def manifest_problem(path: str | Path, *, required: tuple[str, ...] = (STATE,)) -> str | None:
+    """Why ``path`` is not a complete checkpoint (manifest shape, names, sizes), or None when it is.
+
+    ``required``: file names that the manifest must list. Names are confined to the folder.
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_bytes())
+    except (OSError, ValueError) as e:
+        return f"{path / MANIFEST}: unreadable ({e})"
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        return f"{path / MANIFEST}: not a {CHECKPOINT_FORMAT} manifest"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"{path / MANIFEST}: 'files' is not an object"
+    missing = [n for n in required if n not in files]
+    if missing:
+        return f"{path / MANIFEST}: does not list {missing}"
+    for name, entry in files.items():
+        if not _safe_name(name):
+            return f"{path / MANIFEST}: file name {name!r} is not a plain name inside the folder"
+        if (not isinstance(entry, dict) or type(entry.get("bytes")) is not int
+                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64):
+            return f"{path / MANIFEST}: entry {name!r} is not {{bytes: int, sha256: hex}}"
+        f = path / name
+        if not f.is_file() or f.stat().st_size != entry["bytes"]:
+            return f"{f}: missing, or its size differs from the manifest"
+    return None
 
 
 def is_complete(path: str | Path) -> bool:
     """True when ``path`` has a valid manifest and every file it lists with the listed size."""
-    path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
-        return False
-    files = manifest.get("files")
-    if not isinstance(files, dict) or STATE not in files:
-        return False
-    for name, entry in files.items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != entry.get("bytes"):
-            return False
-    return True
+    return manifest_problem(path) is None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -184,23 +232,54 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint folder, checking every file against the manifest's SHA-256."""
+def load_checkpoint(path: str | Path, *, required: tuple[str, ...] = (STATE,),
+                    state_keys: tuple[str, ...] = ()) -> Checkpoint:
+    """Read a checkpoint folder, checking every file against the manifest's SHA-256.
+
+    A torn or corrupt checkpoint (or one lacking a ``required`` file or a ``state_keys`` key) is a
+    ValueError naming the file at fault.
+    """
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"{path} is not a complete ddpmkit checkpoint (missing or torn manifest)")
-    manifest = json.loads((path / MANIFEST).read_text())
+    problem = manifest_problem(path, required=tuple({STATE, *required}))
+    if problem is not None:
+        raise ValueError(f"{path} is not a complete ddpmkit checkpoint: {problem}")
+    manifest = json.loads((path / MANIFEST).read_bytes())
     tensors: dict[str, dict[str, torch.Tensor]] = {}
-    state: dict[str, Any] = {}
+    state: Any = None
     for name, entry in manifest["files"].items():
         data = (path / name).read_bytes()
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ValueError(f"{path / name}: SHA-256 does not match the manifest (corrupt checkpoint)")
-        if name == STATE:
-            state = json.loads(data)
-        elif name.endswith(".safetensors"):
-            tensors[name.removesuffix(".safetensors")] = load_safetensors_bytes(data)
-    return Checkpoint(path=path, step=int(state["step"]), tensors=tensors, state=state)
+        try:
+            if name == STATE:
+                state = json.loads(data)
+            elif name.endswith(".safetensors"):
+                tensors[name.removesuffix(".safetensors")] = load_safetensors_bytes(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure of a hashed file is a torn checkpoint
+            raise ValueError(f"{path / name}: unreadable ({e})") from None
+    missing = [k for k in ("step", *state_keys) if not isinstance(state, dict) or k not in state]
+    if missing or type(state["step"]) is not int or state["step"] != manifest.get("step"):
+        raise ValueError(f"{path / STATE}: lacks {missing or ['a step matching the manifest']}")
+    return Checkpoint(path=path, step=state["step"], tensors=tensors, state=state)
+
+
+def newest_loadable(run_dir: str | Path, *, required: tuple[str, ...] = (STATE,), state_keys: tuple[str, ...] = (),
+                    warn: Any = None) -> Checkpoint | None:
+    """The newest checkpoint of a run that loads (manifest, sizes, SHA-256, required contents).
+
+    Each newer one that does not is torn: ``warn(message naming the file)`` and the next older is tried.
+    """
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+    for _, path in reversed(found):
+        try:
+            return load_checkpoint(path, required=required, state_keys=state_keys)
+        except ValueError as e:
+            if warn is not None:
+                warn(f"skipping torn checkpoint: {e}")
+    return None
 
 
 def optimizer_state_to_tensors(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -264,6 +343,10 @@ def restore_rng_state(
 def read_state(path: str | Path) -> dict[str, Any]:
     """``state.json`` of a complete checkpoint (step, config, ...) without reading its tensors."""
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"{path} is not a complete ddpmkit checkpoint (missing or torn manifest)")
-    return json.loads((path / STATE).read_text())
+    problem = manifest_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path} is not a complete ddpmkit checkpoint: {problem}")
+    state = read_json_file(path / STATE)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path / STATE}: not a JSON object")
+    return state

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -112,8 +113,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -336,9 +337,11 @@ def changed_on_resume(saved: TrainConfig, requested: TrainConfig) -> list[str]:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:
-    """Write ``config.to_dict()`` as indented JSON."""
+    """Write ``config.to_dict()`` as indented JSON, atomically (fsync + rename)."""
+    from ddpmkit.fileio import atomic_write_json
+
     path = Path(path)
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path, config.to_dict())
     return path
 
 
@@ -367,3 +370,48 @@ def config_from_partial_dict(d: dict[str, Any]) -> TrainConfig:
         else:
             base[key] = value
     return TrainConfig.from_dict(base)
+
+
+# ---------------------------------------------------------------------------------- size bounds
+_GIB = 2**30
+
+
+def _unet_sizes(unet: Any) -> tuple[float, float]:
+    """(parameters, activations per image) of a U-Net, from its config alone (no allocation).
+
+    Per level i (channels c = ch * ch_mult[i], side R / 2^i): 2 * num_res_blocks + 1 residual blocks
+    of two 3x3 convolutions (18 c^2 weights), and about 8 saved tensors of c * side^2 values each.
+    Both are deliberately rough lower estimates: only what clearly cannot fit is refused.
+    """
+    blocks = 2 * unet.num_res_blocks + 1
+    params = acts = 0.0
+    for i, mult in enumerate(unet.ch_mult):
+        c, side = float(unet.ch) * mult, float(unet.resolution) / 2**i
+        params += blocks * 18 * c * c
+        acts += blocks * 8 * c * side * side
+    return params, acts
+
+
+def memory_limit(device: Any = None) -> int:
+    """Bytes of memory of ``device``: the GPU's total memory, else this machine's physical memory."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_fits(unet: Any, num_timesteps: int, batch_size: int, *, training: bool, device: Any = None) -> None:
+    """Refuse sizes that cannot fit in memory, before anything is allocated: a ValueError (one line)
+    naming the estimate and the limit. Training keeps weights, gradients, two Adam moments and the
+    EMA (5 copies) and the activations for backward; sampling one copy and transient activations."""
+    params, acts = _unet_sizes(unet)
+    copies, act_factor = (5, 1.0) if training else (1, 0.25)
+    need = 4 * (copies * params + act_factor * batch_size * acts) + 8 * 16 * float(num_timesteps)
+    limit = memory_limit(device)
+    if need > limit:
+        what = "training" if training else "sampling"
+        raise ValueError(f"{what} needs at least ~{need / _GIB:,.1f} GiB (U-Net ch={unet.ch}, ch_mult="
+                         f"{list(unet.ch_mult)}, num_res_blocks={unet.num_res_blocks}, resolution={unet.resolution}, "
+                         f"batch {batch_size}, T={num_timesteps}), more than the {limit / _GIB:,.1f} GiB of the "
+                         "device; lower these sizes")

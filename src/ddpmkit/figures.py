@@ -139,6 +139,8 @@ def _atomic_save(image: Image.Image, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt)
+            f.flush()
+            os.fsync(f.fileno())  # else a power cut can leave the renamed file empty
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -10,8 +10,8 @@ Reproducibility. Everything random is a pure function of the seed and restored s
 - dropout draws from torch's global RNG (per rank), whose state is checkpointed per rank.
 On the CPU a resumed run therefore equals an uninterrupted one: same losses, ``torch.equal`` weights.
 
-Safety. A non-finite loss or gradient norm skips the update (weights, optimiser, EMA unchanged)
-and warns; ``max_nonfinite`` in a row stop the run with exit code ``EXIT_NONFINITE``. SIGTERM and
+Safety. A non-finite loss, gradient norm or update result (a weight) skips the update (weights,
+optimiser, EMA unchanged) and warns; ``max_nonfinite`` in a row stop the run with exit code ``EXIT_NONFINITE``. SIGTERM and
 SIGINT finish the current step, save a checkpoint and return 128 + signal.
 """
 
@@ -40,6 +40,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.config import Precision, TrainConfig, changed_on_resume, deviations_from_paper, save_config
+from ddpmkit.config import check_fits
 from ddpmkit.data.convert import horizontal_flip_where, to_uint8_nhwc
 from ddpmkit.distributed import (
     DistInfo,
@@ -50,12 +51,12 @@ from ddpmkit.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from ddpmkit.fileio import RunLock, append_line_synced, atomic_write_bytes
 from ddpmkit.nn import UNet
 
 __all__ = ["EXIT_NONFINITE", "TrainResult", "batch_indices", "epoch_permutation", "learning_rate", "train"]
 
 EXIT_NONFINITE = 3
-PAUSE_ENV = "DDPMKIT_TEST_PAUSE_AFTER_STEP"  # test hook: idle after this step until a signal
 
 
 def _match_param_strides_(opt: torch.optim.Optimizer) -> None:
@@ -122,8 +123,31 @@ class _Batches(torch.utils.data.Dataset):
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
 
-    def __getitem__(self, indices: np.ndarray) -> torch.Tensor:
-        return self.dataset.get_batch(indices)
+    def __getitem__(self, indices: np.ndarray) -> torch.Tensor | _DataError:
+        try:
+            return self.dataset.get_batch(indices)
+        except (ValueError, OSError) as e:  # a data error: sent back as such, re-raised as one line
+            return _DataError(type(e).__name__, str(e))
+
+
+@dataclass(frozen=True)
+class _DataError:
+    """A data error raised in a loader worker, carried to the main process (whose DataLoader would wrap
+    the exception in a multi-line worker traceback)."""
+
+    kind: str
+    message: str
+
+    def reraise(self) -> None:
+        exc = {"FileNotFoundError": FileNotFoundError, "OSError": OSError}.get(self.kind, ValueError)
+        raise exc(self.message)
+
+
+def _unwrap(loader: Any) -> Iterator[torch.Tensor]:
+    for item in loader:
+        if isinstance(item, _DataError):
+            item.reraise()
+        yield item
 
 
 class _RankBatchSampler(torch.utils.data.Sampler):
@@ -152,8 +176,9 @@ def _batch_stream(dataset: Any, config: TrainConfig, info: DistInfo, start: int)
     loader = torch.utils.data.DataLoader(
         _Batches(dataset), sampler=sampler, batch_size=None, num_workers=config.num_workers,
         pin_memory=info.device.type == "cuda", prefetch_factor=4,
+        generator=torch.Generator().manual_seed(_derived_seed(config.seed, 2)),  # not torch's global RNG
     )
-    return iter(loader)
+    return _unwrap(iter(loader))
 
 
 class _StopFlag:
@@ -208,7 +233,7 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision is Precision.FP16)
         self.generator = torch.Generator().manual_seed(_derived_seed(config.seed, 1))
         self.step, self.nonfinite, self.losses = 0, 0, {}
-        self.tb = None
+        self.tb, self.pending_rng = None, None
 
     # -------------------------------------------------------------------------- checkpoints
     def state_tensors_and_json(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
@@ -235,15 +260,25 @@ class _Trainer:
                     raise RuntimeError(f"refusing to checkpoint non-finite {name} weights: {bad[:3]}")
             ckpt.save_checkpoint(self.run_dir, self.step, tensors=tensors, state=state,
                                  keep_last=self.config.keep_last)
-            diffusion = self.config.diffusion.to_dict()
-            for net, name in ((self.ema.module, "model"), (self.model, "model_raw")):
-                tmp = self.run_dir / f".tmp-{name}-{os.getpid()}"
-                net.save(tmp, diffusion=diffusion)
-                ckpt.replace_dir_atomically(tmp, self.run_dir / name)
+            self.publish_models(only_if_stale=False)
         barrier(self.info)
 
-    def restore(self, path: Path) -> None:
-        c = ckpt.load_checkpoint(path)
+    def publish_models(self, *, only_if_stale: bool) -> None:
+        """Write RUN/model (EMA) and RUN/model_raw, each atomically; with ``only_if_stale``, only a
+        folder that is missing, unreadable or not the current weights (a kill between the checkpoint's
+        rename and these writes leaves them at an older checkpoint)."""
+        diffusion = self.config.diffusion.to_dict()
+        for net, name in ((self.ema.module, "model"), (self.model, "model_raw")):
+            if only_if_stale and _model_folder_holds(self.run_dir / name, net, diffusion):
+                continue
+            if only_if_stale:
+                self._log(f"{self.run_dir / name} is missing or older than the checkpoint; rewriting it")
+            tmp = self.run_dir / f".tmp-{name}-{os.getpid()}"
+            net.save(tmp, diffusion=diffusion)
+            ckpt.replace_dir_atomically(tmp, self.run_dir / name)
+
+    def restore(self, c: ckpt.Checkpoint) -> None:
+        path = c.path
         saved = TrainConfig.from_dict(c.state["config"])
         changed = changed_on_resume(saved, self.config)
         if changed:
@@ -259,15 +294,24 @@ class _Trainer:
         same_world = c.state["world_size"] == self.info.world_size
         me = f"rank{self.info.rank if same_world else 0}"
         rng = {k.split(".", 1)[1]: v for k, v in c.tensors["rng"].items() if k.startswith(me + ".")}
-        ckpt.restore_rng_state(rng, c.state["rng"][me], self.generator)
-        if not same_world and self.info.rank > 0:  # new ranks: fresh dropout streams, same shared generator
-            torch.manual_seed(_derived_seed(self.config.seed, 1000 + self.info.rank + 7919 * c.step))
+        self.pending_rng = (rng, c.state["rng"][me], same_world, c.step)  # applied by run(), see restore_rng
         if c.state["data"]["num_examples"] != len(self.dataset):
             self._warn(f"the data set now holds {len(self.dataset)} images, the checkpoint's held "
                        f"{c.state['data']['num_examples']}: the data order will differ from the original run")
         self.step = c.step
         world = "" if same_world else f" (world size {c.state['world_size']} -> {self.info.world_size})"
         self._log(f"resumed from {path} at step {c.step}{world}")
+
+    def restore_rng(self) -> None:
+        """Put back the checkpoint's RNG states. Called after every object that may draw from them at
+        construction (the data loader's iterator), so that the first dropout mask is the saved one."""
+        if self.pending_rng is None:
+            return
+        rng, meta, same_world, step = self.pending_rng
+        ckpt.restore_rng_state(rng, meta, self.generator)
+        if not same_world and self.info.rank > 0:  # new ranks: fresh dropout streams, same shared generator
+            torch.manual_seed(_derived_seed(self.config.seed, 1000 + self.info.rank + 7919 * step))
+        self.pending_rng = None
 
     # -------------------------------------------------------------------------- feedback
     def _log(self, msg: str) -> None:
@@ -294,8 +338,7 @@ class _Trainer:
         self._log("\n".join(lines))
 
     def metrics(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line_synced(self.run_dir / "metrics.jsonl", json.dumps(record))
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -353,7 +396,9 @@ class _Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
         loss_value = float(all_reduce_mean(loss.detach().float(), self.info))
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if finite or self.scaler.is_enabled():  # the scaler skips inf/NaN gradients itself
+        if finite:
+            finite = self._update_or_undo()
+        elif self.scaler.is_enabled():  # the scaler skips inf/NaN gradients itself
             self.scaler.step(self.opt)
             self.scaler.update()
         if finite:
@@ -361,13 +406,36 @@ class _Trainer:
         self.opt.zero_grad(set_to_none=True)
         return loss_value, grad_norm, finite
 
+    def _update_tensors(self) -> list[torch.Tensor]:
+        """Everything one optimiser step writes: the parameters, then the optimiser's state tensors."""
+        params = list(self.model.parameters())
+        state = [v for p in params for v in self.opt.state.get(p, {}).values() if torch.is_tensor(v)]
+        return params + state
+
+    def _update_or_undo(self) -> bool:
+        """The optimiser step; if it leaves a weight non-finite, the parameters and the optimiser state
+        are put back, so a non-finite update result is skipped like a non-finite loss. True if kept."""
+        had_state = bool(self.opt.state)
+        before = [t.clone() for t in self._update_tensors()]  # one copy: ~3x the weights, device-side
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        params = list(self.model.parameters())
+        if bool(torch.stack(torch._foreach_norm(params, float("inf"))).isfinite().all()):
+            return True
+        if not had_state:  # the first update: Adam had no state before it
+            self.opt.state.clear()
+        with torch.no_grad():
+            torch._foreach_copy_(self._update_tensors(), before[:len(self._update_tensors())])
+        return False
+
     # -------------------------------------------------------------------------- the loop
     def run(self, stop: _StopFlag) -> int:
         c = self.config
-        pause_after = int(os.environ.get(PAUSE_ENV, "-1"))
         bar = _progress_bar(c, self.step, enabled=self.progress and self.info.is_main)
         t_last, s_last, window = time.perf_counter(), self.step, []
-        for x0 in _batch_stream(self.dataset, c, self.info, self.step):
+        stream = _batch_stream(self.dataset, c, self.info, self.step)
+        self.restore_rng()
+        for x0 in stream:
             loss, grad_norm, finite = self.train_step(x0)
             self.step += 1
             if finite:
@@ -376,8 +444,8 @@ class _Trainer:
                 self.losses[self.step] = loss
             else:
                 self.nonfinite += 1
-                self._warn(f"step {self.step}: non-finite loss {loss} or gradient norm {grad_norm}; update "
-                           f"skipped ({self.nonfinite} in a row, limit {c.max_nonfinite})")
+                self._warn(f"step {self.step}: non-finite loss {loss}, gradient norm {grad_norm} or "
+                           f"updated weights; update skipped ({self.nonfinite} in a row, limit {c.max_nonfinite})")
                 if self.nonfinite >= c.max_nonfinite:
                     self._log(f"stopping: {self.nonfinite} non-finite steps in a row; the last good "
                               "checkpoint is kept (lower lr or check the data, then --resume auto)")
@@ -394,9 +462,6 @@ class _Trainer:
                     self.metrics(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate * c.batch_size:.0f}")
                 t_last, s_last, window = now, self.step, []
-            if self.step == pause_after:
-                while not stop.signum:
-                    time.sleep(0.02)
             signum = all_reduce_max(stop.signum, self.info)
             if self.step % c.checkpoint_every == 0 or self.step == c.steps or signum:
                 self.save()
@@ -422,8 +487,25 @@ def _progress_bar(config: TrainConfig, start: int, *, enabled: bool) -> Any:
                 smoothing=0.05, file=sys.stderr, mininterval=0.1 if tty else 30.0)
 
 
-def _prepare_run_dir(trainer: _Trainer, resume: str | None) -> Path | None:
-    """Which checkpoint to resume from (or None); refuses to mix a new run into an old one."""
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors",
+                    ckpt.STATE)
+STATE_KEYS = ("config", "world_size", "data", "optimizer", "rng", "ema_n_averaged", "scaler")
+
+
+def load_resumable(path: str | Path) -> ckpt.Checkpoint:
+    """A checkpoint of this trainer, verified (SHA-256, every file and state key it needs)."""
+    return ckpt.load_checkpoint(path, required=CHECKPOINT_FILES, state_keys=STATE_KEYS)
+
+
+def newest_resumable(run_dir: str | Path) -> ckpt.Checkpoint | None:
+    """The newest checkpoint of ``run_dir`` that loads; each newer torn one is skipped with a warning."""
+    def warn(msg: str) -> None:
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return ckpt.newest_loadable(run_dir, required=CHECKPOINT_FILES, state_keys=STATE_KEYS, warn=warn)
+
+
+def _prepare_run_dir(trainer: _Trainer, resume: str | None) -> ckpt.Checkpoint | None:
+    """The checkpoint to resume from (or None); refuses to mix a new run into an old one."""
     run_dir, info = trainer.run_dir, trainer.info
     if resume in (None, "none", "never"):
         if all_gather_objects(ckpt.latest_checkpoint(run_dir) is not None, info)[0]:  # rank 0 decides
@@ -431,13 +513,32 @@ def _prepare_run_dir(trainer: _Trainer, resume: str | None) -> Path | None:
                              "or choose another --output-dir")
         return None
     if resume == "auto":
-        found = all_gather_objects(str(ckpt.latest_checkpoint(run_dir) or ""), info)[0]  # rank 0 decides
-        return Path(found) if found else None
+        found = newest_resumable(run_dir) if info.is_main else None
+        path = all_gather_objects(str(found.path) if found else "", info)[0]  # rank 0 decides
+        if not path:
+            return None
+        return found if info.is_main else load_resumable(path)
     path = Path(resume)
-    if not ckpt.is_complete(path):
-        raise ValueError(f"--resume {resume!r}: not a complete checkpoint folder; expected 'auto' or a "
-                         f"folder like {run_dir}/checkpoints/step-000001000")
-    return path
+    try:
+        return load_resumable(path)
+    except ValueError as e:
+        raise ValueError(f"--resume {resume!r}: {e}; expected 'auto' or a folder like "
+                         f"{run_dir}/checkpoints/step-000001000") from None
+
+
+def _model_folder_holds(folder: Path, net: UNet, diffusion: dict[str, Any]) -> bool:
+    """True if the model folder ``folder`` stores exactly ``net``'s weights and ``diffusion``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        saved = load_file(folder / "model.safetensors")
+        meta = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError, SafetensorError):
+        return False
+    current = net.state_dict()
+    return (isinstance(meta, dict) and meta.get("diffusion") == diffusion and saved.keys() == current.keys()
+            and all(torch.equal(saved[k], current[k].cpu()) for k in saved))
 
 
 def _tidy_run_dir(run_dir: Path) -> None:
@@ -451,10 +552,23 @@ def _tidy_run_dir(run_dir: Path) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (written by a run killed after its last checkpoint)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+    """Drop metric lines past ``step`` (written by a run killed after its last checkpoint), and lines
+    torn by a power cut or a full disk (with a warning naming the file and line); rewritten atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for number, line in enumerate(path.read_bytes().decode(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            record_step = record["step"] if isinstance(record, dict) else None
+        except ValueError:
+            record_step = None
+        if type(record_step) is not int:
+            warnings.warn(f"{path} line {number}: torn or invalid record dropped: {line[:80]!r}",
+                          RuntimeWarning, stacklevel=2)
+        elif record_step <= step:
+            keep.append(line)
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def train(
@@ -476,7 +590,13 @@ def train(
     run_dir = Path(run_dir)
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
+    lock = RunLock(run_dir)
     try:
+        check_fits(config.unet, config.diffusion.num_timesteps, config.batch_size // info.world_size,
+                   training=True, device=info.device)
+        if info.is_main:
+            lock.acquire()  # one trainer per run dir; also the check that it can be written, before any work
+        barrier(info)
         trainer = _Trainer(config, run_dir, info, progress=progress, inject_nonfinite=inject_nonfinite)
         start = _prepare_run_dir(trainer, resume)
         if info.is_main:
@@ -488,6 +608,9 @@ def train(
             trainer._log(f"no complete checkpoint in {run_dir}; starting from step 0")
         if info.is_main:
             _tidy_run_dir(run_dir)
+            if start is not None:
+                trainer.publish_models(only_if_stale=True)
+                ckpt.prune(run_dir, config.keep_last)
             save_config(config, run_dir / "config.json")
             _truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
             trainer.tb = _tensorboard(run_dir)
@@ -507,6 +630,7 @@ def train(
                            ema=trainer.ema.module, losses=trainer.losses, sample_grid=grid,
                            num_skipped=trainer.dataset.num_skipped)
     finally:
+        lock.release()
         shutdown_distributed(info)
 
 

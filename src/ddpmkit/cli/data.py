@@ -34,19 +34,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.set_defaults(func=run_verify)
 
 
+def shown(text: object) -> str:
+    """``text`` printable on this stdout: undecodable bytes of file names (surrogate escapes) and
+    characters the stdout encoding lacks become backslash escapes, e.g. ``bad\\xff.png``."""
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+    raw = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return raw.encode(enc, "backslashreplace").decode(enc)
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from ddpmkit.data import inspect_source
 
     report = inspect_source(args.src, download=args.download, workers=args.workers,
                             progress=sys.stderr.isatty())
     for path, reason in report.bad:
-        print(f"{path}: {reason}")
+        print(shown(f"{path}: {reason}"))
     n = report.num_ignored
     ignored = f" ({n} other file{'s' if n != 1 else ''} ignored by extension)" if n else ""
     unit = "image files" if report.kind.value == "folder" else "images"
     if report.bad:
-        print(f"{len(report.bad)} unreadable in {report.description}: {report.num_checked} {unit} "
-              f"checked{ignored}")
+        print(shown(f"{len(report.bad)} unreadable in {report.description}: {report.num_checked} {unit} "
+                    f"checked{ignored}"))
         return EXIT_SOME_UNREADABLE
-    print(f"all readable: {report.num_checked} {unit} in {report.description}{ignored}")
+    print(shown(f"all readable: {report.num_checked} {unit} in {report.description}{ignored}"))
     return 0

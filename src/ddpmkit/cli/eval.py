@@ -81,6 +81,19 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
+def _check_writable(out: Path) -> Path:
+    """An output that cannot be written is a one-line user error before any work (a probe file)."""
+    import tempfile
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".probe-{out.name}."):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write to {out.parent}: {e.strerror or e}") from None
+    return out
+
+
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise ValueError(f"--{name} must be >= 1, got {value}")
@@ -97,10 +110,10 @@ def run_bpd(args: argparse.Namespace) -> int:
     for name in ("n", "batch_size", "t_chunk"):
         _positive(name.replace("_", "-"), getattr(args, name))
     device = resolve_device(args.device)
+    out = _check_writable(Path(args.out) if args.out else _default_out(args.model, "eval_bpd.json"))
     loaded = load_model(args.model, ema=args.ema)
     cfg = loaded.unet.config
     ds = open_source(args.data, resolution=cfg.resolution, channels=cfg.in_channels, split=args.split)
-    out = Path(args.out) if args.out else _default_out(args.model, "eval_bpd.json")
     partial = out.with_name(out.stem + ".partial.jsonl")
     unet = loaded.unet.to(device).eval()
     settings = {"model": loaded.source, "ema": args.ema, "data": ds.description, "split": args.split,
@@ -133,13 +146,13 @@ def run_fid(args: argparse.Namespace) -> int:
 
     _positive("batch-size", args.batch_size)
     device = resolve_device(args.device)
+    out = _check_writable(Path(args.out) if args.out else _default_out(args.samples, "eval_fid.json"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FewSamplesWarning)  # printed below from res["warnings"]
         res = compute_fid(args.samples, args.ref, batch_size=args.batch_size, split=args.ref_split,
                           device=device, inception_weights=args.inception_weights,
                           download=args.download_weights, use_cache=args.cache, progress=True)
     res.update(kind="fid", samples=str(args.samples))
-    out = Path(args.out) if args.out else _default_out(args.samples, "eval_fid.json")
     _write_json(out, res)
     for w in res["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
@@ -154,9 +167,9 @@ def run_digits(args: argparse.Namespace) -> int:
     from ddpmkit.evaluate.digits_metric import digits_fd
     from ddpmkit.evaluate.fid import load_samples
 
+    out = _check_writable(Path(args.out) if args.out else _default_out(args.samples, "eval_digits.json"))
     res = digits_fd(load_samples(args.samples))
     res.update(kind="digits", samples=str(args.samples))
-    out = Path(args.out) if args.out else _default_out(args.samples, "eval_digits.json")
     _write_json(out, res)
     real = res["real"]
     print(f"digits metric on {res['n']} samples (reference: {res['reference']})")

@@ -102,7 +102,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     """Write DIR/sampling.json, or check that the samples already there were made the same way."""
     path = out_dir / SETTINGS_NAME
     keys = ("sampler", "steps", "timesteps", "eta", "seed", "clip_denoised", "ema", "image_shape",
-            "num_timesteps")
+            "num_timesteps", "model_sha256")
     if path.is_file():
         old = json.loads(path.read_text())
         diff = [k for k in keys if old.get(k) != settings.get(k)]
@@ -117,9 +117,57 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
 
 
+def weights_sha256(net: Any) -> str:
+    """SHA-256 over a network's state dict (names, dtypes, shapes, bytes): which model made a folder."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def drop_torn_pngs(out_dir: Path, done: set[int], shape: tuple[int, int, int]) -> set[int]:
+    """The indices in ``done`` whose PNG decodes to ``shape`` (C, H, W); each other one (empty or cut
+    short by a power cut, say) is deleted with a message naming it, so that it is drawn again."""
+    from PIL import Image
+
+    good = set()
+    for i in sorted(done):
+        path = out_dir / f"{i:06d}.png"
+        try:
+            with Image.open(path) as im:
+                im.load()
+                ok = im.size == (shape[2], shape[1]) and len(im.getbands()) == shape[0]
+        except (OSError, ValueError, SyntaxError):
+            ok = False
+        if ok:
+            good.add(i)
+        else:
+            print(f"ddpm sample: {path} is unreadable or of the wrong size; drawing it again", file=sys.stderr)
+            path.unlink(missing_ok=True)
+    return good
+
+
 def run(args: argparse.Namespace) -> int:
+    from ddpmkit.fileio import RunLock
+
+    _check_args(args)
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {out_dir}: exists and is not a folder")
+    with RunLock(out_dir):  # one sampler per folder; an unwritable folder fails here, before any work
+        return _run(args, out_dir)
+
+
+def _run(args: argparse.Namespace, out_dir: Path) -> int:
     from tqdm.auto import tqdm
 
+    from ddpmkit.config import check_fits
     from ddpmkit.figures import save_image
     from ddpmkit.models import load_model
     from ddpmkit.sampling import (
@@ -131,9 +179,9 @@ def run(args: argparse.Namespace) -> int:
         timesteps_from_text,
     )
 
-    _check_args(args)
     device = resolve_device(args.device)
     loaded = load_model(args.model, ema=args.ema)
+    check_fits(loaded.unet.config, loaded.diffusion.num_timesteps, args.batch_size, training=False, device=device)
     diffusion = loaded.diffusion.build()
     T = diffusion.num_timesteps
     steps = args.steps if args.steps is not None else T
@@ -153,16 +201,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = loaded.unet.config
     shape = (cfg.in_channels, cfg.resolution, cfg.resolution)  # (C, H, W)
     eta = 0.0 if args.eta is None else float(args.eta)
-    out_dir = Path(args.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"--output-dir {out_dir}: exists and is not a folder")
     _check_settings(out_dir, {
         "model": loaded.source, "sampler": args.sampler, "steps": steps,
         **({"timesteps": kept} if kept else {}), "eta": eta, "seed": args.seed,
         "clip_denoised": args.clip, "ema": args.ema, "image_shape": list(shape), "num_timesteps": T,
+        "model_sha256": weights_sha256(loaded.unet),
     })
     wanted = range(args.start_index, args.start_index + args.n)
-    done = existing_indices(out_dir)
+    done = drop_torn_pngs(out_dir, existing_indices(out_dir), shape)
     todo = [i for i in wanted if i not in done]
     model = prepare_model(loaded.unet, device=device, compile=args.compile, bf16=args.bf16,
                           cuda_graphs=args.cuda_graphs)

@@ -70,7 +70,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """The run's TrainConfig and directory from the parsed arguments."""
-    from ddpmkit import checkpoint as ckpt
     from ddpmkit.config import (
         TrainConfig,
         apply_overrides,
@@ -86,9 +85,11 @@ def resolve_config(args: argparse.Namespace):
     default_name = base.preset if base is not None else (preset or "digits")
     run_dir = Path(args.output_dir) if args.output_dir else Path("runs") / default_name
     if base is None and preset is None and args.resume:
-        found = ckpt.latest_checkpoint(run_dir) if args.resume == "auto" else Path(args.resume)
+        from ddpmkit.train import load_resumable, newest_resumable
+
+        found = newest_resumable(run_dir) if args.resume == "auto" else load_resumable(Path(args.resume))
         if found is not None:
-            base = TrainConfig.from_dict(ckpt.read_state(found)["config"])
+            base = TrainConfig.from_dict(found.state["config"])
     if base is None:
         base = train_preset(preset or "digits")
     overrides: dict[str, object] = dict(parse_overrides(args.overrides))

@@ -1,0 +1,103 @@
+"""Issue 17 for `ddpm sample`: a rerun into a folder compares the model, redoes torn PNGs, holds
+a lock, and an unwritable folder is a one-line error."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpmkit.cli import main
+from ddpmkit.diffusion import DiffusionConfig
+
+
+def _tiny_model(path: Path, seed: int) -> Path:
+    from ddpmkit.nn import UNet, UNetConfig
+
+    torch.manual_seed(seed)
+    net = UNet(config=UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,),
+                                 num_res_blocks=1, attn_resolutions=()))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    net.save(path, diffusion=DiffusionConfig(num_timesteps=10, beta_start=0.01, beta_end=0.4))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return _tiny_model(root / "a", 0), _tiny_model(root / "b", 1)
+
+
+def _sample(model: Path, out: Path, n: int = 3) -> int:
+    return main(["sample", str(model), "--n", str(n), "--output-dir", str(out), "--device", "cpu"])
+
+
+def test_another_model_into_the_same_folder_is_refused(models, tmp_path, capsys):
+    a, b = models
+    out = tmp_path / "s"
+    assert _sample(a, out) == 0
+    moved = tmp_path / "a-moved"  # the same model under another path is still the same model
+    shutil.copytree(a, moved)
+    assert _sample(moved, out, n=4) == 0
+    assert _sample(b, out, n=5) == 2  # different weights, same settings
+    err = capsys.readouterr().err
+    assert "model" in err and "another --output-dir" in err
+    assert len(list(out.glob("[0-9]*.png"))) == 4
+
+
+def test_a_torn_sample_png_is_redone(models, tmp_path, capsys):
+    a, _ = models
+    out = tmp_path / "s"
+    assert _sample(a, out) == 0
+    want = (out / "000001.png").read_bytes()
+    (out / "000001.png").write_bytes(b"")  # a power cut after the rename, before the data reached disk
+    (out / "000002.png").write_bytes(want[:20])
+    assert _sample(a, out) == 0
+    captured = capsys.readouterr()
+    assert "000001.png" in captured.err and "000002.png" in captured.err
+    assert (out / "000001.png").read_bytes() == want
+    with np.load(next(out.glob("samples_*.npz"))) as f:
+        assert f["arr_0"].shape == (3, 8, 8, 1)
+
+
+def test_an_unwritable_sample_folder_is_a_one_line_error(models, tmp_path, capsys):
+    a, _ = models
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert _sample(a, blocker / "s") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write to" in err
+
+
+_HOLDER = """
+import sys, time
+from ddpmkit.fileio import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow  # a subprocess start: ~10 s under load
+def test_a_sample_folder_in_use_is_refused(models, tmp_path, capsys):
+    import os
+
+    a, _ = models
+    out = tmp_path / "s"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _sample(a, out) == 2
+        assert f"{holder.pid}@" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _sample(a, out) == 0
