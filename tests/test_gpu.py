@@ -317,6 +317,28 @@ def _wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float 
     raise AssertionError(f"step {step} never logged")
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant: torchrun starts its worker in a session of its own,
+    so a killpg of the agent's group does not reach it (read from /proc; Linux only)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in reversed(tree):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_torchrun_run_killed_and_resumed_equals_the_straight_run(tmp_path, tiny_npz, device):
@@ -329,11 +351,11 @@ def test_torchrun_run_killed_and_resumed_equals_the_straight_run(tmp_path, tiny_
     cut = _torchrun(tmp_path / "cut", over, device, pause=4)
     try:
         _wait_for_step(tmp_path / "cut", cut, 4)  # one step past the checkpoint at 3
-        os.killpg(cut.pid, signal.SIGKILL)  # torchrun and its worker
+        _kill_tree(cut.pid)  # torchrun and its worker
         cut.wait(timeout=30)
     finally:
         if cut.poll() is None:
-            os.killpg(cut.pid, signal.SIGKILL)
+            _kill_tree(cut.pid)
     assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step-000000003"
     resumed = _torchrun(tmp_path / "cut", over, device, "--resume", "auto")
     out, _ = resumed.communicate(timeout=300)
