@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import assert_states_equal, cli_args, final_state, metric_losses, tiny_overrides
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.config import apply_overrides, train_preset
 from ddpmkit.data import load_digits_uint8
 from ddpmkit.train import train
-
-from test_train import assert_states_equal, cli_args, final_state, metric_losses, tiny_overrides
 
 LAUNCHER = Path(__file__).with_name("kill_launcher.py")
 STEPS, EVERY = 6, 2

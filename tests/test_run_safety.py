@@ -12,13 +12,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import tiny_config
 
 from ddpmkit import checkpoint as ckpt
-from ddpmkit.config import apply_overrides
 from ddpmkit.data import load_digits_uint8
 from ddpmkit.train import train
-
-from test_train import tiny_config
 
 
 @pytest.fixture(scope="module")

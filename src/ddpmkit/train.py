@@ -39,8 +39,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ddpmkit import checkpoint as ckpt
-from ddpmkit.config import Precision, TrainConfig, changed_on_resume, deviations_from_paper, save_config
-from ddpmkit.config import check_fits
+from ddpmkit.config import (
+    Precision,
+    TrainConfig,
+    changed_on_resume,
+    check_fits,
+    deviations_from_paper,
+    save_config,
+)
 from ddpmkit.data.convert import horizontal_flip_where, to_uint8_nhwc
 from ddpmkit.distributed import (
     DistInfo,
