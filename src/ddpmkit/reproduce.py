@@ -225,9 +225,10 @@ class _Stages:
 
 
 # ------------------------------------------------------------------------------------ cost model
-# Seconds on the 2-core machine, one thread, unloaded (docs: the digits preset, 0.26 s a step at
-# batch 128; a forward pass ~0.09 s per 128 images). Only the progress bar's estimates use them.
-SECONDS_PER_TRAIN_STEP = 0.3
+# Seconds on the 2-core machine, one thread, unloaded: the digits preset trains 1500 steps in ~9 min
+# (0.36 s a step at batch 128); the forward cost per image is an estimate (~0.09 s per 128 images,
+# a third of a training step). Only the progress bar's estimates and the budget plan use them.
+SECONDS_PER_TRAIN_STEP = 0.36
 SECONDS_PER_IMAGE_STEP = 7e-4  # one image through the U-Net forward, once
 
 
