@@ -267,6 +267,8 @@ def _train_stage(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = train(cfg, run_dir, resume="auto", progress=False)
     seconds = time.perf_counter() - t0
+    if res.exit_code >= 128:  # stopped by a signal: checkpointed, not finished; --resume continues it
+        raise KeyboardInterrupt
     out = stability(res.losses, res.step - start, res.exit_code)
     out.update(step=int(res.step), seconds_per_step=seconds / max(1, res.step - start),
                config=cfg.to_dict(), run_dir=run_dir.name)
