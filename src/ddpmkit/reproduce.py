@@ -493,8 +493,19 @@ def bar_chart(path: Path, panels: list[tuple[str, list[str], list[float], list[f
     return _atomic_save(img, path)
 
 
+_ASCII = (("μ̃", "mu~"), ("μ", "mu"), ("Σ", "Sigma"), ("ε", "eps"), ("‖", "|"), ("−", "-"), ("²", "^2"),
+          ("θ", "theta"))
+
+
+def _ascii(text: str) -> str:
+    """The chart font has no Greek: the labels spelled out."""
+    for a, b in _ASCII:
+        text = text.replace(a, b)
+    return text
+
+
 def _variant_chart(rows: dict[str, Any], out: Path) -> str:
-    names = [r["label"] for r in rows.values()]
+    names = [_ascii(r["label"]) for r in rows.values()]
     panels = []
     for key, title, ref in (("fd", "Frechet distance to the digits (lower is better); dashed: real held-out digits",
                              "real_fd"),
