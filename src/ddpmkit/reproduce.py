@@ -66,7 +66,8 @@ class ReproduceSizes:
 
 
 SIZES: dict[str, ReproduceSizes] = {
-    # ~90 min on the 2-core machine (measured costs in REPORT.md): training is most of it
+    # planned from the cost model below: ~75 min on an idle 2-core machine, two thirds of it training
+    # (not yet measured end to end; each run's REPORT.md lists its measured stage times)
     "default": ReproduceSizes(name="default", smoke=False, steps=1200, num_timesteps=1000,
                               bpd_examples=100, bpd_batch=100, t_chunk=5, num_samples=200),
     "quick": ReproduceSizes(name="quick", smoke=True, steps=40, num_timesteps=1000, bpd_examples=8,
