@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ddpmkit.config import Precision
@@ -106,6 +107,6 @@ def run(args: argparse.Namespace) -> int:
     from ddpmkit.train import train
 
     result = train(config, run_dir, resume=args.resume, device=args.device, progress=not args.no_progress)
-    if result.exit_code == 0:
+    if result.exit_code == 0 and os.environ.get("RANK", "0") in ("", "0"):  # once under torchrun
         print(f"model (EMA weights): {run_dir / 'model'}   raw weights: {run_dir / 'model_raw'}")
     return result.exit_code
