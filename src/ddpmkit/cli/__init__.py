@@ -12,7 +12,8 @@ import os
 import sys
 
 # Command modules, in the order `ddpm --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("train", "sample", "figure", "convert", "data", "eval", "report")
+COMMAND_MODULES: tuple[str, ...] = ("train", "sample", "figure", "convert", "data", "eval", "report",
+                                    "reproduce")
 
 EXIT_USER_ERROR = 2
 

@@ -1,0 +1,148 @@
+"""`ddpm reproduce digits`: the split, the near-copy statistic, and the report's provenance."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddpmkit import reproduce as R
+from ddpmkit.data import load_digits_uint8
+
+# Smaller than --quick: T = 10, 2 steps, a 32-channel U-Net; one seed (a few seconds of CPU).
+TINY = R.ReproduceSizes(name="tiny", smoke=True, steps=2, num_timesteps=10, bpd_examples=4, bpd_batch=4,
+                        t_chunk=5, num_samples=8, recon_examples=1, progressive_examples=1, unet_ch=32)
+
+
+def test_split_is_fixed_and_disjoint():
+    train_idx, test_idx = R.digits_split()
+    assert set(train_idx.tolist()).isdisjoint(test_idx.tolist())
+    assert sorted([*train_idx.tolist(), *test_idx.tolist()]) == list(range(1797))
+    assert (train_idx.size, test_idx.size) == (1437, 360)
+    all_images = load_digits_uint8("all")[0]
+    np.testing.assert_array_equal(load_digits_uint8("train")[0], all_images[train_idx])  # what training reads
+    np.testing.assert_array_equal(load_digits_uint8("test")[0], all_images[test_idx])  # what evaluation reads
+
+
+def test_near_copy_fraction_hand_computed():
+    reference = np.array([[0.0, 0.0], [10.0, 0.0]])
+    queries = np.array([[0.0, 1.0], [10.0, 3.0], [5.0, 0.0], [9.0, 0.0]])  # NN distances 1, 3, 5, 1
+    assert R.near_copy_fraction(queries, reference, 2.0) == 0.5
+    assert R.near_copy_fraction(queries, reference, 1.0) == 0.0  # strictly closer than the threshold
+    assert R.near_copy_fraction(queries, reference, 5.5) == 1.0
+    d, idx = R.nearest_neighbours(queries, reference, 2)
+    np.testing.assert_allclose(d[:, 0], [1, 3, 5, 1])
+    assert idx[:, 0].tolist() == [0, 1, 0, 1]
+    # leave-one-out distances of 0, 1, 5 on a line: 1, 1, 4; their median is 1
+    assert R.near_copy_threshold(np.array([[0.0], [1.0], [5.0]]), quantile=0.5) == pytest.approx(1.0)
+
+
+def test_stat_mean_spread_and_sources(tmp_path):
+    stages = R._Stages(tmp_path, {}, resume=False, bar=_NoBar())
+    for i, v in enumerate([1.0, 2.0, 4.0]):
+        stages.run(f"s{i}", 1.0, lambda v=v: {"a": {"b": [0.0, v]}})
+    st = R._stat(stages, ["s0", "s1", "s2"], "a.b.1")
+    assert st["mean"] == pytest.approx(7 / 3)
+    assert st["spread"] == pytest.approx(np.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert [R.resolve_source(tmp_path, s) for s in st["sources"]] == [1.0, 2.0, 4.0]
+    assert R._stat(stages, ["s0"], "a.b.1")["spread"] is None
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_description(self, s):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    rep = R.reproduce_digits(out, seeds=1, sizes=TINY, progress=False)
+    return out, rep
+
+
+def _leaves(x, path=""):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _leaves(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _leaves(v, f"{path}.{i}")
+    else:
+        yield path, x
+
+
+def _sourced(x):
+    """Every dict in ``x`` that carries "values" and "sources"."""
+    if isinstance(x, dict):
+        if "sources" in x and "values" in x:
+            yield x
+        for v in x.values():
+            yield from _sourced(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _sourced(v)
+
+
+def test_report_structure(tiny_run):
+    out, rep = tiny_run
+    md = (out / "REPORT.md").read_text()
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(rep))
+    assert "SMOKE RUN" in md
+    for heading in ("## Table 2", "## Findings", "## Table 4 and Fig. 5", "## Fig. 6", "## Budget"):
+        assert heading in md
+    assert set(rep["variants"]) == {v.key for v in R.VARIANTS}
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (out / link).is_file(), link
+    for name in ("table2_variants", "rate_distortion", "nearest_neighbours", "progressive_generation",
+                 "reconstructions"):
+        assert f"figures/{name}.png" in md
+    assert len(rep["rate_distortion"]["table"]) == 10
+    assert set(rep["budget"]["stages"]) == {p.stem for p in (out / "stages").glob("*.json")}
+
+
+def test_every_number_is_traceable(tiny_run):
+    """REPORT.md's table numbers are report.json's (as written by _n); report.json's measured
+    numbers are the stage files' values; means are the means of those values."""
+    out, rep = tiny_run
+    written = {R._n(v) for _, v in _leaves(rep) if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    written |= {R._n(v) for _, v in _leaves(rep) if isinstance(v, str) and v.isdigit()}
+    md = (out / "REPORT.md").read_text().splitlines()
+    body = [ln for i, ln in enumerate(md) if ln.startswith("|") and i > 1 and md[i - 1].startswith("|")
+            and not ln.startswith("|---")]
+    assert len(body) >= 7 + 10 + 2
+    numbers = [n for ln in body for cell in ln.split("|")[2:] for n in re.findall(r"-?\d[\d.e+-]*", cell)]
+    assert numbers
+    missing = [n for n in numbers if n not in written]
+    assert not missing, missing[:10]
+    count = 0
+    for st in _sourced(rep):
+        assert [R.resolve_source(out, s) for s in st["sources"]] == st["values"]
+        assert st["mean"] == pytest.approx(np.mean(st["values"]))
+        count += 1
+    assert count >= 7 * 8 + 10 * 2
+
+
+def test_resume_skips_finished_stages(tiny_run):
+    out, rep = tiny_run
+    before = {p.name: p.read_bytes() for p in (out / "stages").glob("*.json")}
+    with pytest.raises(ValueError, match="--resume"):
+        R.reproduce_digits(out, seeds=1, sizes=TINY, progress=False)
+    again = R.reproduce_digits(out, seeds=1, sizes=TINY, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in (out / "stages").glob("*.json")} == before
+    assert again["variants"] == rep["variants"]
+
+
+@pytest.mark.slow
+def test_quick_cli_end_to_end(tmp_path):
+    from ddpmkit.cli import main
+
+    assert main(["reproduce", "digits", "--quick", "--output-dir", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["sizes"]["smoke"] and rep["sizes"]["num_timesteps"] == 1000
+    assert "SMOKE RUN" in (tmp_path / "REPORT.md").read_text()
