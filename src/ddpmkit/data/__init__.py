@@ -17,11 +17,13 @@ from ddpmkit.data.sources import (
     OnBadImage,
     SourceKind,
     SourceReport,
+    SourceShape,
     Split,
     inspect_source,
     load_digits_uint8,
     load_npz_uint8,
     open_source,
+    source_shape,
     verify_source,
 )
 
@@ -38,6 +40,7 @@ __all__ = [
     "OnBadImage",
     "SourceKind",
     "SourceReport",
+    "SourceShape",
     "Split",
     "UnreadableImageError",
     "data_root",
@@ -48,6 +51,7 @@ __all__ = [
     "load_npz_uint8",
     "open_source",
     "random_horizontal_flip",
+    "source_shape",
     "to_uint8_nhwc",
     "verify_source",
 ]
