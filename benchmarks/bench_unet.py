@@ -371,7 +371,7 @@ def full_sampler(b: Bench, opts: Options, *, batch: int, steps: int) -> Callable
                 fn, diffusion, shape, generator=torch.Generator().manual_seed(0), device=dev
             )
         return lambda: sample_ddim(
-            fn, diffusion, shape, steps=steps, generator=torch.Generator().manual_seed(0), device=dev
+            fn, diffusion, shape, timesteps=steps, generator=torch.Generator().manual_seed(0), device=dev
         )
     if name == "diffusers":
         from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler

@@ -232,3 +232,80 @@ def test_torch_fidelity_inception_architecture_with_random_weights(tmp_path):
     gray = net(x[:, :1])["pool"]
     torch.testing.assert_close(gray, net(x[:, :1].expand(-1, 3, -1, -1))["pool"])
     assert fidmod.PAPER_NUM_SAMPLES == 50_000
+
+
+@pytest.fixture
+def _fresh_fidelity_modules():
+    """torch_fidelity/torchvision removed from sys.modules for the test, restored after."""
+    import sys
+
+    prefixes = ("torch_fidelity", "torchvision")
+    saved = {k: v for k, v in sys.modules.items() if k.startswith(prefixes)}
+    for k in saved:
+        del sys.modules[k]
+    yield
+    for k in [k for k in sys.modules if k.startswith(prefixes)]:
+        del sys.modules[k]
+    sys.modules.update(saved)
+
+
+def _package(root, name, files):
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    for fname, text in files.items():
+        (pkg / fname).write_text(text)
+
+
+def test_a_broken_torchvision_is_worked_around(tmp_path, monkeypatch, _fresh_fidelity_modules):
+    """torchvision built for another torch raises RuntimeError on import (not ModuleNotFoundError):
+    the Inception module is still reached, without the package's __init__."""
+    from ddpmkit.evaluate.inception import _torch_fidelity_inception_class
+
+    _package(tmp_path, "torchvision", {"__init__.py": "raise RuntimeError('operator torchvision::nms does "
+                                                      "not exist')\n"})
+    _package(tmp_path, "torch_fidelity", {
+        "__init__.py": "import torchvision\n",
+        "feature_extractor_inceptionv3.py": "class FeatureExtractorInceptionV3:\n    pass\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cls = _torch_fidelity_inception_class()
+    assert cls.__name__ == "FeatureExtractorInceptionV3" and cls.__module__.startswith("torch_fidelity")
+
+
+def test_an_unimportable_torch_fidelity_is_one_line(tmp_path, monkeypatch, capsys, _fresh_fidelity_modules):
+    from ddpmkit.cli import main
+    from ddpmkit.evaluate.inception import _torch_fidelity_inception_class
+
+    _package(tmp_path, "torch_fidelity", {
+        "__init__.py": "raise ImportError('no torchvision')\n",
+        "feature_extractor_inceptionv3.py": "from torch_fidelity.helpers import vassert\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"cannot be imported \(ModuleNotFoundError: No module named "
+                                         r"'torch_fidelity.helpers'\); reinstall it with pip install "
+                                         r"--no-deps"):
+        _torch_fidelity_inception_class()
+    weights = tmp_path / "w.pth"
+    torch.save({}, weights)
+    np.savez(tmp_path / "s.npz", _images(10, 0))
+    monkeypatch.setattr("ddpmkit.evaluate.inception.find_inception_weights", lambda *a, **k: weights)
+    assert main(["eval", "fid", str(tmp_path / "s.npz"), "--ref", "digits"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reinstall it with pip install --no-deps" in err[0], err
+
+
+def test_download_weights_offline_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    from ddpmkit.cli import main
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    np.savez(tmp_path / "s.npz", _images(10, 0))
+    assert main(["eval", "fid", str(tmp_path / "s.npz"), "--ref", "digits", "--download-weights"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "could not download the Inception weights" in err[0] and "name resolution" in err[0]
+    assert "--inception-weights FILE" in err[0]
+    with pytest.raises(ValueError, match="could not download"):
+        find_inception_weights(download=True)

@@ -120,7 +120,7 @@ def test_ticks_are_nice_and_cover_the_data() -> None:
 def test_plot_lines_draws_each_series(tmp_path) -> None:
     t = np.arange(1, 101)
     path = plot_lines(tmp_path / "chart.png", {"rate": (t, 2 * np.exp(-t / 20)), "distortion": (t, t / 50.0)},
-                      title="Rate", xlabel="t", ylabel="bits/dim", size=(500, 300))
+                      title="Rate", xlabel="t", ylabel="bits/dim", size=(500, 300), backend="pillow")
     im = np.asarray(Image.open(path).convert("RGB"))
     assert im.shape == (300, 500, 3)
     for k in range(2):

@@ -233,11 +233,11 @@ def test_ddim_eta_zero_is_deterministic_given_x_T() -> None:
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     state = g1.get_state()
-    a = sample_ddim(model, d, SHAPE, steps=7, eta=0.0, x_T=x_T, generator=g1)
-    b = sample_ddim(model, d, SHAPE, steps=7, eta=0.0, x_T=x_T, generator=g2)
+    a = sample_ddim(model, d, SHAPE, timesteps=7, eta=0.0, x_T=x_T, generator=g1)
+    b = sample_ddim(model, d, SHAPE, timesteps=7, eta=0.0, x_T=x_T, generator=g2)
     assert torch.equal(a, b)
     assert torch.equal(g1.get_state(), state)  # no noise drawn at all
-    c = sample_ddim(model, d, SHAPE, steps=7, eta=0.5, x_T=x_T, generator=g1)
+    c = sample_ddim(model, d, SHAPE, timesteps=7, eta=0.5, x_T=x_T, generator=g1)
     assert (a - c).abs().max() > 1e-3
 
 

@@ -10,7 +10,7 @@ C_out = ``model_output_channels(C)``. Derivations: docs/math.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ __all__ = [
     "GaussianDiffusion",
     "LossType",
     "MeanType",
+    "SpacedDiffusion",
     "VarType",
     "mean_flat",
 ]
@@ -67,6 +68,18 @@ def _parse_enum(enum_cls: type[_E], value: Any, what: str) -> _E:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; expected one of {allowed}")
     return enum_cls(value)
+
+
+def draw_standard_normal(
+    shape: tuple[int, ...], generator: torch.Generator | None, *, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """eps ~ N(0, I) of ``shape`` on ``device``: drawn in float32 on the generator's device, then
+    moved, so a CPU generator gives the same numbers whatever device the model runs on. Without a
+    generator: the global RNG of ``device``."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return z.to(device=device, dtype=dtype)
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -266,6 +279,17 @@ class GaussianDiffusion:
         self._check_x(x, name, min_ndim)
         self._check_t(t, x.shape[0])
 
+    def _model_t(self, t: torch.Tensor) -> torch.Tensor:
+        """The timesteps the model sees for this diffusion's indices t: (B,) -> (B,). Identity here;
+        a ``SpacedDiffusion`` maps index i to its kept timestep k_i."""
+        return t
+
+    def _model_output(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """model(x_t, model timesteps of t), shape-checked: (B, C_out, ...)."""
+        model_output = model(x_t, self._model_t(t))
+        self._check_model_output(model_output, x_t)
+        return model_output
+
     # ------------------------------------------------------------------ forward process q
     def q_mean_variance(
         self, x0: torch.Tensor, t: torch.Tensor
@@ -294,7 +318,7 @@ class GaussianDiffusion:
         """
         self._check_batch(x0, t, "x0")
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = draw_standard_normal(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         else:
             self._check_like(noise, x0, "noise", "x0")
         return self._q_sample(x0, t, noise)
@@ -380,9 +404,13 @@ class GaussianDiffusion:
         ``model_output`` (the raw network output, (B, C_out, ...)).
         """
         self._check_batch(x_t, t, "x_t", min_ndim=2)
-        model_output = model(x_t, t)
-        self._check_model_output(model_output, x_t)
-        return self._p_mean_variance(model_output, x_t, t, clip_denoised)
+        return self._p_mean_variance_model(model, x_t, t, clip_denoised)
+
+    def _p_mean_variance_model(
+        self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool
+    ) -> dict[str, torch.Tensor]:
+        """``p_mean_variance`` without the checks of x_t and t (the samplers check them once)."""
+        return self._p_mean_variance(self._model_output(model, x_t, t), x_t, t, clip_denoised)
 
     def p_mean_variance_from_output(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
@@ -402,8 +430,8 @@ class GaussianDiffusion:
             return x.clamp(-1.0, 1.0) if clip_denoised else x
 
         if self.mean_type is MeanType.X_PREV:
-            pred_x0 = process_x0(self._predict_x0_from_xprev(x_t, t, mean_out))
-            mean = mean_out
+            pred_x0 = process_x0(self._x0_from_model_xprev(x_t, t, mean_out))
+            mean = self._mean_from_model_xprev(mean_out, pred_x0, x_t, t)
         elif self.mean_type is MeanType.X0:
             pred_x0 = process_x0(mean_out)
             mean = self._posterior_mean(pred_x0, x_t, t)
@@ -424,6 +452,20 @@ class GaussianDiffusion:
             "pred_eps": pred_eps,
             "model_output": model_output,
         }
+
+    def _x0_from_model_xprev(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x_0 implied by an x_prev model's output, the mean of x_{t-1} of the chain it was trained on."""
+        return self._predict_x0_from_xprev(x_t, t, out)
+
+    def _mean_from_model_xprev(
+        self, out: torch.Tensor, pred_x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """The reverse mean of an x_prev model: its output itself on the chain it was trained on."""
+        return out
+
+    def _xprev_target(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What an x_prev model is trained to output at t: mu-tilde_t(x_t, x_0), eq. (7)."""
+        return self._posterior_mean(x0, x_t, t)
 
     def _check_model_output(self, model_output: Any, x_t: torch.Tensor) -> None:
         B, C = x_t.shape[:2]
@@ -514,14 +556,13 @@ class GaussianDiffusion:
         """
         self._check_batch(x0, t, "x0", min_ndim=2)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = draw_standard_normal(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         else:
             self._check_like(noise, x0, "noise", "x0")
         x_t = self._q_sample(x0, t, noise)
         terms: dict[str, torch.Tensor] = {}
         if self.loss_type in (LossType.KL, LossType.RESCALED_KL):
-            model_output = model(x_t, t)
-            self._check_model_output(model_output, x_t)
+            model_output = self._model_output(model, x_t, t)
             p = self._p_mean_variance(model_output, x_t, t, clip_denoised=False)
             terms["vb"] = self._vb_terms_bpd(p, x0, x_t, t)
             scale = self.num_timesteps if self.loss_type is LossType.RESCALED_KL else 1.0
@@ -535,8 +576,7 @@ class GaussianDiffusion:
                 f"loss_type 'mse' trains no variance, but var_type is {self.var_type.value!r}; "
                 "expected loss_type 'hybrid', 'kl' or 'rescaled_kl' (or a fixed var_type)"
             )
-        model_output = model(x_t, t)
-        self._check_model_output(model_output, x_t)
+        model_output = self._model_output(model, x_t, t)
         C = x0.shape[1]
         mean_out = model_output[:, :C].to(x0.dtype)
         if self.mean_type is MeanType.EPS:
@@ -544,7 +584,7 @@ class GaussianDiffusion:
         elif self.mean_type is MeanType.X0:
             target = x0
         elif self.mean_type is MeanType.X_PREV:
-            target = self._posterior_mean(x0, x_t, t)
+            target = self._xprev_target(x0, x_t, t)
         else:
             raise NotImplementedError(self.mean_type)
         terms["mse"] = mean_flat((target - mean_out) ** 2)
@@ -594,15 +634,11 @@ class GaussianDiffusion:
                 t = torch.arange(start, start + k, device=x0.device).repeat_interleave(B)  # (kB,)
                 x0_k = x0.repeat(k, *([1] * (x0.ndim - 1)))  # (kB, C, ...), timestep-major
                 noise = torch.cat(
-                    [
-                        torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                        for _ in range(k)
-                    ]
+                    [draw_standard_normal(x0.shape, generator, device=x0.device, dtype=x0.dtype)
+                     for _ in range(k)]
                 )  # (kB, C, ...)
                 x_t = self._q_sample(x0_k, t, noise)
-                model_output = model(x_t, t)
-                self._check_model_output(model_output, x_t)
-                p = self._p_mean_variance(model_output, x_t, t, clip_denoised)
+                p = self._p_mean_variance_model(model, x_t, t, clip_denoised)
                 vb.append(self._vb_terms_bpd(p, x0_k, x_t, t).view(k, B))
                 x0_mse.append(mean_flat((p["pred_x0"] - x0_k) ** 2).view(k, B))
                 mse.append(mean_flat((p["pred_eps"] - noise) ** 2).view(k, B))
@@ -616,3 +652,84 @@ class GaussianDiffusion:
             "x0_mse": torch.cat(x0_mse).T,
             "mse": torch.cat(mse).T,
         }
+
+
+class SpacedDiffusion(GaussianDiffusion):
+    """``base`` restricted to the increasing kept timesteps k_0 < ... < k_{S-1} (Nichol & Dhariwal,
+    Sec. 4; improved-diffusion's ``SpacedDiffusion``). Index i of this diffusion is the base's
+    timestep k_i: every method that calls the model (``p_mean_variance``, ``training_losses``,
+    ``calc_bpd_loop`` and the samplers) passes it k_i, so the model needs no wrapper.
+
+    Its betas are 1 - abar_{k_i} / abar_{k_{i-1}} (abar_{k_{-1}} = 1), so its alphas_cumprod are the
+    base's at the kept steps; fixed variances are beta or beta-tilde of this chain and
+    ``learned_range`` interpolates this chain's bounds (as improved-diffusion). Eps and x_0 models
+    are read as on the base. An x_prev model's output is the mean of x_{k_i - 1} of the *base*
+    chain, so it is converted through the base's one-step posterior to x_0 and the mean is then
+    this chain's posterior mean at that x_0 (docs/math.md, "Respacing"). A raw ``learned``
+    log-variance is a one-step sigma^2 of the base chain and has no meaning for a jump of several
+    steps: it is refused unless every step is kept.
+
+    Attributes: base, timesteps (tuple of the S kept base timesteps), timestep_map ((S,) int64).
+    """
+
+    def __init__(self, *, base: GaussianDiffusion, timesteps: Sequence[int]) -> None:
+        ks = _check_kept_timesteps(timesteps, base.num_timesteps)
+        if isinstance(base, SpacedDiffusion):  # respacing a respaced chain: compose the maps
+            ks = [base.timesteps[k] for k in ks]
+            base = base.base
+        T = base.num_timesteps
+        if base.var_type is VarType.LEARNED and len(ks) != T:
+            raise ValueError(
+                f"var_type 'learned' predicts the one-step log sigma^2 of the {T}-step chain, which "
+                f"does not apply to a respaced chain of {len(ks)} steps; sample with all {T} steps, "
+                "with DDIM (which ignores the variance), or train with var_type 'learned_range'"
+            )
+        abar = base.alphas_cumprod[ks]  # (S,) float64
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        super().__init__(
+            betas=1.0 - abar / abar_prev,
+            mean_type=base.mean_type,
+            var_type=base.var_type,
+            loss_type=base.loss_type,
+            hybrid_lambda=base.hybrid_lambda,
+            decoder_cdf=base.decoder_cdf,
+        )
+        self.base = base
+        self.timesteps = tuple(ks)
+        self.timestep_map = torch.tensor(ks, dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        return f"SpacedDiffusion(S={self.num_timesteps} of {self.base!r})"
+
+    def _model_t(self, t: torch.Tensor) -> torch.Tensor:
+        key = ("timestep_map", t.device, torch.int64)
+        table = self._cache.get(key)
+        if table is None:
+            table = self._cache[key] = self.timestep_map.to(t.device)
+        return table[t]
+
+    def _x0_from_model_xprev(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.base._predict_x0_from_xprev(x_t, self._model_t(t), out)  # the base's eq. (7)
+
+    def _mean_from_model_xprev(
+        self, out: torch.Tensor, pred_x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        return self._posterior_mean(pred_x0, x_t, t)  # the jump k_i -> k_{i-1}
+
+    def _xprev_target(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.base._posterior_mean(x0, x_t, self._model_t(t))
+
+
+def _check_kept_timesteps(timesteps: Any, T: int) -> list[int]:
+    """``timesteps`` as a list of >= 2 increasing ints in [0, T - 1], or a ValueError."""
+    try:
+        ks = [int(k) for k in timesteps]
+        ok = all(float(k) == int(k) for k in timesteps)
+    except (TypeError, ValueError):
+        ks, ok = [], False
+    if not ok or len(ks) < 2 or any(b <= a for a, b in zip(ks, ks[1:])) or ks[0] < 0 or ks[-1] >= T:
+        raise ValueError(
+            f"timesteps must be at least 2 increasing ints in [0, {T - 1}], got {list(timesteps)!r}"
+            if isinstance(timesteps, Sequence) else f"timesteps must be a sequence of ints, got {timesteps!r}"
+        )
+    return ks

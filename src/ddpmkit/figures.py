@@ -1,4 +1,8 @@
-"""Image grids, a small line chart, and the paper's figures (Pillow only, no matplotlib).
+"""Image grids, line charts, and the paper's figures.
+
+Charts (``plot_lines``, ``rate_distortion_figure``) are drawn by matplotlib when it is installed
+(``pip install 'ddpmkit[plots]'``: anti-aliased, and PDF or SVG as well as PNG, by the file's
+suffix); without it they are drawn with Pillow, PNG only. Image grids always use Pillow.
 
 Images at this edge are uint8 arrays laid out (N, H, W, C) (C = 1 or 3); float tensors in [-1, 1]
 laid out (N, C, H, W) are accepted too and quantised with the library's rule
@@ -12,6 +16,8 @@ way the paper's Figures 5-9 do.
 
 from __future__ import annotations
 
+import enum
+import importlib.util
 import math
 import os
 import tempfile
@@ -23,7 +29,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ddpmkit.data.convert import to_uint8_nhwc
+
 __all__ = [
+    "ChartBackend",
     "image_grid",
     "images_to_uint8",
     "label_grid",
@@ -48,18 +57,29 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 
 
+VECTOR_SUFFIXES = (".pdf", ".svg")
+
+
+class ChartBackend(str, enum.Enum):
+    """Who draws a chart: matplotlib when installed (AUTO), or the one named."""
+
+    AUTO = "auto"
+    MATPLOTLIB = "matplotlib"
+    PILLOW = "pillow"
+
+
 # ---------------------------------------------------------------------------------- pixels
 def images_to_uint8(images: Any) -> np.ndarray:
     """Images as uint8 (N, H, W, C).
 
     images: uint8 (N, H, W, C) or (N, H, W) array/tensor, or a float tensor (N, C, H, W) in [-1, 1]
-    (quantised as ``round((x + 1) * 127.5)`` clamped to [0, 255]). Returns a numpy uint8 array.
+    (quantised by ``data.to_uint8_nhwc``: ``round((x + 1) * 127.5)``, half up, clamped to [0, 255]).
+    Returns a numpy uint8 array.
     """
     if isinstance(images, torch.Tensor) and images.is_floating_point():
         if images.ndim != 4:
             raise ValueError(f"float images must be shaped (N, C, H, W), got {tuple(images.shape)}")
-        x = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return x.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C)
+        return to_uint8_nhwc(images.detach().cpu()).numpy()  # (N, H, W, C)
     a = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if a.dtype != np.uint8:
         raise ValueError(
@@ -269,13 +289,114 @@ def plot_lines(
     logx: bool = False,
     logy: bool = False,
     size: tuple[int, int] = (640, 400),
+    backend: ChartBackend | str = ChartBackend.AUTO,
 ) -> Path:
-    """A PNG line chart: one line per entry ``name -> (xs, ys)`` of ``series``, with axes, ticks,
-    grid, labels, title and a legend. Non-finite points break a line. Returns the path."""
-    chart = render_lines(
-        series, title=title, xlabel=xlabel, ylabel=ylabel, logx=logx, logy=logy, size=size
-    )
-    return _atomic_save(chart, path)
+    """A line chart: one line per entry ``name -> (xs, ys)`` of ``series``, with axes, ticks,
+    grid, labels, title and a legend. Non-finite points break a line. PNG, or with matplotlib
+    PDF/SVG, by the suffix of ``path``; ``size`` is (width, height) in pixels at 100 dpi. Returns
+    the path."""
+    if _chart_backend(backend, path) is ChartBackend.PILLOW:
+        chart = render_lines(
+            series, title=title, xlabel=xlabel, ylabel=ylabel, logx=logx, logy=logy, size=size
+        )
+        return _atomic_save(chart, path)
+    fig = _mpl_figure(size, 1)
+    _mpl_lines(fig.axes[0], series, title=title, xlabel=xlabel, ylabel=ylabel, logx=logx, logy=logy)
+    return _atomic_savefig(fig, path)
+
+
+def _chart_backend(backend: ChartBackend | str, path: str | os.PathLike) -> ChartBackend:
+    """The backend that draws a chart to ``path``; ValueError when that one cannot."""
+    try:
+        b = ChartBackend(backend)
+    except ValueError:
+        names = [m.value for m in ChartBackend]
+        raise ValueError(f"backend must be one of {names}, got {backend!r}") from None
+    have_mpl = importlib.util.find_spec("matplotlib") is not None
+    suffix = Path(path).suffix.lower()
+    if b is ChartBackend.AUTO:
+        b = ChartBackend.MATPLOTLIB if have_mpl else ChartBackend.PILLOW
+    if b is ChartBackend.MATPLOTLIB:
+        if not have_mpl:
+            raise ValueError("this chart needs matplotlib: pip install 'ddpmkit[plots]'")
+        return b
+    if b is ChartBackend.PILLOW:
+        if suffix in VECTOR_SUFFIXES:
+            raise ValueError(f"{suffix} charts need matplotlib: pip install 'ddpmkit[plots]' "
+                             "(or write a .png)")
+        return b
+    raise ValueError(f"unknown chart backend {b!r}")
+
+
+def _mpl_figure(size: tuple[int, int], panels: int) -> Any:
+    """A matplotlib Figure of ``size`` pixels (at 100 dpi) with ``panels`` axes side by side."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    width, height = size
+    if width < 200 or height < 150:
+        raise ValueError(f"size must be at least (200, 150), got {size}")
+    fig = Figure(figsize=(panels * width / 100, height / 100), dpi=100, layout="constrained")
+    fig.subplots(1, panels, squeeze=False)
+    return fig
+
+
+def _mpl_lines(ax: Any, series: dict[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
+               xlabel: str, ylabel: str, logx: bool, logy: bool) -> None:
+    """``render_lines``'s chart on matplotlib axes (the same checks, colours and layout)."""
+    lines = _series_arrays(series)
+    _axis([x for x, _ in lines.values()], logx, "x")  # the same errors as the Pillow chart
+    _axis([y for _, y in lines.values()], logy, "y")
+    for k, (name, (x, y)) in enumerate(lines.items()):
+        ok = np.isfinite(x) & np.isfinite(y)
+        y = np.where(ok, y, np.nan)  # a non-finite point breaks the line (a NaN gap)
+        colour = tuple(c / 255 for c in PALETTE[k % len(PALETTE)])
+        ax.plot(x, y, color=colour, linewidth=1.8, label=name)
+        padded = np.concatenate([[False], ok, [False]])
+        alone = ok & ~padded[:-2] & ~padded[2:]  # finite points with no finite neighbour: no segment
+        if alone.any():
+            ax.plot(x[alone], y[alone], linestyle="none", marker="o", markersize=3, color=colour)
+    ax.set_xscale("log" if logx else "linear")
+    ax.set_yscale("log" if logy else "linear")
+    ax.grid(True, which="major", color="0.9")
+    ax.set_axisbelow(True)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="best")
+
+
+def _atomic_savefig(fig: Any, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure (format from the suffix) through a temporary file and a rename."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise ValueError(f"cannot tell the chart format of {str(path)!r}; expected .png, .pdf or .svg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=fmt, facecolor="white")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _series_arrays(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    if not series:
+        raise ValueError("series must hold at least one line: {name: (xs, ys)}")
+    lines: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, (xs, ys) in series.items():
+        x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+        if x.ndim != 1 or x.shape != y.shape:
+            raise ValueError(
+                f"series {name!r}: xs and ys must be 1-D of one length, got {x.shape}, {y.shape}"
+            )
+        lines[name] = (x, y)
+    return lines
 
 
 def render_lines(
@@ -289,16 +410,7 @@ def render_lines(
     size: tuple[int, int] = (640, 400),
 ) -> Image.Image:
     """The chart of ``plot_lines`` as a Pillow RGB image of ``size`` (width, height)."""
-    if not series:
-        raise ValueError("series must hold at least one line: {name: (xs, ys)}")
-    lines: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, (xs, ys) in series.items():
-        x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-        if x.ndim != 1 or x.shape != y.shape:
-            raise ValueError(
-                f"series {name!r}: xs and ys must be 1-D of one length, got {x.shape}, {y.shape}"
-            )
-        lines[name] = (x, y)
+    lines = _series_arrays(series)
     width, height = size
     if width < 200 or height < 150:
         raise ValueError(f"size must be at least (200, 150), got {size}")
@@ -482,9 +594,12 @@ def interpolation_figure(
     *,
     num_lambdas: int = 11,
     seed: int = 0,
+    encoder: str = "q",
+    timesteps: Any = None,
 ) -> tuple[np.ndarray, int]:
     """Fig. 8-9: for each pair (x0_a[b], x0_b[b]) and each t in ``ts``, a row [source a, the
-    decoded interpolations for lambda = 0, 1/(L-1), ..., 1, source b]. Returns (grid images, cols)."""
+    decoded interpolations for lambda = 0, 1/(L-1), ..., 1, source b]. ``encoder`` "q" (the paper)
+    or "ddim" (deterministic, over ``timesteps``; ``sampling.interpolate``). Returns (grid images, cols)."""
     from ddpmkit.sampling import interpolate
 
     if isinstance(num_lambdas, bool) or not isinstance(num_lambdas, int) or num_lambdas < 2:
@@ -494,7 +609,8 @@ def interpolation_figure(
     for b in range(x0_a.shape[0]):
         for t in ts:
             g = torch.Generator().manual_seed(seed * 1_000_003 + b)  # the pair's encoder noise
-            mix = interpolate(model, diffusion, x0_a[b : b + 1], x0_b[b : b + 1], t, lambdas, generator=g)
+            mix = interpolate(model, diffusion, x0_a[b : b + 1], x0_b[b : b + 1], t, lambdas, generator=g,
+                              encoder=encoder, timesteps=timesteps)
             rows.append(torch.cat([x0_a[b : b + 1], mix[0].to(x0_a.device), x0_b[b : b + 1]]))
     return _rows(rows)
 
@@ -537,19 +653,17 @@ def rate_distortion(model: Model, diffusion: Any, x0: torch.Tensor, *, seed: int
     RMSE(pred_x0(x_t), x_0) on the [0, 255] scale = 127.5 sqrt(x0_mse[t]). Returns a JSON-able dict
     with per-t lists, the totals (rate = rate[0], distortion = the decoder's vb[0], total_bpd) and a
     Table-4-style list of rows at reverse-process times T, 0.9 T, ..., 0.1 T."""
-    g = torch.Generator(device=x0.device).manual_seed(seed)
+    from ddpmkit.evaluate.bpd import rate_distortion_by_t, rate_distortion_table
+
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on any device
     terms = diffusion.calc_bpd_loop(model, x0, generator=g, t_chunk=t_chunk, progress=progress)
-    vb = terms["vb"].double().mean(0).cpu()  # (T,)
+    vb = terms["vb"].double().mean(0).cpu().numpy()  # (T,)
     prior = float(terms["prior_bpd"].double().mean())
     T = vb.shape[0]
-    tail = torch.flip(torch.cumsum(torch.flip(vb, [0]), 0), [0])  # tail[t] = sum_{k >= t} vb[k]
-    rate = prior + torch.cat([tail[1:], vb.new_zeros(1)])  # (T,)
-    distortion = 127.5 * terms["x0_mse"].double().mean(0).cpu().sqrt()  # (T,)
-    table = []
-    for r in [round(T * (10 - i) / 10) for i in range(10)]:  # reverse-process time T - t + 1 (paper)
-        t = T - r  # 0-based
-        table.append({"reverse_time": r, "t": t + 1, "rate_bpd": float(rate[t]),
-                      "distortion_rmse": float(distortion[t])})
+    rate, distortion = rate_distortion_by_t(vb, terms["x0_mse"].double().mean(0).cpu().numpy(), prior)
+    by_t = {"rate": rate.tolist(), "distortion": distortion.tolist()}
+    table = [{"reverse_time": r, "t": T - r + 1, "rate_bpd": rt, "distortion_rmse": d}  # paper's 1-based t
+             for r, rt, d in rate_distortion_table({"by_t": by_t})]
     return {
         "num_images": int(x0.shape[0]),
         "num_timesteps": T,
@@ -576,19 +690,26 @@ def format_rate_distortion_table(rd: dict[str, Any]) -> str:
 
 
 def rate_distortion_figure(rd: dict[str, Any], path: str | os.PathLike,
-                           size: tuple[int, int] = (480, 360)) -> Path:
+                           size: tuple[int, int] = (480, 360),
+                           backend: ChartBackend | str = ChartBackend.AUTO) -> Path:
     """Fig. 5: distortion and rate against reverse-process steps (T - t), and distortion against
-    rate, side by side in one PNG of (3 * width, height)."""
+    rate, side by side in one figure of (3 * width, height) pixels (PNG; PDF/SVG with matplotlib)."""
     T = rd["num_timesteps"]
     steps = [T - 1 - t for t in range(T)]  # reverse-process steps taken when x_t (0-based) is reached
-    panels = [
-        render_lines({"distortion": (steps, rd["distortion_rmse"])}, title="Distortion",
-                     xlabel="reverse process steps (T - t)", ylabel="RMSE [0, 255]", size=size),
-        render_lines({"rate": (steps, rd["rate"])}, title="Rate",
-                     xlabel="reverse process steps (T - t)", ylabel="bits/dim", size=size),
-        render_lines({"distortion vs rate": (rd["rate"], rd["distortion_rmse"])}, title="Rate-distortion",
-                     xlabel="rate (bits/dim)", ylabel="RMSE [0, 255]", size=size),
+    specs = [
+        ({"distortion": (steps, rd["distortion_rmse"])}, "Distortion", "reverse process steps (T - t)",
+         "RMSE [0, 255]"),
+        ({"rate": (steps, rd["rate"])}, "Rate", "reverse process steps (T - t)", "bits/dim"),
+        ({"distortion vs rate": (rd["rate"], rd["distortion_rmse"])}, "Rate-distortion", "rate (bits/dim)",
+         "RMSE [0, 255]"),
     ]
+    if _chart_backend(backend, path) is ChartBackend.MATPLOTLIB:
+        mfig = _mpl_figure(size, 3)
+        for ax, (series, title, xlabel, ylabel) in zip(mfig.axes, specs, strict=True):
+            _mpl_lines(ax, series, title=title, xlabel=xlabel, ylabel=ylabel, logx=False, logy=False)
+        return _atomic_savefig(mfig, path)
+    panels = [render_lines(series, title=title, xlabel=xlabel, ylabel=ylabel, size=size)
+              for series, title, xlabel, ylabel in specs]
     fig = Image.new("RGB", (3 * size[0], size[1]), "white")
     for k, panel in enumerate(panels):
         fig.paste(panel, (k * size[0], 0))

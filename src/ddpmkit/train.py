@@ -40,6 +40,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.config import Precision, TrainConfig, changed_on_resume, deviations_from_paper, save_config
+from ddpmkit.data.convert import horizontal_flip_where, to_uint8_nhwc
 from ddpmkit.distributed import (
     DistInfo,
     all_gather_objects,
@@ -270,8 +271,10 @@ class _Trainer:
 
     # -------------------------------------------------------------------------- feedback
     def _log(self, msg: str) -> None:
-        if self.info.is_main:
-            print(msg, flush=True)
+        if self.info.is_main:  # through logging.getLogger("ddpmkit.train") (see ddpmkit.logs)
+            from ddpmkit.logs import logger
+
+            logger(__name__).info(msg)
 
     def summary(self) -> None:
         c, info = self.config, self.info
@@ -312,7 +315,7 @@ class _Trainer:
             noise = sample_generators(self.config.seed, range(n))  # the same noise at every grid
             with torch.no_grad(), self._autocast():
                 x = sample_ancestral(net, self.diffusion, shape, generator=noise, device=self.info.device)
-            images = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+            images = to_uint8_nhwc(x).cpu()  # (n, H, W, C)
             path = save_image_grid(images.numpy(), self.run_dir / "samples" / f"step-{self.step:09d}.png",
                                    nrow=math.ceil(math.sqrt(n)), scale=max(1, 64 // res))
         barrier(self.info)
@@ -333,7 +336,7 @@ class _Trainer:
         b, lo = x0.shape[0], self.info.rank * x0.shape[0]
         dev = self.info.device
         if c.random_flip:
-            x0 = torch.where(flip[lo:lo + b, None, None, None].to(dev), x0.flip(3), x0)
+            x0 = horizontal_flip_where(x0, flip[lo:lo + b])
         return x0, t[lo:lo + b].to(dev), noise[lo:lo + b].to(dev)
 
     def train_step(self, x0: torch.Tensor) -> tuple[float, float, bool]:

@@ -68,6 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         elif kind == "interpolate":
             k.add_argument("--n", type=int, default=2, help="number of image pairs (default 2)")
             k.add_argument("--lambdas", type=int, default=11, help="interpolation points (default 11)")
+            k.add_argument("--encode", default="q", help="q (default: the paper's stochastic encoder) or "
+                           "ddim (deterministic DDIM inversion, decoded by DDIM with eta 0)")
+            k.add_argument("--timesteps", default=None, metavar="SPEC",
+                           help="--encode ddim's timesteps below t: 'ddim50', '10,15,20' (improved-diffusion) "
+                           "or 'list:0,10,...' (default: all)")
         elif kind == "reconstruct":
             k.add_argument("--n", type=int, default=4, help="number of images (default 4)")
         elif kind == "shared-xt":
@@ -113,6 +118,14 @@ def _timesteps(args: argparse.Namespace, T: int) -> list[int]:
     return ts
 
 
+def _spec(text: str | None, encode: str) -> Any:
+    from ddpmkit.sampling import timesteps_from_text
+
+    if text is not None and encode != "ddim":
+        raise ValueError("--timesteps applies to --encode ddim only")
+    return None if text is None else timesteps_from_text(text)
+
+
 def run(args: argparse.Namespace) -> int:
     from ddpmkit import figures
     from ddpmkit.models import load_model
@@ -136,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.kind == "interpolate":
         x = _data(args, 2 * args.n, R, C).to(device)
         grid = figures.interpolation_figure(model, diffusion, x[: args.n], x[args.n :], _timesteps(args, T),
-                                            num_lambdas=args.lambdas, seed=args.seed)
+                                            num_lambdas=args.lambdas, seed=args.seed, encoder=args.encode,
+                                            timesteps=_spec(args.timesteps, args.encode))
     elif args.kind == "reconstruct":
         x = _data(args, args.n, R, C).to(device)
         grid = figures.reconstruction_figure(model, diffusion, x, _timesteps(args, T), seed=args.seed)

@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=True, metavar="DIR", help="where the PNGs and the npz go")
     p.add_argument("--sampler", default="ddpm", help="ddpm (default; Algorithm 2 or respaced) or ddim")
     p.add_argument("--steps", type=int, default=None, help="sampling steps S <= T (default: all T)")
+    p.add_argument("--timesteps", default=None, metavar="SPEC",
+                   help="instead of --steps: improved-diffusion's 'ddim50' or '10,15,20', or 'list:0,250,999'")
     p.add_argument("--eta", type=float, default=None, help="DDIM's eta (default 0: deterministic)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses the stream (seed, i))")
     p.add_argument("--batch-size", type=int, default=None, help="samples per network call (default: "
@@ -122,7 +124,7 @@ def existing_indices(out_dir: Path) -> set[int]:
 def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     """Write DIR/sampling.json, or check that the samples already there were made the same way."""
     path = out_dir / SETTINGS_NAME
-    keys = ("sampler", "steps", "eta", "seed", "clip_denoised", "ema", "image_shape", "num_timesteps")
+    keys = ("sampler", "steps", "timesteps", "eta", "seed", "clip_denoised", "ema", "image_shape", "num_timesteps")
     if path.is_file():
         old = json.loads(path.read_text())
         diff = [k for k in keys if old.get(k) != settings.get(k)]
@@ -142,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ddpmkit.figures import save_image
     from ddpmkit.models import load_model
-    from ddpmkit.sampling import prepare_model, sample, sample_generators, space_timesteps
+    from ddpmkit.sampling import parse_timesteps, prepare_model, sample, sample_generators, space_timesteps
+    from ddpmkit.sampling import timesteps_from_text
 
     _check_args(args)
     device = resolve_device(args.device)
@@ -155,6 +158,14 @@ def run(args: argparse.Namespace) -> int:
     if args.sampler == "ddpm" and steps < 2:
         raise ValueError(f"--steps must be in [2, {T}] for --sampler ddpm, got {steps}")
     space_timesteps(T, steps)
+    kept = None  # --timesteps: the kept list, recorded in sampling.json
+    if args.timesteps is not None:
+        if args.steps is not None:
+            raise ValueError("give --steps or --timesteps, not both")
+        kept = parse_timesteps(T, timesteps_from_text(args.timesteps))
+        steps = len(kept)
+        if args.sampler == "ddpm" and steps < 2:
+            raise ValueError(f"--timesteps must keep at least 2 steps for --sampler ddpm, got {kept}")
     cfg = loaded.unet.config
     shape = (cfg.in_channels, cfg.resolution, cfg.resolution)  # (C, H, W)
     eta = 0.0 if args.eta is None else float(args.eta)
@@ -162,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--output-dir {out_dir}: exists and is not a folder")
     _check_settings(out_dir, {
-        "model": loaded.source, "sampler": args.sampler, "steps": steps, "eta": eta, "seed": args.seed,
+        "model": loaded.source, "sampler": args.sampler, "steps": steps, **({"timesteps": kept} if kept else {}), "eta": eta, "seed": args.seed,
         "clip_denoised": args.clip, "ema": args.ema, "image_shape": list(shape), "num_timesteps": T,
     })
     wanted = range(args.start_index, args.start_index + args.n)
@@ -175,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(todo), desc="samples", unit="img", disable=not todo) as bar:
         for k in range(0, len(todo), batch):
             idx = todo[k : k + batch]
-            x0 = sample(model, diffusion, (len(idx), *shape), sampler=args.sampler, steps=steps, eta=eta,
+            x0 = sample(model, diffusion, (len(idx), *shape), sampler=args.sampler, eta=eta,
+                        **({"timesteps": kept} if kept else {"steps": steps}),
                         generator=sample_generators(args.seed, idx), clip_denoised=args.clip, device=device,
                         progress=sys.stderr.isatty())  # a per-step bar on terminals only
             for i, img in zip(idx, x0.float().cpu(), strict=True):

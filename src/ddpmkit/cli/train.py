@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 from pathlib import Path
 
 from ddpmkit.config import NetSize, Precision
@@ -200,6 +201,6 @@ def run(args: argparse.Namespace) -> int:
     from ddpmkit.train import train
 
     result = train(config, run_dir, resume=args.resume, device=args.device, progress=not args.no_progress)
-    if result.exit_code == 0:
+    if result.exit_code == 0 and os.environ.get("RANK", "0") in ("", "0"):  # once under torchrun
         print(f"model (EMA weights): {run_dir / 'model'}   raw weights: {run_dir / 'model_raw'}")
     return result.exit_code

@@ -1,12 +1,19 @@
 """Data sources -> float tensors in [-1, 1]; uint8 NHWC at the edges.
 
 ``open_source`` opens digits, CIFAR-10, an ``.npz`` or an image folder as an ``ImageDataset``
-(un-augmented; the trainer flips with ``random_horizontal_flip`` and its own generator);
-``verify_source`` lists unreadable files; ``to_uint8_nhwc`` / ``from_uint8_nhwc`` convert pixels.
+(un-augmented; the trainer flips with ``horizontal_flip_where``, the mask drawn from its own generator);
+``verify_source`` lists unreadable files; ``to_uint8_nhwc`` / ``from_uint8_nhwc`` convert pixels
+(the one home of the map, used by every module).
 """
 
 from ddpmkit.data.cifar import CIFAR10_MD5, CIFAR10_URL, data_root, find_cifar10
-from ddpmkit.data.convert import from_uint8_nhwc, random_horizontal_flip, to_uint8_nhwc
+from ddpmkit.data.convert import (
+    from_uint8_nhwc,
+    horizontal_flip_where,
+    quantize_uint8,
+    random_horizontal_flip,
+    to_uint8_nhwc,
+)
 from ddpmkit.data.images import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, UnreadableImageError
 from ddpmkit.data.sources import (
     DIGITS_NUM_TEST,
@@ -46,10 +53,12 @@ __all__ = [
     "data_root",
     "find_cifar10",
     "from_uint8_nhwc",
+    "horizontal_flip_where",
     "inspect_source",
     "load_digits_uint8",
     "load_npz_uint8",
     "open_source",
+    "quantize_uint8",
     "random_horizontal_flip",
     "source_shape",
     "to_uint8_nhwc",

@@ -4,6 +4,9 @@ Inside the library an image is a float tensor in [-1, 1] laid out (..., C, H, W)
 (files, ``.npz``, Pillow, FID) it is uint8 laid out (..., H, W, C). The map is the authors'
 ``x_uint8 = round((x + 1) * 127.5)`` clamped to [0, 255], and its inverse ``x = a / 127.5 - 1``,
 so ``to_uint8_nhwc(from_uint8_nhwc(a)) == a`` for every uint8 array ``a``.
+
+This module is the one home of that map and of the flip: data, the trainer, figures, FID and the
+digits metric all call it, so an image is quantised the same way wherever it goes.
 """
 
 from __future__ import annotations
@@ -13,16 +16,30 @@ import torch
 from torch import Tensor
 
 
+def quantize_uint8(x: Tensor) -> Tensor:
+    """``floor((x + 1) * 127.5 + 1/2)`` clamped to [0, 255]: round half up, same layout, on x's device.
+
+    Computed as ``floor(x * 127.5) + 128`` in float64, the same number in exact arithmetic. For a
+    float32, bf16 or fp16 x the product ``x * 127.5`` is exact in float64 (8 + 24 mantissa bits),
+    so every value rounds to the integer nearest its true ``(x + 1) * 127.5``, ties up. (Evaluated
+    in float32, the product is itself rounded and can land on k + 1/2 from either side, and torch's
+    round-half-to-even then goes either way.) A float64 x: half up of the float64 product.
+    """
+    if not x.is_floating_point():
+        raise ValueError(f"expected float images in [-1, 1], got dtype {x.dtype}")
+    v = (x.detach().double() * 127.5).floor_().add_(128.0)
+    return v.clamp_(0, 255).to(torch.uint8)
+
+
 def to_uint8_nhwc(x: Tensor) -> Tensor:
-    """Quantise images to 8 bits and move channels last.
+    """Quantise images to 8 bits (``quantize_uint8``) and move channels last.
 
     x: (..., C, H, W) float in [-1, 1] (values outside are clamped)  ->  (..., H, W, C) uint8,
-    on x's device. Rounding is torch's round-half-to-even of ``(x + 1) * 127.5``.
+    on x's device.
     """
     if x.dim() < 3:
         raise ValueError(f"expected images shaped (..., C, H, W), got shape {tuple(x.shape)}")
-    a = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return a.movedim(-3, -1).contiguous()  # (..., H, W, C)
+    return quantize_uint8(x).movedim(-3, -1).contiguous()  # (..., H, W, C)
 
 
 def from_uint8_nhwc(a: np.ndarray | Tensor) -> Tensor:
@@ -50,5 +67,15 @@ def random_horizontal_flip(x: Tensor, *, generator: torch.Generator | None = Non
         raise ValueError(f"expected a batch shaped (B, C, H, W), got shape {tuple(x.shape)}")
     device = generator.device if generator is not None else torch.device("cpu")
     flip = torch.rand(x.shape[0], generator=generator, device=device) < 0.5  # (B,)
-    flip = flip.to(x.device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    return torch.where(flip, x.flip(-1), x)
+    return horizontal_flip_where(x, flip)
+
+
+def horizontal_flip_where(x: Tensor, flip: Tensor) -> Tensor:
+    """Mirror left-right (the width axis) the images whose ``flip`` is True.
+
+    x: (B, C, H, W); flip: (B,) bool on any device. Returns a new tensor; x is not modified.
+    """
+    if x.dim() != 4 or flip.shape != (x.shape[0],) or flip.dtype != torch.bool:
+        raise ValueError(f"expected x (B, C, H, W) and a bool mask (B,), got {tuple(x.shape)} and "
+                         f"{tuple(flip.shape)} {flip.dtype}")
+    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)  # mask (B, 1, 1, 1)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["evaluate_bpd", "rate_distortion_table"]
+__all__ = ["evaluate_bpd", "rate_distortion_by_t", "rate_distortion_table"]
 
 PARTIAL_FORMAT = "ddpmkit.bpd_partial"
 
@@ -62,7 +62,7 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
 
 def _run_batch(model: Any, diffusion: Any, x0: torch.Tensor, *, seed: int, batch: int,
                clip_denoised: bool, t_chunk: int | None) -> dict[str, Any]:
-    g = torch.Generator(device=x0.device).manual_seed(seed * 1_000_003 + batch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + batch)  # CPU: the same noise on any device
     out = diffusion.calc_bpd_loop(model, x0, clip_denoised=clip_denoised, t_chunk=t_chunk, generator=g)
     vb, x0_mse = out["vb"].double().cpu(), out["x0_mse"].double().cpu()  # (B, T) each
     return {
@@ -139,7 +139,7 @@ def summarize(batches: list[dict[str, Any]], *, num_timesteps: int) -> dict[str,
     x0_mse = np.sum([r["x0_mse_sum"] for r in batches], axis=0) / n  # (T,)
     assert vb.shape == (num_timesteps,), vb.shape
     prior = float(priors.mean())
-    rate = prior + (np.cumsum(vb[::-1])[::-1] - vb)  # rate[i] = L_T + sum_{s > i} L_s
+    rate, distortion = rate_distortion_by_t(vb, x0_mse, prior)
     return {
         "bpd": float(totals.mean()),
         "bpd_stderr": float(totals.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
@@ -148,10 +148,23 @@ def summarize(batches: list[dict[str, Any]], *, num_timesteps: int) -> dict[str,
         "sum_kl_bpd": float(vb[1:].sum()),  # sum_{t=2}^{T} L_{t-1}
         "decoder_bpd": float(vb[0]),  # L_0
         "rate_bpd": float(rate[0]),  # L_T + sum_{t>=2} L_{t-1}: the rate at t = 1 (Sec. 4.3)
-        "distortion_rmse": float(math.sqrt(x0_mse[0]) * 127.5),
-        "by_t": {"L": vb.tolist(), "rate": rate.tolist(),
-                 "distortion": (np.sqrt(x0_mse) * 127.5).tolist()},
+        "distortion_rmse": float(distortion[0]),
+        "by_t": {"L": vb.tolist(), "rate": rate.tolist(), "distortion": distortion.tolist()},
     }
+
+
+def rate_distortion_by_t(vb: np.ndarray, x0_mse: np.ndarray,
+                         prior_bpd: float) -> tuple[np.ndarray, np.ndarray]:
+    """Progressive coding (Sec. 4.3) from the bound's mean terms; the one place it is computed.
+
+    vb: (T,) mean L_i in bits/dim (0-based i, i = 0 the decoder); x0_mse: (T,) mean
+    ||x0_hat(x_i) - x0||^2 / dim; prior_bpd: mean L_T. Returns (rate, distortion), (T,) float64:
+    rate[i] = L_T + sum_{s > i} L_s (bits received once x_i is known) and distortion[i] =
+    127.5 sqrt(x0_mse[i]) (RMSE on [0, 255]).
+    """
+    vb, x0_mse = np.asarray(vb, np.float64), np.asarray(x0_mse, np.float64)
+    rate = prior_bpd + (np.cumsum(vb[::-1])[::-1] - vb)  # (T,)
+    return rate, np.sqrt(x0_mse) * 127.5
 
 
 def rate_distortion_table(result: dict[str, Any], rows: int = 10) -> list[tuple[int, float, float]]:

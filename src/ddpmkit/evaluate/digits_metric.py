@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ddpmkit.data.convert import from_uint8_nhwc
 from ddpmkit.evaluate.fid import to_uint8_images
 from ddpmkit.evaluate.frechet import FeatureStats, classifier_score, frechet_distance
 
@@ -69,7 +70,7 @@ def _asset_path() -> Path:
 
 def _to_input(images_uint8: np.ndarray) -> torch.Tensor:
     """uint8 (N, 8, 8, 1) -> float32 (N, 1, 8, 8) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return from_uint8_nhwc(images_uint8)
 
 
 def train_digits_classifier(*, seed: int = TRAIN_SEED, epochs: int = TRAIN_EPOCHS) -> DigitsClassifier:

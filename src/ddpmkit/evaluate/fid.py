@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpmkit.data.convert import to_uint8_nhwc
 from ddpmkit.evaluate.frechet import FeatureStats, frechet_distance, inception_score
 
 __all__ = [
@@ -52,7 +53,7 @@ def cache_dir() -> Path:
 
 def to_uint8_images(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """Samples -> uint8 (N, H, W, C). uint8 arrays are NHWC and pass through; float tensors are
-    (N, C, H, W) in [-1, 1] and are rounded: round((x + 1) * 127.5), clamped (never truncated)."""
+    (N, C, H, W) in [-1, 1] and are rounded (``data.to_uint8_nhwc``: half up, clamped, never truncated)."""
     if isinstance(x, np.ndarray) and x.dtype == np.uint8:
         a = x
     elif isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
@@ -60,8 +61,7 @@ def to_uint8_images(x: torch.Tensor | np.ndarray) -> np.ndarray:
     elif isinstance(x, torch.Tensor) and x.is_floating_point():
         if x.ndim != 4:
             raise ValueError(f"expected float samples shaped (N, C, H, W) in [-1, 1], got {tuple(x.shape)}")
-        a = ((x.detach().double() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        a = a.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
+        a = to_uint8_nhwc(x).cpu().numpy()  # (N, H, W, C)
     else:
         raise ValueError("expected samples as uint8 (N, H, W, C) or a float tensor (N, C, H, W) in "
                          f"[-1, 1], got {type(x).__name__} of dtype {getattr(x, 'dtype', None)}")
@@ -245,13 +245,16 @@ def reference_statistics(
 def compute_fid(
     samples: Any, ref: str | os.PathLike, *, extractor: Extractor | None = None, batch_size: int = 100,
     split: str = "train", device: str | torch.device = "cpu", inception_weights: str | None = None,
-    download: bool = False, use_cache: bool = True, is_splits: int = 10, progress: bool = False,
+    download: bool = False, use_cache: bool = True, is_splits: int = 10, is_shuffle_seed: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """FID of ``samples`` against ``ref`` and their Inception Score.
 
     samples: a path (``.npz`` or image folder), uint8 (N, H, W, C), or float (N, C, H, W) in
     [-1, 1] (rounded to 8 bits). ``extractor`` defaults to torch-fidelity's TF-compatible Inception
-    (``InceptionFeatures``). Returns {"fid", "is_mean", "is_std", "num_samples", "num_ref", ...};
+    (``InceptionFeatures``). IS splits the samples in order, as the original code; torch-fidelity
+    shuffles them first, which ``is_shuffle_seed=2020`` reproduces (``inception_score``).
+    Returns {"fid", "is_mean", "is_std", "num_samples", "num_ref", ...};
     with fewer than 50,000 samples a ``FewSamplesWarning`` is issued and recorded in "warnings".
     """
     images = load_samples(samples) if isinstance(samples, str | os.PathLike) else to_uint8_images(samples)
@@ -281,7 +284,8 @@ def compute_fid(
         "ref_cached": ref_stats["cached"], "feature_network": extractor_id, "warnings": [],
     }
     if n >= is_splits:
-        result["is_mean"], result["is_std"] = inception_score(logits, splits=is_splits)
+        result["is_mean"], result["is_std"] = inception_score(logits, splits=is_splits,
+                                                                     shuffle_seed=is_shuffle_seed)
     if n < PAPER_NUM_SAMPLES:
         msg = (f"FID/IS from {n} samples (< {PAPER_NUM_SAMPLES}): biased upward, not comparable with "
                "the paper's numbers (50,000 samples)")

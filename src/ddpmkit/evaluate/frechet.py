@@ -116,9 +116,15 @@ def classifier_score(logits: torch.Tensor | np.ndarray) -> float:
     return float(torch.exp(kl.mean()))
 
 
-def inception_score(logits: torch.Tensor | np.ndarray, splits: int = 10) -> tuple[float, float]:
+def inception_score(logits: torch.Tensor | np.ndarray, splits: int = 10, *,
+                    shuffle_seed: int | None = None) -> tuple[float, float]:
     """Inception Score (Salimans et al. 2016): mean and std of ``classifier_score`` over ``splits``
     consecutive parts, part i = examples [i N // splits, (i + 1) N // splits) (the original code).
+
+    torch-fidelity's default shuffles the examples first; ``shuffle_seed`` does the same, with its
+    permutation ``np.random.RandomState(seed).permutation(N)`` (its default seed is 2020), so
+    ``shuffle_seed=2020`` matches ``torch_fidelity.calculate_metrics(isc=True)`` and None (the
+    default) matches it with ``samples_shuffle=False`` and the original code.
 
     logits: (N, K), N >= splits. Returns (mean, std) with the population std (numpy's default).
     """
@@ -128,5 +134,7 @@ def inception_score(logits: torch.Tensor | np.ndarray, splits: int = 10) -> tupl
         raise ValueError(f"splits must be a positive int, got {splits!r}")
     if n < splits:
         raise ValueError(f"the Inception Score needs at least {splits} images ({splits} splits), got {n}")
+    if shuffle_seed is not None:
+        logp = logp[torch.from_numpy(np.random.RandomState(shuffle_seed).permutation(n))]
     scores = [classifier_score(logp[i * n // splits:(i + 1) * n // splits]) for i in range(splits)]
     return float(np.mean(scores)), float(np.std(scores))

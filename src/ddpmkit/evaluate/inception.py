@@ -73,8 +73,7 @@ def find_inception_weights(
                 f"{expected_sha256}) and put it at {target}, or pass --inception-weights FILE, "
                 "or rerun with --download-weights"
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(INCEPTION_URL, str(target), hash_prefix=expected_sha256[:8])
+        _download(target, expected_sha256)
     digest = sha256_file(target)
     if digest != expected_sha256:
         raise ValueError(
@@ -84,26 +83,48 @@ def find_inception_weights(
     return target
 
 
+def _download(target: Path, expected_sha256: str) -> None:
+    """Fetch the weights to ``target``; a network or disk failure is one ValueError line."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(INCEPTION_URL, str(target), hash_prefix=expected_sha256[:8],
+                                       progress=sys.stderr.isatty())
+    except (OSError, RuntimeError) as err:  # URLError/HTTPError are OSErrors; a bad hash: RuntimeError
+        reason = getattr(err, "reason", None) or err
+        raise ValueError(f"could not download the Inception weights from {INCEPTION_URL} ({reason}); "
+                         f"fetch the file elsewhere and put it at {target}, or pass "
+                         "--inception-weights FILE") from None
+
+
+FIDELITY_INSTALL = "pip install --no-deps 'torch-fidelity>=0.3,<0.5'"
+
+
 def _torch_fidelity_inception_class() -> type:
-    """torch-fidelity's FeatureExtractorInceptionV3, importable without torchvision.
+    """torch-fidelity's FeatureExtractorInceptionV3, importable without a working torchvision.
 
     The package's ``__init__`` imports its CLIP/VGG/DINOv2 extractors, which need torchvision; the
-    InceptionV3 module itself imports only torch and torch-fidelity's helpers. When torchvision is
-    missing, the package is registered without running its ``__init__`` and the module is imported.
+    InceptionV3 module itself imports only torch and torch-fidelity's helpers. When the package's
+    ``__init__`` fails for any reason (torchvision missing, or one built for another torch, which
+    raises a RuntimeError), the package is registered without running its ``__init__`` and the
+    module is imported. Any failure of that module becomes one ValueError line.
     """
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None:
-        raise ValueError("FID and IS need torch-fidelity: pip install 'ddpmkit[fid]' "
-                         "(or pip install --no-deps torch-fidelity)")
+        raise ValueError(f"FID and IS need torch-fidelity's Inception: {FIDELITY_INSTALL} "
+                         "(--no-deps keeps your torch: a plain install pulls torchvision and another torch)")
     try:
         importlib.import_module("torch_fidelity")
-    except ModuleNotFoundError as err:
-        if err.name != "torchvision":
-            raise
+    except Exception:  # noqa: BLE001 - any import failure of the package's __init__ (see above)
+        sys.modules.pop("torch_fidelity", None)
         pkg = importlib.util.module_from_spec(spec)  # the package, its __init__ not executed
         sys.modules["torch_fidelity"] = pkg
-    module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
-    return module.FeatureExtractorInceptionV3
+    try:
+        module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+        return module.FeatureExtractorInceptionV3
+    except Exception as err:  # noqa: BLE001 - shown as one line
+        raise ValueError(f"torch-fidelity's Inception cannot be imported ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); reinstall it with "
+                         f"{FIDELITY_INSTALL}") from None
 
 
 class InceptionFeatures(torch.nn.Module):
