@@ -62,7 +62,8 @@ def test_sample_writes_pngs_grid_and_npz(model_dir, tmp_path, capsys) -> None:
     for i in range(5):
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{i:06d}.png"))[..., None], arr[i])
     assert arr.std() > 10  # not a blank image
-    assert Image.open(out / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)  # 5 images, 3 per row
+    # 5 images, 3 per row, upscaled nearest-neighbour by ceil(512 / 32) = 16 to be legible
+    assert Image.open(out / "grid.png").size == (16 * (3 * 10 + 2), 16 * (2 * 10 + 2))
     settings = json.loads((out / "sampling.json").read_text())
     assert settings["sampler"] == "ddpm" and settings["steps"] == T and settings["seed"] == 3
     assert "images/s" in capsys.readouterr().out
