@@ -62,7 +62,8 @@ def test_sample_writes_pngs_grid_and_npz(model_dir, tmp_path, capsys) -> None:
     for i in range(5):
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{i:06d}.png"))[..., None], arr[i])
     assert arr.std() > 10  # not a blank image
-    assert Image.open(out / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)  # 5 images, 3 per row
+    # 5 images, 3 per row, upscaled nearest-neighbour by ceil(512 / 32) = 16 to be legible
+    assert Image.open(out / "grid.png").size == (16 * (3 * 10 + 2), 16 * (2 * 10 + 2))
     settings = json.loads((out / "sampling.json").read_text())
     assert settings["sampler"] == "ddpm" and settings["steps"] == T and settings["seed"] == 3
     assert "images/s" in capsys.readouterr().out
@@ -162,9 +163,9 @@ def test_sample_refuses_to_mix_settings_in_one_folder(model_dir, tmp_path, capsy
 @pytest.mark.parametrize(
     "kind,extra,size",
     [
-        # default scale = ceil(64 / 8) = 8; tiles 8 px + 2 px padding
-        ("progressive", ["--n", "2", "--snapshots", "3"], (8 * (3 * 10 + 2), 8 * (4 * 10 + 2))),
-        ("shared-xt", ["--n", "2", "--t", "1,7"], (8 * (3 * 10 + 2), 8 * (2 * 10 + 2))),
+        # default scale: the smallest reaching 512 px wide, ceil(512 / 32) = 16; tiles 8 px + 2 px
+        # padding (the labelled progressive figure: tests/test_legible.py)
+        ("shared-xt", ["--n", "2", "--t", "1,7"], (16 * (3 * 10 + 2), 16 * (2 * 10 + 2))),
         ("reconstruct", ["--data", "digits", "--n", "2", "--t", "3,7", "--scale", "1"],
          (5 * 10 + 2, 2 * 10 + 2)),
         ("interpolate", ["--data", "digits", "--n", "1", "--t", "4", "--lambdas", "3", "--scale", "2"],

@@ -35,14 +35,17 @@ __all__ = [
     "ChartBackend",
     "image_grid",
     "images_to_uint8",
+    "label_grid",
     "interpolation_figure",
     "plot_lines",
     "progressive_figure",
+    "progressive_labels",
     "rate_distortion",
     "rate_distortion_figure",
     "reconstruction_figure",
     "render_lines",
     "save_image",
+    "readable_scale",
     "save_image_grid",
     "shared_xt_figure",
 ]
@@ -166,12 +169,59 @@ def save_image(image: Any, path: str | os.PathLike, *, scale: int = 1) -> Path:
     return _atomic_save(_scaled(_to_pil(a), scale), path)
 
 
+def readable_scale(width: int, min_width: int = 512) -> int:
+    """The whole nearest-neighbour factor that brings a ``width``-px picture to >= ``min_width`` px."""
+    return max(1, -(-min_width // max(1, width)))
+
+
 def save_image_grid(
-    images: Any, path: str | os.PathLike, *, nrow: int | None = None, scale: int = 1, padding: int = 2
+    images: Any, path: str | os.PathLike, *, nrow: int | None = None, scale: int = 1, padding: int = 2,
+    min_width: int = 0, col_labels: Sequence[str] = (), row_labels: Sequence[str] = (),
 ) -> Path:
-    """Write ``image_grid(images, nrow=nrow, padding=padding)``, enlarged ``scale`` times
-    (nearest neighbour), to ``path`` atomically. Returns the path."""
-    return _atomic_save(_scaled(image_grid(images, nrow=nrow, padding=padding), scale), path)
+    """Write ``image_grid(images, nrow=nrow, padding=padding)``, enlarged ``scale`` times (nearest
+    neighbour; more when needed to be ``min_width`` px wide), to ``path`` atomically, with the
+    column and row labels of ``label_grid`` when given. Returns the path."""
+    grid = image_grid(images, nrow=nrow, padding=padding)
+    scale = max(scale, readable_scale(grid.width, min_width)) if min_width else scale
+    grid = _scaled(grid, scale)
+    if col_labels or row_labels:
+        grid = label_grid(grid, col_labels=col_labels, row_labels=row_labels, tile=images_to_uint8(images)
+                          .shape[2] * scale, padding=padding * scale)
+    return _atomic_save(grid, path)
+
+
+def _label_font(size: int) -> Any:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable embedded font
+    except TypeError:  # older Pillow: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def label_grid(grid: Image.Image, *, col_labels: Sequence[str] = (), row_labels: Sequence[str] = (),
+               tile: int, padding: int) -> Image.Image:
+    """``grid`` (tiles ``tile`` px wide, ``padding`` px apart, as ``image_grid`` lays them out) with
+    a white band above naming each column and one on the left naming each row, black text.
+
+    A row label repeats over rows when there are fewer labels than rows (e.g. ["x_t", "pred x_0"]
+    for the chains of the progressive figure).
+    """
+    step = tile + padding
+    size = max(12, min(22, tile // 3))
+    font = _label_font(size)
+    probe = ImageDraw.Draw(grid)
+    left = 0 if not row_labels else 12 + max(int(probe.textlength(t, font=font)) for t in row_labels)
+    top = 0 if not col_labels else 2 * size
+    out = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+    out.paste(grid.convert("RGB"), (left, top))
+    draw = ImageDraw.Draw(out)
+    for j, text in enumerate(col_labels):
+        x = left + padding + j * step + tile / 2
+        draw.text((x, top / 2), text, fill="black", font=font, anchor="mm")
+    rows = (grid.height - padding) // step
+    for i in range(rows if row_labels else 0):
+        y = top + padding + i * step + tile / 2
+        draw.text((left - 6, y), row_labels[i % len(row_labels)], fill="black", font=font, anchor="rm")
+    return out
 
 
 # ---------------------------------------------------------------------------------- line chart
@@ -508,6 +558,16 @@ def progressive_figure(
         if show in ("both", "x0"):
             rows.append(out["pred_x0"][:, b])
     return _rows(rows)
+
+
+def progressive_labels(num_timesteps: int, num_snapshots: int, show: str = "both") -> tuple[list[str], list[str]]:
+    """Column labels ("t = 999", ..., "t = 0") and row labels ("x_t", "pred x_0") of
+    ``progressive_figure``'s grid, for ``save_image_grid(..., col_labels=, row_labels=)``."""
+    from ddpmkit.sampling import space_timesteps
+
+    ts = sorted(set(space_timesteps(num_timesteps, num_snapshots)), reverse=True)
+    rows = {"both": ["x_t", "pred x_0"], "xt": ["x_t"], "x0": ["pred x_0"]}[show]
+    return [f"t = {t}" for t in ts], rows
 
 
 def reconstruction_figure(

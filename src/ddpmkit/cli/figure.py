@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         k.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
         k.add_argument("--no-ema", dest="ema", action="store_false", help="a run directory's raw weights")
         k.add_argument("--scale", type=int, default=None,
-                       help="enlarge images this many times (default: to at least 64 pixels)")
+                       help="enlarge images this many times (default: until the figure is >= 512 px wide)")
         add_speed_arguments(k)
         if kind in ("interpolate", "reconstruct", "rate-distortion"):
             k.add_argument("--data", required=True, metavar="SRC",
@@ -140,7 +140,6 @@ def run(args: argparse.Namespace) -> int:
     diffusion = loaded.diffusion.build()
     T = diffusion.num_timesteps
     C, R = loaded.unet.config.in_channels, loaded.unet.config.resolution
-    scale = args.scale if args.scale is not None else max(1, -(-64 // R))
     out = Path(args.out or f"figure_{args.kind}.png")
     model = prepare_model(loaded.unet, device=device, compile=args.compile, bf16=args.bf16,
                           cuda_graphs=args.cuda_graphs)
@@ -163,7 +162,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise NotImplementedError(args.kind)
     images, cols = grid
-    path = figures.save_image_grid(images, out, nrow=cols, scale=scale)
+    labels = {}
+    if args.kind == "progressive":
+        col_labels, row_labels = figures.progressive_labels(T, args.snapshots, args.show)
+        labels = {"col_labels": col_labels, "row_labels": row_labels}
+    # default: nearest-neighbour upscaling to >= 512 px wide
+    scale = args.scale if args.scale is not None else figures.readable_scale(cols * (R + 2) + 2)
+    path = figures.save_image_grid(images, out, nrow=cols, scale=scale, **labels)
     print(f"wrote {path}")
     return 0
 

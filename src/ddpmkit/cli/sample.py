@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "or 'list:0,250,999'")
     p.add_argument("--eta", type=float, default=None, help="DDIM's eta (default 0: deterministic)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses the stream (seed, i))")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per network call (default 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per network call (default: "
+                   "all N at once, within a memory bound; see auto_batch_size)")
     p.add_argument("--start-index", type=int, default=0, help="global index of the first sample")
     p.add_argument("--no-ema", dest="ema", action="store_false",
                    help="a run directory's raw weights instead of the EMA ones")
@@ -80,7 +81,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown --sampler {args.sampler!r}; expected one of {list(SAMPLERS)}")
     for name, lo in (("n", 1), ("batch_size", 1), ("start_index", 0), ("seed", 0)):
-        if getattr(args, name) < lo:
+        if getattr(args, name) is not None and getattr(args, name) < lo:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -89,6 +90,29 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError("--eta applies to --sampler ddim only")
         if not args.eta >= 0:
             raise ValueError(f"--eta must be >= 0, got {args.eta}")
+
+
+def auto_batch_size(unet_config: Any, n: int, device: Any) -> int:
+    """The most samples per network call, up to ``n``, whose activations fit a memory bound.
+
+    Bigger batches are faster per image on CPUs and GPUs alike (measured: docs/training.md). The
+    bound is half the free GPU memory on CUDA, else a quarter of the RAM (at most 8 GiB); an image
+    is taken to need 4 bytes x (the skip activations kept for the up path + 8 times the largest
+    activation + the largest attention matrix), float32, generous for inference under no_grad.
+    """
+    import os
+
+    import torch
+
+    c = unet_config
+    acts = [c.ch * m * (c.resolution // 2**i) ** 2 for i, m in enumerate(c.ch_mult)]
+    attn = max([(r * r) ** 2 for r in c.attn_resolutions] + [(c.resolution // 2 ** (len(c.ch_mult) - 1)) ** 4])
+    per_image = 4 * ((c.num_res_blocks + 1) * sum(acts) + 8 * max(acts) + attn)
+    if device.type == "cuda":
+        bound = torch.cuda.mem_get_info(device)[0] // 2
+    else:
+        bound = min(8 << 30, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+    return max(1, min(n, bound // per_image))
 
 
 def existing_indices(out_dir: Path) -> set[int]:
@@ -212,10 +236,11 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
     todo = [i for i in wanted if i not in done]
     model = prepare_model(loaded.unet, device=device, compile=args.compile, bf16=args.bf16,
                           cuda_graphs=args.cuda_graphs)
+    batch = args.batch_size or auto_batch_size(cfg, max(1, len(todo)), device)
     start = time.perf_counter()
     with tqdm(total=len(todo), desc="samples", unit="img", disable=not todo) as bar:
-        for k in range(0, len(todo), args.batch_size):
-            idx = todo[k : k + args.batch_size]
+        for k in range(0, len(todo), batch):
+            idx = todo[k : k + batch]
             x0 = sample(model, diffusion, (len(idx), *shape), sampler=args.sampler, eta=eta,
                         **({"timesteps": kept} if kept else {"steps": steps}),
                         generator=sample_generators(args.seed, idx), clip_denoised=args.clip, device=device,
@@ -227,8 +252,8 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
     npz, grid = write_npz_and_grid(out_dir)
     skipped = len(wanted) - len(todo)
     rate = len(todo) / elapsed if todo and elapsed > 0 else 0.0
-    print(f"sampled {len(todo)} images in {elapsed:.1f} s ({rate:.2f} images/s) on {device}; "
-          f"skipped {skipped} existing")
+    print(f"sampled {len(todo)} images in {elapsed:.1f} s on {device}, batch {batch}; skipped {skipped} "
+          f"existing\n{rate:.2f} images/s")
     print(f"wrote {npz} and {grid}")
     return 0
 
@@ -262,6 +287,6 @@ def write_npz_and_grid(out_dir: Path) -> tuple[Path, Path]:
         m = NPZ_NAME.match(old.name)
         if m and old.name != name and int(m.group(1)) < len(images):
             old.unlink(missing_ok=True)
-    grid = save_image_grid(images[:GRID_SIZE], out_dir / "grid.png")
+    grid = save_image_grid(images[:GRID_SIZE], out_dir / "grid.png", min_width=512)  # upscaled to be legible
     return npz, grid
 

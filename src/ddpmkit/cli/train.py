@@ -1,7 +1,10 @@
 """`ddpm train`: train a DDPM from a preset, a config file and overrides; resumable; torchrun-ready.
 
 With no arguments it trains the ``digits`` preset on scikit-learn's 8x8 digits into runs/digits
-and ends by writing a sample grid. Settings resolve in this order: the preset (or ``--config``
+and ends by writing a sample grid. ``--data FOLDER|NPZ`` without a preset builds a network for the
+data's own size and channels (``config.config_for_data``) into runs/NAME; a preset or config whose
+image size differs from the data's is refused unless ``--resolution``/``--channels`` ask for the
+images to be resized/converted. Settings resolve in this order: the preset (or ``--config``
 FILE, or, when resuming without either, the checkpoint's config), then ``--set KEY=VALUE``, then
 the explicit flags. Exit codes: 0 done, 2 a user error, 3 too many non-finite steps, 128+N
 stopped by signal N (after saving a checkpoint).
@@ -10,11 +13,12 @@ stopped by signal N (after saving a checkpoint).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from pathlib import Path
 
-from ddpmkit.config import Precision
+from ddpmkit.config import NetSize, Precision
 
 # explicit flag -> config key
 _FLAGS = {
@@ -42,7 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "come from its 'preset'")
     p.add_argument("--data", metavar="SRC", help="digits, cifar10, an image folder, a CIFAR-10 archive or "
                    "folder, or an .npz (uint8 NHWC)")
-    p.add_argument("--output-dir", "-o", metavar="RUN", help="run directory (default: runs/PRESET)")
+    p.add_argument("--resolution", type=int, metavar="N", help="center-crop and resize every image to NxN "
+                   "(without a preset: and build the network for N); default: the data's own size")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="convert the images to 1 (gray) or 3 "
+                   "(RGB) channels; default: the data's own")
+    p.add_argument("--net", choices=[m.value for m in NetSize], help="without a preset: the paper's U-Net "
+                   "family (default from 32 px) or the small CPU variant (default below 32 px)")
+    p.add_argument("--output-dir", "-o", metavar="RUN", help="run directory (default: runs/PRESET, or "
+                   "runs/NAME for --data NAME without a preset)")
     p.add_argument("--resume", metavar="auto|CKPT", help="'auto': continue from the newest complete "
                    "checkpoint in RUN (start fresh if none); or a checkpoint folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -82,14 +93,23 @@ def resolve_config(args: argparse.Namespace):
         raise ValueError("give --preset or --config, not both")
     preset = args.preset
     base = load_config(args.config) if args.config is not None else None
+    custom = base is None and preset is None and _is_custom_data(args.data)
+    if base is None and preset is None and args.data is not None and not custom:
+        preset = "cifar10" if args.data.lower().startswith("cifar10") else "digits"
     default_name = base.preset if base is not None else (preset or "digits")
+    if custom:
+        default_name = Path(args.data).name.removesuffix(".npz") or "custom"
     run_dir = Path(args.output_dir) if args.output_dir else Path("runs") / default_name
     if base is None and preset is None and args.resume:
         from ddpmkit.train import load_resumable, newest_resumable
 
         found = newest_resumable(run_dir) if args.resume == "auto" else load_resumable(Path(args.resume))
         if found is not None:
-            base = TrainConfig.from_dict(found.state["config"])
+            base, custom = TrainConfig.from_dict(found.state["config"]), False
+    if custom:
+        base = _config_for(args)
+    elif args.net is not None:
+        raise ValueError("--net applies only to --data without --preset or --config")
     if base is None:
         base = train_preset(preset or "digits")
     overrides: dict[str, object] = dict(parse_overrides(args.overrides))
@@ -97,7 +117,79 @@ def resolve_config(args: argparse.Namespace):
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
-    return apply_overrides(base, overrides), run_dir
+    for flag, keys in (("resolution", ("unet.resolution",)),
+                       ("channels", ("unet.in_channels", "unet.out_channels"))):
+        if getattr(args, flag) is not None:
+            overrides.update({k: getattr(args, flag) for k in keys})
+    config = apply_overrides(base, overrides)
+    _check_data(config, args, what="the network built for it" if custom else _origin(args, base))
+    return config, run_dir
+
+
+@functools.lru_cache(maxsize=4)
+def _source_shape(data: str):
+    """``data.source_shape``, once per source (a folder's headers, an npz's array) per process."""
+    from ddpmkit.data import source_shape
+
+    return source_shape(data)
+
+
+def _is_custom_data(data: str | None) -> bool:
+    """A folder or npz (not digits / CIFAR-10, which have their presets)."""
+    from ddpmkit.data import SourceKind
+
+    return data is not None and _source_shape(data).kind in (SourceKind.FOLDER, SourceKind.NPZ)
+
+
+def _config_for(args: argparse.Namespace):
+    """The network and recipe for ``--data`` without a preset: the data's own size unless overridden."""
+    from ddpmkit.config import config_for_data, native_resolution
+
+    shape = _source_shape(args.data)
+    res = args.resolution if args.resolution is not None else native_resolution(shape.description, shape.sizes)
+    channels = args.channels if args.channels is not None else shape.channels
+    return config_for_data(args.data, res, channels, args.net)
+
+
+def _origin(args: argparse.Namespace, base) -> str:
+    if args.config is not None:
+        return f"the config {args.config}"
+    return f"the {base.preset} preset" if base.preset != "custom" else "the checkpoint's config"
+
+
+def _check_data(config, args: argparse.Namespace, *, what: str) -> None:
+    """The data must have the network's size and channels, unless --resolution/--channels resize it."""
+    from ddpmkit.config import check_data_fits
+
+    if config.data is None:
+        return
+    shape = _source_shape(config.data)
+    sizes, channels = shape.sizes, shape.channels
+    if args.resolution is not None:
+        sizes = ((args.resolution, args.resolution),)
+    if args.channels is not None:
+        channels = args.channels
+    drop = "--config" if args.config is not None else "--preset"
+    check_data_fits(config, shape.description, sizes, channels, what=what, drop=drop)
+
+
+def start_line(config) -> str:
+    """One line: the image size the run trains on, the network's size and the steps."""
+    import torch
+
+    from ddpmkit.nn import UNet
+
+    u = config.unet
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in UNet(config=u).parameters())
+    shape = _source_shape(config.data)
+    (w, h), *more = shape.sizes
+    stored = "mixed sizes" if more else f"{w}x{h}"
+    fitted = "as stored" if (not more and (w, h) == (u.resolution, u.resolution)
+                             and shape.channels == u.in_channels) else f"resized from {stored}"
+    return (f"training on {shape.description}: {u.resolution}x{u.resolution}, {u.in_channels} channel"
+            f"{'s' if u.in_channels > 1 else ''} ({fitted}); U-Net {n_params / 1e6:.2f}M parameters "
+            f"(ch {u.ch}, ch_mult {list(u.ch_mult)}); {config.steps:,} steps of batch {config.batch_size}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
+    if args.data is not None:
+        print(start_line(config), flush=True)
     from ddpmkit.train import train
 
     result = train(config, run_dir, resume=args.resume, device=args.device, progress=not args.no_progress)

@@ -24,11 +24,13 @@ from ddpmkit.data.sources import (
     OnBadImage,
     SourceKind,
     SourceReport,
+    SourceShape,
     Split,
     inspect_source,
     load_digits_uint8,
     load_npz_uint8,
     open_source,
+    source_shape,
     verify_source,
 )
 
@@ -45,6 +47,7 @@ __all__ = [
     "OnBadImage",
     "SourceKind",
     "SourceReport",
+    "SourceShape",
     "Split",
     "UnreadableImageError",
     "data_root",
@@ -57,6 +60,7 @@ __all__ = [
     "open_source",
     "quantize_uint8",
     "random_horizontal_flip",
+    "source_shape",
     "to_uint8_nhwc",
     "verify_source",
 ]

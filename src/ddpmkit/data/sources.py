@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -385,6 +386,55 @@ def _open_folder(folder: Path, *, resolution: int, channels: int, on_bad_image: 
                              "or use --on-bad-image skip")
     return FolderImageDataset(folder, files, resolution=resolution, channels=channels,
                               on_bad_image=on_bad_image)
+
+
+@dataclass(frozen=True)
+class SourceShape:
+    """The stored size of a source's images, read from headers (folders) or the array (npz).
+
+    sizes: the distinct (width, height); channels: 3 when any image is colour, else 1.
+    """
+
+    kind: SourceKind
+    description: str
+    sizes: tuple[tuple[int, int], ...]
+    channels: int
+
+
+def source_shape(src: str | os.PathLike | None, *, max_files: int = 4096) -> SourceShape:
+    """The size and channels a source's images have as stored, without decoding pixels.
+
+    An image folder reads the headers of up to ``max_files`` files, evenly spread over its sorted
+    list (unreadable ones are left to training's ``on_bad_image``). Digits are 8x8 gray and
+    CIFAR-10 32x32 colour by definition.
+    """
+    named_cifar = src is not None and str(src).lower() in ("cifar10", "cifar10-train", "cifar10-test")
+    r = None if named_cifar else _resolve(src, download=False)
+    if r is None or r.kind is SourceKind.CIFAR10:
+        return SourceShape(SourceKind.CIFAR10, "CIFAR-10", ((32, 32),), 3)
+    if r.kind is SourceKind.DIGITS:
+        return SourceShape(r.kind, "digits", ((8, 8),), 1)
+    if r.kind is SourceKind.NPZ:
+        n, h, w, c = load_npz_uint8(r.path).shape
+        return SourceShape(r.kind, f"npz {r.path}", ((w, h),), c)
+    if r.kind is SourceKind.FOLDER:
+        files, _ = list_image_files(r.path)
+        if not files:
+            _open_folder(r.path, resolution=1, channels=1, on_bad_image=OnBadImage.SKIP, progress=False)
+        step = max(1, len(files) // max_files)
+        sizes, colour = set(), False
+        for path in files[::step][:max_files]:
+            try:
+                with Image.open(path) as im:
+                    sizes.add(im.size)
+                    colour |= im.mode not in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+            except (OSError, ValueError, SyntaxError):
+                continue
+        if not sizes:
+            raise ValueError(f"none of the image files in {r.path} is readable "
+                             f"(run `ddpm data verify {r.path}`)")
+        return SourceShape(r.kind, f"image folder {r.path}", tuple(sorted(sizes)), 3 if colour else 1)
+    raise NotImplementedError(r.kind)
 
 
 @dataclass(frozen=True)

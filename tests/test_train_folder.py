@@ -1,0 +1,138 @@
+"""`ddpm train --data FOLDER|NPZ` without a preset: the network fits the data, or the run is refused.
+
+The folders are built here: 32x32 RGB, 64x64 grayscale, mixed sizes, a non-square size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpmkit.cli import build_parser, main
+from ddpmkit.cli.train import resolve_config
+from ddpmkit.config import train_preset, unet_for_data
+from ddpmkit.data import open_source
+from ddpmkit.nn import UNET_PRESETS, UNet
+
+CIFAR10_PARAMS = 35_746_307  # the authors' run_cifar.py network (the paper: 35.7M)
+
+
+def _folder(root: Path, name: str, sizes: list[tuple[int, int]], mode: str) -> Path:
+    folder = root / name
+    folder.mkdir()
+    rng = np.random.default_rng(len(name))
+    for i, (w, h) in enumerate(sizes):
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(a).convert(mode).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("folders")
+    return {
+        "rgb32": _folder(root, "rgb32", [(32, 32)] * 6, "RGB"),
+        "gray64": _folder(root, "gray64", [(64, 64)] * 4, "L"),
+        "mixed": _folder(root, "mixed", [(32, 32), (48, 40), (64, 64)], "RGB"),
+        "wide": _folder(root, "wide", [(40, 30)] * 3, "RGB"),
+    }
+
+
+def _resolve(*argv):
+    return resolve_config(build_parser().parse_args(["train", *argv]))
+
+
+def _num_params(config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet(config=config).parameters())
+
+
+def test_a_32px_rgb_folder_gets_the_cifar10_network(folders):
+    config, run_dir = _resolve("--data", str(folders["rgb32"]))
+    assert (config.unet.resolution, config.unet.in_channels, config.unet.out_channels) == (32, 3, 3)
+    assert config.unet == UNET_PRESETS["cifar10"]
+    assert _num_params(config.unet) == CIFAR10_PARAMS
+    assert run_dir == Path("runs/rgb32") and config.preset == "custom"
+    # the recipe is the paper's CIFAR-10 one, apart from the data
+    paper = train_preset("cifar10").to_dict()
+    ours = config.to_dict()
+    assert {k for k in paper if paper[k] != ours[k]} == {"preset", "data"}
+
+
+def test_a_64px_grayscale_folder_gets_a_64px_one_channel_network(folders):
+    config, _ = _resolve("--data", str(folders["gray64"]))
+    u = config.unet
+    assert (u.resolution, u.in_channels, u.out_channels) == (64, 1, 1)
+    assert u.level_resolutions == (64, 32, 16, 8, 4) and u.attn_resolutions == (16,)
+    assert open_source(config.data, resolution=u.resolution, channels=u.in_channels)[0].shape == (1, 64, 64)
+
+
+def test_mixed_sizes_ask_for_resolution_and_resize_only_when_asked(folders):
+    with pytest.raises(ValueError, match=r"differ in size \(32x32, 48x40, 64x64\).*--resolution N"):
+        _resolve("--data", str(folders["mixed"]))
+    config, _ = _resolve("--data", str(folders["mixed"]), "--resolution", "32")
+    assert (config.unet.resolution, config.unet.in_channels) == (32, 3)
+    with pytest.raises(ValueError, match="differ in size .* the digits preset trains 8x8 grayscale .*--resolution 8"):
+        _resolve("--preset", "digits", "--data", str(folders["mixed"]))
+
+
+def test_a_non_square_size_is_refused_with_a_suggested_resolution(folders):
+    with pytest.raises(ValueError, match=r"are 40x30, not a square.*--resolution 32"):
+        _resolve("--data", str(folders["wide"]))
+
+
+def test_a_preset_of_another_size_is_refused_naming_both_and_the_fix(folders):
+    with pytest.raises(ValueError) as err:
+        _resolve("--preset", "digits", "--data", str(folders["rgb32"]))
+    msg = str(err.value)
+    assert "32x32 RGB" in msg and "the digits preset trains 8x8 grayscale" in msg
+    assert "--resolution 8 --channels 1" in msg and "without --preset" in msg
+    with pytest.raises(ValueError, match="64x64 grayscale images but the cifar10 preset trains 32x32 RGB"):
+        _resolve("--preset", "cifar10", "--data", str(folders["gray64"]))
+    # explicit resizing and conversion is a flag
+    config, _ = _resolve("--preset", "digits", "--data", str(folders["rgb32"]), "--resolution", "8",
+                         "--channels", "1")
+    assert config.unet == UNET_PRESETS["digits"]
+
+
+def test_a_saved_config_of_another_size_is_refused(folders, tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"preset": "digits"}))
+    with pytest.raises(ValueError, match="the config .* trains 8x8 grayscale.*without --config"):
+        _resolve("--config", str(tmp_path / "c.json"), "--data", str(folders["rgb32"]))
+
+
+def test_named_sources_keep_their_presets():
+    assert _resolve()[0] == train_preset("digits")
+    assert _resolve("--data", "digits")[0] == train_preset("digits")
+
+
+def test_tiny_images_get_the_small_cpu_network(tmp_path):
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, np.zeros((3, 16, 16, 3), np.uint8))
+    config, run_dir = _resolve("--data", str(npz))
+    u = config.unet
+    assert (u.resolution, u.in_channels, u.ch, u.ch_mult, u.num_res_blocks) == (16, 3, 64, (1, 1, 1), 1)
+    assert config.lr == train_preset("digits").lr and config.random_flip and run_dir == Path("runs/tiny")
+    # at 8 px the small network is the digits preset's
+    assert unet_for_data(8, 1, "small") == UNET_PRESETS["digits"]
+    with pytest.raises(ValueError, match="--net applies only"):
+        _resolve("--preset", "digits", "--data", str(npz), "--net", "small")
+
+
+def test_cli_trains_a_32px_rgb_model_and_says_so_in_one_line(folders, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(folders["rgb32"]), "--net", "small", "--steps", "1", "--batch-size", "2",
+            "--num-samples", "0", "--set", "unet.ch=32", "--set", "unet.ch_mult=1,1",
+            "--set", "diffusion.num_timesteps=10", "-o", str(run), "--no-progress"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"training on image folder {folders['rgb32']}: 32x32, 3 channels (as stored)")
+    assert "U-Net 0." in first and "M parameters" in first and "1 steps of batch 2" in first
+    saved = json.loads((run / "model" / "config.json").read_text())
+    unet = saved.get("unet", saved)
+    assert (unet["resolution"], unet["in_channels"]) == (32, 3)
