@@ -610,7 +610,7 @@ def _md_nn(rep: dict[str, Any]) -> list[str]:
         lines.append(f"| {sp} | {_n(r['samples_near_copy'])} | {_n(r['heldout_near_copy'])} | "
                      f"{_n(r['samples_median_nn_distance'])} | {_n(r['heldout_median_nn_distance'])} |")
     lines += ["", "Each row: an L_simple sample, its 3 nearest training digits in pixel space, then in the "
-              f"classifier's feature space.", "", f"![nearest neighbours]({nn['panel']})", ""]
+              "classifier's feature space.", "", f"![nearest neighbours]({nn['panel']})", ""]
     return lines
 
 
