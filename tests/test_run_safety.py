@@ -249,7 +249,7 @@ def test_train_refuses_sizes_that_cannot_fit_before_allocating(tmp_path, capsys,
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("key, value", [("resolution", 100000)])  # T = 10^9: see the note (diffusion.py)
+@pytest.mark.parametrize("key, value", [("resolution", 100000), ("num_timesteps", 10**9)])
 def test_sample_refuses_a_model_config_that_cannot_fit(tmp_path, capsys, key, value):
     from ddpmkit.cli import main
     from ddpmkit.diffusion import DiffusionConfig
@@ -278,3 +278,15 @@ def test_eval_with_an_unwritable_output_is_a_one_line_error_before_any_work(tmp_
     assert main(["eval", kind, *first, "--out", str(blocker / "x" / "out.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write to" in err, err  # not the missing input: checked first
+
+
+def test_a_huge_num_timesteps_is_refused_before_the_schedule_is_built(monkeypatch):
+    # T = 10^9 would allocate 8 GB in betas() alone; the refusal must come first.
+    from ddpmkit.diffusion import DiffusionConfig
+
+    def built(self):
+        raise AssertionError("the schedule was built before the size check")
+
+    monkeypatch.setattr(DiffusionConfig, "betas", built)
+    with pytest.raises(ValueError, match=r"num_timesteps=1,000,000,000 needs at least ~\d.*GiB.*limit is 1,000,000"):
+        DiffusionConfig(num_timesteps=10**9)

@@ -87,6 +87,12 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
+# T above this is refused before any schedule is built: the diffusion keeps about _COEFF_TABLES
+# float64 tables of T entries (1000x the paper's T is 0.1 GiB; 10^9 steps would be 119 GiB).
+MAX_NUM_TIMESTEPS = 1_000_000
+_COEFF_TABLES = 16
+
+
 @dataclass(frozen=True, kw_only=True)
 class DiffusionConfig:
     """JSON-able description of a GaussianDiffusion (what a model folder or a run stores)."""
@@ -109,6 +115,11 @@ class DiffusionConfig:
         t = self.num_timesteps
         if isinstance(t, bool) or not isinstance(t, int) or t < 2:
             raise ValueError(f"num_timesteps must be an int >= 2, got {t!r}")
+        if t > MAX_NUM_TIMESTEPS:  # checked before betas() below allocates T float64 values
+            raise ValueError(
+                f"num_timesteps={t:,} needs at least ~{_COEFF_TABLES * 8 * t / 2**30:,.1f} GiB of float64 "
+                f"coefficient tables; the limit is {MAX_NUM_TIMESTEPS:,} steps (the paper uses 1000)"
+            )
         for name, cls in (
             ("mean_type", MeanType),
             ("var_type", VarType),

@@ -205,7 +205,9 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, ema=args.ema)
-    check_fits(loaded.unet.config, loaded.diffusion.num_timesteps, args.batch_size, training=False, device=device)
+    # the automatic batch (None) is chosen within the memory bound later; one image must fit
+    check_fits(loaded.unet.config, loaded.diffusion.num_timesteps, args.batch_size or 1, training=False,
+               device=device)
     diffusion = loaded.diffusion.build()
     T = diffusion.num_timesteps
     steps = args.steps if args.steps is not None else T
