@@ -553,8 +553,13 @@ def _tidy_run_dir(run_dir: Path) -> None:
         old = sorted(run_dir.glob(f".old-{name}-*"))
         if old and not (run_dir / name).exists():
             os.rename(old[-1], run_dir / name)  # killed between the two renames: put it back
-        for p in [*run_dir.glob(f".old-{name}-*"), *run_dir.glob(f".tmp-{name}-*")]:
+        for p in run_dir.glob(f".old-{name}-*"):
             shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.glob(".tmp-*"):  # any atomic write cut short (a model folder, config.json, ...);
+        if p.is_dir() and not p.is_symlink():  # the run lock is held, so none is in progress
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
