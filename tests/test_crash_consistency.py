@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +67,9 @@ def _mid_prune(names: list[list[str]]) -> int:
 
 
 def _check_kill_and_resume(root: Path, over: dict[str, str], kill_at: int) -> None:
-    run = root / f"cut-{kill_at}"
-    killed = _launch(run, over, kill_at, root / f"cut-{kill_at}.log")
+    # a fresh folder per call: the worst-moment tests kill at some of the same events in this module
+    run = Path(tempfile.mkdtemp(prefix=f"cut-{kill_at}-", dir=root))
+    killed = _launch(run, over, kill_at, run.with_name(run.name + ".log"))
     assert killed.returncode == -signal.SIGKILL, killed.stdout
     resumed = train(apply_overrides(train_preset("digits"), over), run, resume="auto", progress=False)
     assert resumed.exit_code == 0 and resumed.step == STEPS
