@@ -68,11 +68,30 @@ def test_float_samples_are_rounded_and_bad_shapes_rejected():
         digits_fd(np.zeros((0, 8, 8, 1), np.uint8))
 
 
-@pytest.mark.slow
-def test_retraining_reproduces_the_shipped_weights():
+def _predictive_distance(model, reference, images):
+    """(mean total-variation distance of the two predictive distributions, argmax agreement)."""
+    with torch.no_grad():
+        p = model(_to_input(images)).softmax(1)
+        q = reference(_to_input(images)).softmax(1)
+    tv = 0.5 * (p - q).abs().sum(1).mean().item()
+    return tv, (p.argmax(1) == q.argmax(1)).double().mean().item()
+
+
+def test_retraining_reproduces_the_shipped_classifier():
+    """The recipe makes the shipped classifier, up to float32 rounding drift.
+
+    Bit-equality does not hold across CPUs: the kernels' accumulation order depends on the
+    instruction set, and 30 epochs grow the last-bit differences to ~1e-3 in the weights. Measured
+    (held-out digits) with the recipe retrained under ATEN_CPU_CAPABILITY=avx512/avx2/default:
+    mean TV distance 0.0032/0.0046/0.0062, agreement 0.997/1.0/0.992. A changed recipe is far off:
+    29 or 31 epochs 0.028/0.035 (agreement 0.975/0.981), seed 1: 0.060 (0.953).
+    """
     from ddpmkit.evaluate.digits_metric import train_digits_classifier
 
-    fresh = train_digits_classifier().state_dict()
-    shipped = load_digits_classifier().state_dict()
-    for k in shipped:
-        torch.testing.assert_close(fresh[k], shipped[k], rtol=0, atol=0)
+    test, _ = load_digits_uint8("test")
+    shipped = load_digits_classifier()
+    tv, agree = _predictive_distance(train_digits_classifier(), shipped, test)
+    assert tv < 0.015 and agree >= 0.985, (tv, agree)
+    # the distance tells recipes apart: one epoch fewer is outside the bound
+    tv_short, _ = _predictive_distance(train_digits_classifier(epochs=29), shipped, test)
+    assert tv_short > 0.02, tv_short
