@@ -38,6 +38,7 @@ import torch
 
 from ddpmkit.config import TrainConfig, apply_overrides, train_preset
 from ddpmkit.diffusion import LossType, MeanType, VarType
+from ddpmkit.figures import ChartBackend
 
 __all__ = ["SIZES", "VARIANTS", "ReproduceSizes", "Variant", "digits_split", "near_copy_fraction",
            "nearest_neighbours", "reproduce_digits", "variant_config"]
@@ -418,6 +419,7 @@ def _findings(rows: dict[str, Any]) -> dict[str, Any]:
               "beyond_noise": _compare(rows[a]["fd"], rows[b]["fd"])["beyond_noise"]}
              for a, b in zip(stable, stable[1:])]
     unstable = {k: {"paper_unstable": bool(r["paper"].get("unstable", False)),
+                    "in_paper_table2": r["table"] == "Table 2",
                     "diverged_runs": int(round(r["diverged"]["mean"] * r["diverged"]["n"])),
                     "nonfinite_steps": r["nonfinite_steps"]["mean"]} for k, r in rows.items()}
     bound, simple, hybrid = rows["eps_bound_fixed"], rows[SIMPLE], rows["eps_hybrid_range"]
@@ -455,38 +457,104 @@ def _rate_distortion(stages: _Stages, seeds: list[int], out: Path) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------ figures
-def bar_chart(path: Path, panels: list[tuple[str, list[str], list[float], list[float | None], float | None]],
-              *, width: int = 900, row_h: int = 26) -> Path:
-    """Horizontal bars, one panel per (title, names, means, spreads, reference line) in ``panels``;
-    a spread draws an error bar of +- spread; the reference (e.g. the real-data floor) a dashed line."""
+@dataclass(frozen=True, kw_only=True)
+class BarPanel:
+    """One panel of ``bar_chart``: a mean (and a spread, or None) per name; ``reference`` draws a
+    dashed line (e.g. the real-data floor); ``log`` puts the values on a log axis."""
+
+    title: str
+    names: list[str]
+    means: list[float]
+    spreads: list[float | None]
+    reference: float | None = None
+    log: bool = False
+
+
+def bar_chart(path: Path, panels: list[BarPanel], *, width: int = 900, row_h: int = 26,
+              backend: ChartBackend | str = ChartBackend.AUTO) -> Path:
+    """Horizontal bars with +- spread error bars, one panel per ``BarPanel``, stacked; drawn by
+    matplotlib when installed (PNG, PDF or SVG), else by Pillow (PNG, labels spelled in ASCII)."""
+    from ddpmkit.figures import _chart_backend
+
+    for p in panels:
+        if p.log and any(math.isfinite(m) and m <= 0 for m in p.means):
+            raise ValueError(f"panel {p.title!r}: a log axis needs positive values, got {p.means}")
+    if _chart_backend(backend, path) is ChartBackend.MATPLOTLIB:
+        return _mpl_bar_chart(path, panels, width=width, row_h=row_h)
+    return _pil_bar_chart(path, panels, width=width, row_h=row_h)
+
+
+def _mpl_bar_chart(path: Path, panels: list[BarPanel], *, width: int, row_h: int) -> Path:
+    from matplotlib.figure import Figure
+
+    from ddpmkit.figures import PALETTE, _atomic_savefig
+
+    heights = [60 + row_h * len(p.names) for p in panels]
+    fig = Figure(figsize=(width / 100, sum(heights) / 100), dpi=100, layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    colour = tuple(c / 255 for c in PALETTE[0])
+    for ax, p in zip(axes, panels, strict=True):
+        y = np.arange(len(p.names))
+        finite = [math.isfinite(m) for m in p.means]
+        means = [m if ok else np.nan for m, ok in zip(p.means, finite)]
+        xerr = [s if (s and ok) else 0.0 for s, ok in zip(p.spreads, finite)]
+        ax.barh(y, means, xerr=xerr, color=colour, capsize=4, height=0.6)
+        for yi, m, err, ok in zip(y, p.means, xerr, finite):
+            if ok:  # the value, right of its error bar
+                ax.annotate(f"{m:.4g}", (m + err, yi), xytext=(6, 0), textcoords="offset points",
+                            va="center", fontsize=9)
+            else:  # at the axis' left edge (x in axes coordinates: also right on a log axis)
+                ax.annotate("not finite", (0, yi), xycoords=ax.get_yaxis_transform(), xytext=(6, 0),
+                            textcoords="offset points", va="center", fontsize=9, color="red")
+        if p.reference is not None:
+            ax.axvline(p.reference, color=(0.8, 0.16, 0.16), linestyle="--", linewidth=1.5)
+        ax.set_yticks(y, p.names)
+        ax.invert_yaxis()  # the first name on top, as in the table
+        ax.set_xscale("log" if p.log else "linear")
+        ax.grid(True, axis="x", which="both" if p.log else "major", color="0.9")
+        ax.set_axisbelow(True)
+        ax.set_title(p.title + (" (log scale)" if p.log else ""), fontsize=11, loc="left")
+        ax.margins(x=0.15)
+    return _atomic_savefig(fig, path)
+
+
+def _pil_bar_chart(path: Path, panels: list[BarPanel], *, width: int, row_h: int) -> Path:
     from PIL import Image, ImageDraw
 
     from ddpmkit.figures import _atomic_save, _font
 
     font, left, right = _font(12), 330, 60
-    heights = [40 + row_h * len(p[1]) + 20 for p in panels]
+    heights = [40 + row_h * len(p.names) + 20 for p in panels]
     img = Image.new("RGB", (width, sum(heights)), "white")
     d, y0 = ImageDraw.Draw(img), 0
-    for (title, names, means, spreads, ref), h in zip(panels, heights):
-        finite = [m + (s or 0) for m, s in zip(means, spreads) if math.isfinite(m)] + ([ref] if ref else [])
-        hi = max(finite + [1e-12]) * 1.1
-        scale = (width - left - right) / hi
-        d.text((10, y0 + 8), title, fill="black", font=_font(14))
-        for i, (name, m, s) in enumerate(zip(names, means, spreads)):
+    for p, h in zip(panels, heights):
+        ends = [m + (s or 0) for m, s in zip(p.means, p.spreads) if math.isfinite(m)]
+        ends += [p.reference] if p.reference else []
+        starts = [max(m - (s or 0), m / 10) for m, s in zip(p.means, p.spreads) if math.isfinite(m)]
+        lo = math.log10(min(starts)) - 0.1 if (p.log and starts) else 0.0
+        hi = (math.log10(max(ends)) + 0.1) if (p.log and ends) else max(ends + [1e-12]) * 1.1
+
+        def pos(v: float, lo: float = lo, hi: float = hi, log: bool = p.log) -> float:
+            """The x pixel of value ``v``."""
+            u = (math.log10(max(v, 10 ** lo)) if log else v) - lo
+            return left + u * (width - left - right) / (hi - lo)
+
+        d.text((10, y0 + 8), _ascii(p.title) + (" (log scale)" if p.log else ""), fill="black", font=_font(14))
+        for i, (name, m, s) in enumerate(zip(p.names, p.means, p.spreads)):
             y = y0 + 40 + i * row_h
-            d.text((10, y + 5), name, fill="black", font=font)
+            d.text((10, y + 5), _ascii(name), fill="black", font=font)
             if not math.isfinite(m):
                 d.text((left + 4, y + 5), "not finite", fill="red", font=font)
                 continue
-            d.rectangle([left, y + 4, left + m * scale, y + row_h - 4], fill=(70, 120, 190))
+            d.rectangle([left, y + 4, pos(m), y + row_h - 4], fill=(70, 120, 190))
             if s:
-                lo, hi_x, cy = left + max(0.0, m - s) * scale, left + (m + s) * scale, y + row_h // 2
-                d.line([lo, cy, hi_x, cy], fill="black", width=2)
-                d.line([lo, cy - 5, lo, cy + 5], fill="black", width=2)
+                lo_x, hi_x, cy = pos(max(m - s, 0.0)), pos(m + s), y + row_h // 2
+                d.line([lo_x, cy, hi_x, cy], fill="black", width=2)
+                d.line([lo_x, cy - 5, lo_x, cy + 5], fill="black", width=2)
                 d.line([hi_x, cy - 5, hi_x, cy + 5], fill="black", width=2)
-            d.text((left + m * scale + (s or 0) * scale + 6, y + 5), f"{m:.4g}", fill="black", font=font)
-        if ref:
-            x = left + ref * scale
+            d.text((pos(m + (s or 0)) + 6, y + 5), f"{m:.4g}", fill="black", font=font)
+        if p.reference:
+            x = pos(p.reference)
             for yy in range(y0 + 36, y0 + h - 16, 8):
                 d.line([x, yy, x, yy + 4], fill=(200, 40, 40), width=2)
         d.line([left, y0 + 36, left, y0 + h - 16], fill="black")
@@ -499,21 +567,27 @@ _ASCII = (("μ̃", "mu~"), ("μ", "mu"), ("Σ", "Sigma"), ("ε", "eps"), ("‖",
 
 
 def _ascii(text: str) -> str:
-    """The chart font has no Greek: the labels spelled out."""
+    """Pillow's fallback font has no Greek: the labels spelled out."""
     for a, b in _ASCII:
         text = text.replace(a, b)
     return text
 
 
 def _variant_chart(rows: dict[str, Any], out: Path) -> str:
-    names = [_ascii(r["label"]) for r in rows.values()]
-    panels = []
-    for key, title, ref in (("fd", "Frechet distance to the digits (lower is better); dashed: real held-out digits",
-                             "real_fd"),
-                            ("bpd", "test bits/dim, full T-step bound (lower is better)", None)):
-        panels.append((title, names, [r[key]["mean"] for r in rows.values()],
-                       [r[key]["spread"] for r in rows.values()],
-                       float(np.mean([r[ref]["mean"] for r in rows.values()])) if ref else None))
+    names = [r["label"] for r in rows.values()]
+
+    def panel(key: str, title: str, reference: float | None = None, log: bool = False) -> BarPanel:
+        return BarPanel(title=title, names=names, means=[r[key]["mean"] for r in rows.values()],
+                        spreads=[r[key]["spread"] for r in rows.values()], reference=reference, log=log)
+
+    real_fd = float(np.mean([r["real_fd"]["mean"] for r in rows.values()]))
+    bpd = [r["bpd"]["mean"] for r in rows.values()]
+    finite = [b for b in bpd if math.isfinite(b)]
+    # the bound's bits/dim span orders of magnitude between variants: a log axis keeps all readable
+    wide = bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 5
+    panels = [panel("fd", "Frechet distance to the digits (lower is better); dashed: real held-out digits",
+                    reference=real_fd),
+              panel("bpd", "test bits/dim, full T-step bound (lower is better)", log=wide)]
     return str(bar_chart(out / "figures" / "table2_variants.png", panels).relative_to(out))
 
 
@@ -565,6 +639,10 @@ def _md_findings(rep: dict[str, Any]) -> list[str]:
                      f"{'yes' if p['agrees'] else 'no'} ({noise})")
     for k, s in f["stability"].items():
         ours = "diverged or stopped" if s["diverged_runs"] > 0 else "trained stably"
+        if not s.get("in_paper_table2", True):
+            lines.append(f"- **Stability, {v[k]['label']}**: not in the paper's Table 2 "
+                         f"({v[k]['table']}); here {ours}.")
+            continue
         paper = "unstable in the paper" if s["paper_unstable"] else "stable in the paper"
         agree = (s["diverged_runs"] > 0) == s["paper_unstable"]
         lines.append(f"- **Stability, {v[k]['label']}**: {paper}; here {ours} "
@@ -697,6 +775,10 @@ def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1, sizes: Re
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"--seeds must be an integer >= 1, got {seeds!r}")
     out = Path(output_dir)
+    earlier = [d for d in (out / "stages", out / "runs") if d.is_dir() and any(d.iterdir())]
+    if earlier and not resume:  # an interrupted run's checkpoints are continued only when asked
+        raise ValueError(f"{out} holds an earlier run ({earlier[0].name}/); pass --resume to continue it "
+                         "or choose another --output-dir")
     seed_list = list(range(seeds))
     plan = _plan(sizes, seed_list, out)
     threads = torch.get_num_threads()
