@@ -45,7 +45,8 @@ def test_stat_mean_spread_and_sources(tmp_path):
         stages.run(f"s{i}", 1.0, lambda v=v: {"a": {"b": [0.0, v]}})
     st = R._stat(stages, ["s0", "s1", "s2"], "a.b.1")
     assert st["mean"] == pytest.approx(7 / 3)
-    assert st["spread"] == pytest.approx(np.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    m = 7 / 3
+    assert st["spread"] == pytest.approx(np.sqrt(((1 - m) ** 2 + (2 - m) ** 2 + (4 - m) ** 2) / 2))
     assert [R.resolve_source(tmp_path, s) for s in st["sources"]] == [1.0, 2.0, 4.0]
     assert R._stat(stages, ["s0"], "a.b.1")["spread"] is None
 

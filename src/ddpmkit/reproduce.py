@@ -401,7 +401,8 @@ def _variant_rows(stages: _Stages, seeds: list[int]) -> dict[str, Any]:
             "label": v.label, "table": v.table, "mean_type": v.mean_type.value, "var_type": v.var_type.value,
             "loss_type": v.loss_type.value, "paper": v.paper,
             "fd": _stat(stages, ev, "digits.fd"), "score": _stat(stages, ev, "digits.score"),
-            "real_fd": _stat(stages, ev, "digits.real.fd"), "real_score": _stat(stages, ev, "digits.real.score"),
+            "real_fd": _stat(stages, ev, "digits.real.fd"),
+            "real_score": _stat(stages, ev, "digits.real.score"),
             "bpd": _stat(stages, ev, "bpd.bpd"), "bpd_stderr": _stat(stages, ev, "bpd.bpd_stderr"),
             "nonfinite_steps": _stat(stages, tr, "nonfinite_steps"),
             "diverged": _stat(stages, tr, "diverged"),
@@ -413,11 +414,12 @@ def _variant_rows(stages: _Stages, seeds: list[int]) -> dict[str, Any]:
 
 def _findings(rows: dict[str, Any]) -> dict[str, Any]:
     """The paper's claims, each checked against this run's rows (see REPORT.md for the words)."""
-    stable = sorted((k for k, r in rows.items() if "fid" in r["paper"]), key=lambda k: rows[k]["paper"]["fid"])
+    stable = sorted((k for k, r in rows.items() if "fid" in r["paper"]),
+                    key=lambda k: rows[k]["paper"]["fid"])
     ours = sorted(stable, key=lambda k: rows[k]["fd"]["mean"])
     pairs = [{"better": a, "worse": b, "agrees": _compare(rows[a]["fd"], rows[b]["fd"])["a_lower"],
               "beyond_noise": _compare(rows[a]["fd"], rows[b]["fd"])["beyond_noise"]}
-             for a, b in zip(stable, stable[1:])]
+             for a, b in zip(stable, stable[1:], strict=False)]
     unstable = {k: {"paper_unstable": bool(r["paper"].get("unstable", False)),
                     "in_paper_table2": r["table"] == "Table 2",
                     "diverged_runs": int(round(r["diverged"]["mean"] * r["diverged"]["n"])),
@@ -496,10 +498,10 @@ def _mpl_bar_chart(path: Path, panels: list[BarPanel], *, width: int, row_h: int
     for ax, p in zip(axes, panels, strict=True):
         y = np.arange(len(p.names))
         finite = [math.isfinite(m) for m in p.means]
-        means = [m if ok else np.nan for m, ok in zip(p.means, finite)]
-        xerr = [s if (s and ok) else 0.0 for s, ok in zip(p.spreads, finite)]
+        means = [m if ok else np.nan for m, ok in zip(p.means, finite, strict=True)]
+        xerr = [s if (s and ok) else 0.0 for s, ok in zip(p.spreads, finite, strict=True)]
         ax.barh(y, means, xerr=xerr, color=colour, capsize=4, height=0.6)
-        for yi, m, err, ok in zip(y, p.means, xerr, finite):
+        for yi, m, err, ok in zip(y, p.means, xerr, finite, strict=True):
             if ok:  # the value, right of its error bar
                 ax.annotate(f"{m:.4g}", (m + err, yi), xytext=(6, 0), textcoords="offset points",
                             va="center", fontsize=9)
@@ -527,10 +529,11 @@ def _pil_bar_chart(path: Path, panels: list[BarPanel], *, width: int, row_h: int
     heights = [40 + row_h * len(p.names) + 20 for p in panels]
     img = Image.new("RGB", (width, sum(heights)), "white")
     d, y0 = ImageDraw.Draw(img), 0
-    for p, h in zip(panels, heights):
-        ends = [m + (s or 0) for m, s in zip(p.means, p.spreads) if math.isfinite(m)]
+    for p, h in zip(panels, heights, strict=True):
+        ends = [m + (s or 0) for m, s in zip(p.means, p.spreads, strict=True) if math.isfinite(m)]
         ends += [p.reference] if p.reference else []
-        starts = [max(m - (s or 0), m / 10) for m, s in zip(p.means, p.spreads) if math.isfinite(m)]
+        starts = [max(m - (s or 0), m / 10)
+                  for m, s in zip(p.means, p.spreads, strict=True) if math.isfinite(m)]
         lo = math.log10(min(starts)) - 0.1 if (p.log and starts) else 0.0
         hi = (math.log10(max(ends)) + 0.1) if (p.log and ends) else max(ends + [1e-12]) * 1.1
 
@@ -539,8 +542,9 @@ def _pil_bar_chart(path: Path, panels: list[BarPanel], *, width: int, row_h: int
             u = (math.log10(max(v, 10 ** lo)) if log else v) - lo
             return left + u * (width - left - right) / (hi - lo)
 
-        d.text((10, y0 + 8), _ascii(p.title) + (" (log scale)" if p.log else ""), fill="black", font=_font(14))
-        for i, (name, m, s) in enumerate(zip(p.names, p.means, p.spreads)):
+        title = _ascii(p.title) + (" (log scale)" if p.log else "")
+        d.text((10, y0 + 8), title, fill="black", font=_font(14))
+        for i, (name, m, s) in enumerate(zip(p.names, p.means, p.spreads, strict=True)):
             y = y0 + 40 + i * row_h
             d.text((10, y + 5), _ascii(name), fill="black", font=font)
             if not math.isfinite(m):
@@ -618,10 +622,12 @@ def _md_table2(rep: dict[str, Any]) -> list[str]:
              "diverged runs | paper IS | paper FID |", "|---|---|---|---|---|---|---|---|---|"]
     for k, r in rep["variants"].items():
         p = r["paper"]
-        pis = "unstable" if p.get("unstable") else (f"{_n(p['is'])} ± {_n(p['is_std'])}" if "is" in p else "-")
+        pis = ("unstable" if p.get("unstable")
+               else (f"{_n(p['is'])} ± {_n(p['is_std'])}" if "is" in p else "-"))
         pfid = "unstable" if p.get("unstable") else _n(p.get("fid"))
         div = _n(rep["findings"]["stability"][k]["diverged_runs"])
-        lines.append(f"| {r['label']} | {_s(r['fd'])} | {_s(r['real_fd'])} | {_s(r['score'])} | {_s(r['bpd'])} | "
+        lines.append(f"| {r['label']} | {_s(r['fd'])} | {_s(r['real_fd'])} | {_s(r['score'])} | "
+                     f"{_s(r['bpd'])} | "
                      f"{_s(r['nonfinite_steps'])} | {div} | {pis} | {pfid} |")
     return lines
 
@@ -631,7 +637,8 @@ def _md_findings(rep: dict[str, Any]) -> list[str]:
     o = f["table2_order"]
     lines = ["## Findings, beside the paper", "",
              f"- **Table 2 sample-quality order** (stable variants; paper by FID, here by FD): paper "
-             f"{' < '.join(v[k]['label'] for k in o['paper'])}; here {' < '.join(v[k]['label'] for k in o['ours'])}. "
+             f"{' < '.join(v[k]['label'] for k in o['paper'])}; "
+             f"here {' < '.join(v[k]['label'] for k in o['ours'])}. "
              f"The order {'matches' if o['matches'] else 'does not match'} the paper's."]
     for p in o["adjacent_pairs"]:
         noise = {None: "one seed", True: "beyond noise", False: "within noise"}[p["beyond_noise"]]
@@ -649,11 +656,13 @@ def _md_findings(rep: dict[str, Any]) -> list[str]:
                      f"({'matches' if agree else 'does not match'}).")
     t1, h = f["table1"], f["hybrid"]
     lines += [f"- **Table 1, NLL vs sample quality**: the true bound (ε, fixed Σ) giving lower bits/dim than "
-              f"L_simple {_verdict(t1['bound_lower_bpd'], 'paper: 3.70 vs 3.75')}; L_simple giving the better "
+              f"L_simple {_verdict(t1['bound_lower_bpd'], 'paper: 3.70 vs 3.75')}; "
+              "L_simple giving the better "
               f"samples {_verdict(t1['simple_lower_fd'], 'paper: FID 3.17 vs 13.51')}.",
               f"- **Learned range variances (hybrid)**: lower bits/dim than L_simple with fixed Σ: "
               f"{_verdict(h['hybrid_lower_bpd'], 'Nichol & Dhariwal: better log-likelihood')}; samples at "
-              f"least as good (lower FD): {_verdict(h['hybrid_lower_fd'], 'Nichol & Dhariwal: similar quality')}."]
+              "least as good (lower FD): "
+              f"{_verdict(h['hybrid_lower_fd'], 'Nichol & Dhariwal: similar quality')}."]
     return lines
 
 
@@ -662,7 +671,8 @@ def _md_rd(rep: dict[str, Any]) -> list[str]:
     lines = ["## Table 4 and Fig. 5: rate and distortion of the L_simple model on the test digits", "",
              f"Rate at t = 1: {_s(rd['rate_total'])} bits/dim; distortion L_0: {_s(rd['distortion_total'])} "
              "bits/dim (paper, CIFAR-10: 1.78 and 1.97).", "",
-             "| reverse time (T - t + 1) | rate (bits/dim) | distortion (RMSE [0, 255]) | paper rate | paper distortion |",
+             "| reverse time (T - t + 1) | rate (bits/dim) | distortion (RMSE [0, 255]) | paper rate "
+             "| paper distortion |",
              "|---|---|---|---|---|"]
     for r in rd["table"]:
         lines.append(f"| {_n(r['reverse_time'])} | {_s(r['rate'])} | {_s(r['distortion'])} | "
@@ -673,13 +683,16 @@ def _md_rd(rep: dict[str, Any]) -> list[str]:
 
 def _md_nn(rep: dict[str, Any]) -> list[str]:
     nn, fig = rep["nearest_neighbours"], rep["figures_stage"]
-    lines = ["## Fig. 6, Sec. 4.3 and App. D: progressive generation, lossy reconstructions, memorization", "",
+    lines = ["## Fig. 6, Sec. 4.3 and App. D: progressive generation, lossy reconstructions, "
+             "memorization", "",
              f"![progressive generation]({fig['progressive']})", "",
              f"Reconstructions from x_t (each row: x_0, then x_t and its reconstruction for t in "
-             f"{', '.join(_n(t) for t in fig['reconstruction_ts'])}):", "", f"![reconstructions]({fig['reconstructions']})",
+             f"{', '.join(_n(t) for t in fig['reconstruction_ts'])}):", "",
+             f"![reconstructions]({fig['reconstructions']})",
              "", "| t | reconstruction RMSE [0, 255] |", "|---|---|"]
     lines += [f"| {k} | {_n(x)} |" for k, x in fig["reconstruction_rmse"].items()]
-    lines += ["", f"Near-copies: a digit closer to its nearest training digit than the {_n(nn['quantile'])} quantile "
+    lines += ["", "Near-copies: a digit closer to its nearest training digit than the "
+              f"{_n(nn['quantile'])} quantile "
               "of the training digits' distances to their nearest other training digit.", "",
               "| space | samples near-copies | held-out real near-copies | samples median NN distance | "
               "held-out median NN distance |", "|---|---|---|---|---|"]
@@ -699,16 +712,19 @@ def write_markdown(rep: dict[str, Any], path: Path) -> None:
     lines = ["# ddpm reproduce digits: Ho et al. 2020 in miniature", "", *smoke,
              f"Data: scikit-learn's 8x8 digits, fixed split: {rep['split']['train']} train (the first), "
              f"{rep['split']['test']} held out (the last); disjoint by index. Seeds: "
-             f"{', '.join(_n(s) for s in rep['seeds'])}. Every variant: the `digits` preset, {_n(sz['steps'])} steps, "
-             f"T = {_n(sz['num_timesteps'])}; only the parameterization, variance and loss change. Sample quality: "
-             f"{_n(sz['num_samples'])} ancestral samples (all T steps) per model. Test bits/dim: the full bound on "
-             f"the first {_n(sz['bpd_examples'])} of the held-out digits (a subsample, for time). Spreads: sample "
-             "standard deviation over seeds. The paper's numbers are CIFAR-10's: compare orderings, not values.",
+             f"{', '.join(_n(s) for s in rep['seeds'])}. Every variant: the `digits` preset, "
+             f"{_n(sz['steps'])} steps, T = {_n(sz['num_timesteps'])}; only the parameterization, "
+             f"variance and loss change. Sample quality: {_n(sz['num_samples'])} ancestral samples "
+             "(all T steps) per model. Test bits/dim: the full bound on the first "
+             f"{_n(sz['bpd_examples'])} of the held-out digits (a subsample, for time). Spreads: sample "
+             "standard deviation over seeds. The paper's numbers are CIFAR-10's: compare orderings, "
+             "not values.",
              "", "## Table 2: parameterization × objective", "", *_md_table2(rep), "",
              f"![variants]({rep['figures']['variants']})", ""]
     lines += [f"![{k}]({g})" for k, r in rep["variants"].items() for g in r["sample_grids"][:1]]
     lines += ["", *_md_findings(rep), "", *_md_rd(rep), *_md_nn(rep),
-              "## Budget", "", f"Total wall time {_n(b['wall_seconds'])} s, process CPU time {_n(b['cpu_seconds'])} s "
+              "## Budget", "",
+              f"Total wall time {_n(b['wall_seconds'])} s, process CPU time {_n(b['cpu_seconds'])} s "
               "(sum of the stages).", "", "| stage | wall s | CPU s |", "|---|---|---|"]
     lines += [f"| {k} | {_n(s['wall_seconds'])} | {_n(s['cpu_seconds'])} |" for k, s in b["stages"].items()]
     path.write_text("\n".join(lines) + "\n")
@@ -729,8 +745,10 @@ def _plan(sizes: ReproduceSizes, seeds: list[int], out: Path) -> list[tuple[str,
                          lambda run_dir=run_dir, s=s, name=name: _eval_stage(run_dir, sizes, s, out, name)))
     s0 = seeds[0]
     simple = out / "runs" / f"{SIMPLE}_s{s0}"
-    plan.append((f"figures_{SIMPLE}_s{s0}", _figures_cost(sizes), lambda: _figures_stage(simple, sizes, s0, out)))
-    plan.append((f"nn_{SIMPLE}_s{s0}", 5.0, lambda: _nn_stage(out / "samples" / f"eval_{SIMPLE}_s{s0}.npz", out)))
+    plan.append((f"figures_{SIMPLE}_s{s0}", _figures_cost(sizes),
+                 lambda: _figures_stage(simple, sizes, s0, out)))
+    plan.append((f"nn_{SIMPLE}_s{s0}", 5.0,
+                 lambda: _nn_stage(out / "samples" / f"eval_{SIMPLE}_s{s0}.npz", out)))
     return plan
 
 
@@ -763,8 +781,9 @@ def build_report(stages: _Stages, sizes: ReproduceSizes, seeds: list[int], out: 
     return rep
 
 
-def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1, sizes: ReproduceSizes | str = "default",
-                     resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1,
+                     sizes: ReproduceSizes | str = "default", resume: bool = False,
+                     progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the whole job into ``output_dir``; returns the report dict."""
     from tqdm.auto import tqdm
 
