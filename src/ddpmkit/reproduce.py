@@ -785,7 +785,7 @@ def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1,
                      sizes: ReproduceSizes | str = "default", resume: bool = False,
                      progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the whole job into ``output_dir``; returns the report dict."""
-    from tqdm.auto import tqdm
+    from ddpmkit.logs import progress_bar
 
     if isinstance(sizes, str):
         if sizes not in SIZES:
@@ -803,7 +803,7 @@ def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1,
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, train_preset("digits").num_threads))
     try:
-        with tqdm(total=sum(c for _, c, _ in plan), disable=not progress, unit="s(est)", dynamic_ncols=True,
+        with progress_bar(total=sum(c for _, c, _ in plan), disable=not progress, unit="s(est)", dynamic_ncols=True,
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| elapsed {elapsed}, left {remaining}") as bar:
             stages = _Stages(out, {"sizes": sizes.to_dict(), "version": 1}, resume=resume, bar=bar)
             for name, cost, fn in plan:
