@@ -11,6 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 from PIL import Image
+from stand_ins import StandInFeatures
 
 from ddpmkit.evaluate import fid as fidmod
 from ddpmkit.evaluate.fid import FewSamplesWarning, compute_fid, load_samples, to_uint8_images
@@ -18,26 +19,8 @@ from ddpmkit.evaluate.frechet import inception_score
 from ddpmkit.evaluate.inception import INCEPTION_URL, InceptionFeatures, find_inception_weights
 
 
-class StandIn(torch.nn.Module):
-    """uint8 (B, C, H, W) -> {"pool": (B, 12), "logits": (B, 10)}: a fixed random conv net."""
-
-    name = "stand-in-v1"
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 12, 3, padding=1)
-        self.fc = torch.nn.Linear(12, 10)
-        for p in self.parameters():
-            p.data = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3
-        self.double().eval()
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        assert x.dtype == torch.uint8
-        x = x.expand(-1, 3, -1, -1).double() / 127.5 - 1.0
-        pool = torch.tanh(self.conv(x)).mean(dim=(2, 3))  # (B, 12)
-        return {"pool": pool, "logits": self.fc(pool) * 20}
+def StandIn() -> StandInFeatures:  # noqa: N802 - reads as the class it was
+    return StandInFeatures(name="stand-in-v1", logit_scale=20.0)
 
 
 @pytest.fixture(autouse=True)

@@ -29,12 +29,7 @@ from ddpmkit.sampling import (
 SHAPE = (4, 2, 4, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(T: int = 1000, mean_type: str = "eps", var_type: str = "fixedlarge") -> GaussianDiffusion:

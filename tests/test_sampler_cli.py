@@ -10,35 +10,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from stand_ins import TINY_T
 
 from ddpmkit.cli import main
-from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.sampling import interpolate, sample, sample_generators
 
-T = 8
+T = TINY_T
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from ddpmkit.nn import UNet, UNetConfig
-
-    torch.manual_seed(0)
-    net = UNet(config=UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,),
-                                 num_res_blocks=1, attn_resolutions=()))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    net.save(path, diffusion=DiffusionConfig(num_timesteps=T, beta_start=0.01, beta_end=0.4))
-    return path
+def model_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 def _npz(folder: Path) -> np.ndarray:

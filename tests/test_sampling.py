@@ -59,13 +59,7 @@ class ToyEps:
         return torch.tanh(a * x + b) + 0.1 * x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than several, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,29 @@
+"""Deterministic stand-ins for networks the tests must not download."""
+
+from __future__ import annotations
+
+import torch
+
+TINY_T = 8  # timesteps of the tiny saved model (conftest.tiny_model_dir)
+
+
+class StandInFeatures(torch.nn.Module):
+    """uint8 (B, C, H, W) -> {"pool": (B, 12), "logits": (B, 10)}: a fixed random conv net, float64,
+    in place of the Inception network. ``logit_scale`` sets how confident its classes are."""
+
+    def __init__(self, *, name: str = "stand-in-v1", logit_scale: float = 20.0) -> None:
+        super().__init__()
+        self.name, self.logit_scale = name, logit_scale
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 12, 3, padding=1)
+        self.fc = torch.nn.Linear(12, 10)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3
+        self.double().eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert x.dtype == torch.uint8
+        x = x.expand(-1, 3, -1, -1).double() / 127.5 - 1.0
+        pool = torch.tanh(self.conv(x)).mean(dim=(2, 3))  # (B, 12)
+        return {"pool": pool, "logits": self.fc(pool) * self.logit_scale}
