@@ -78,7 +78,8 @@ def test_progressive_labels_name_the_chain_timesteps_in_order():
 
 def test_progressive_figure_file_is_labelled_and_wide(model_dir, tmp_path):
     out = tmp_path / "p.png"
-    assert main(["figure", "progressive", str(model_dir), "--n", "2", "--snapshots", "3", "--out", str(out)]) == 0
+    assert main(["figure", "progressive", str(model_dir), "--n", "2", "--snapshots", "3",
+                 "--out", str(out)]) == 0
     im = Image.open(out)
     assert im.width >= 512 + 20 and im.height > 7 * (4 * 10 + 2)  # >= 512 px of grid, plus the labels
     assert im.getpixel((0, 0)) == (255, 255, 255)  # the label band
@@ -139,7 +140,7 @@ def _assert_labelled(path: Path, cols: int, rows: int, *, row_labels: bool) -> N
     [
         ("progressive", ["--n", "2", "--snapshots", "3"], 3, 4, True),
         ("reconstruct", ["--data", "digits", "--n", "2", "--t", "3,5"], 5, 2, False),
-        ("interpolate", ["--data", "digits", "--n", "2", "--t", "2,5", "--lambdas", "3"], 5, 4, True),
+        ("interpolate", ["--data", "digits", "--n", "2", "--t", "2,5", "--lambdas", "6"], 8, 4, True),
         ("shared-xt", ["--n", "2", "--t", "1,5"], 3, 2, True),
     ],
 )

@@ -634,7 +634,8 @@ def reconstruction_labels(ts: Sequence[int]) -> tuple[list[str], list[str]]:
     return cols, []
 
 
-def interpolation_labels(ts: Sequence[int], num_lambdas: int, num_pairs: int = 1) -> tuple[list[str], list[str]]:
+def interpolation_labels(ts: Sequence[int], num_lambdas: int,
+                         num_pairs: int = 1) -> tuple[list[str], list[str]]:
     """Column labels ("source\\nx_0", the lambdas 0 .. 1, "source\\nx'_0") and row labels ("t = ...",
     with the pair's number when there are several) of ``interpolation_figure``'s grid."""
     lambdas = [f"{i / (num_lambdas - 1):.2g}" for i in range(num_lambdas)]
