@@ -5,9 +5,9 @@ and ends by writing a sample grid. ``--data FOLDER|NPZ`` without a preset builds
 data's own size and channels (``config.config_for_data``) into runs/NAME; a preset or config whose
 image size differs from the data's is refused unless ``--resolution``/``--channels`` ask for the
 images to be resized/converted; so is a run without data (the digits, 8x8 grayscale) whose
-network is another size, e.g. ``--preset cifar10`` alone (``check_default_data``). Settings resolve in this order: the preset (or ``--config``
-FILE, or, when resuming without either, the checkpoint's config), then ``--set KEY=VALUE``, then
-the explicit flags. Exit codes: 0 done, 2 a user error, 3 too many non-finite steps, 128+N
+network is another size, e.g. ``--preset cifar10`` alone (``check_default_data``). Settings
+resolve in this order: the preset (or ``--config`` FILE, or, when resuming without either, the
+checkpoint's config), then ``--set KEY=VALUE``, then the explicit flags. Exit codes: 0 done, 2 a user error, 3 too many non-finite steps, 128+N
 stopped by signal N (after saving a checkpoint).
 """
 
