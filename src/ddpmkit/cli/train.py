@@ -7,8 +7,8 @@ image size differs from the data's is refused unless ``--resolution``/``--channe
 images to be resized/converted; so is a run without data (the digits, 8x8 grayscale) whose
 network is another size, e.g. ``--preset cifar10`` alone (``check_default_data``). Settings
 resolve in this order: the preset (or ``--config`` FILE, or, when resuming without either, the
-checkpoint's config), then ``--set KEY=VALUE``, then the explicit flags. Exit codes: 0 done, 2 a user error, 3 too many non-finite steps, 128+N
-stopped by signal N (after saving a checkpoint).
+checkpoint's config), then ``--set KEY=VALUE``, then the explicit flags. Exit codes: 0 done,
+2 a user error, 3 too many non-finite steps, 128+N stopped by signal N (after saving a checkpoint).
 """
 
 from __future__ import annotations
