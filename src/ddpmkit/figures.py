@@ -614,14 +614,16 @@ def progressive_figure(
     return _rows(rows)
 
 
-def progressive_labels(num_timesteps: int, num_snapshots: int, show: str = "both") -> tuple[list[str], list[str]]:
-    """Column labels ("t = 999", ..., "t = 0") and row labels ("x_t", "pred x_0") of
-    ``progressive_figure``'s grid, for ``save_image_grid(..., col_labels=, row_labels=)``."""
+def progressive_labels(num_timesteps: int, num_snapshots: int, show: str = "both", *,
+                       one_based: bool = False) -> tuple[list[str], list[str]]:
+    """Column labels ("t = 999", ..., "t = 0"; the paper's "t = 1000", ..., "t = 1" when
+    ``one_based``) and row labels ("x_t", "pred x_0") of ``progressive_figure``'s grid, for
+    ``save_image_grid(..., col_labels=, row_labels=)``."""
     from ddpmkit.sampling import space_timesteps
 
     ts = sorted(set(space_timesteps(num_timesteps, num_snapshots)), reverse=True)
     rows = {"both": ["x_t", "pred x_0"], "xt": ["x_t"], "x0": ["pred x_0"]}[show]
-    return [f"t = {t}" for t in ts], rows
+    return [f"t = {t + int(one_based)}" for t in ts], rows
 
 
 def reconstruction_labels(ts: Sequence[int]) -> tuple[list[str], list[str]]:
