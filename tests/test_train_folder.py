@@ -142,7 +142,7 @@ def test_a_preset_of_another_size_without_data_is_refused_not_trained_on_resized
     from ddpmkit.cli.train import check_default_data
 
     out = tmp_path / "run"
-    small = ["--steps", "1", "--batch-size", "2", "--num-samples", "0", "--set", "unet.ch=32"]  # fast if it ran
+    small = ["--steps", "1", "--batch-size", "2", "--num-samples", "0", "--set", "unet.ch=32"]  # fast, if run
     assert main(["train", "--preset", "cifar10", *small, "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "the cifar10 preset trains 32x32 RGB images but no --data was given" in err
