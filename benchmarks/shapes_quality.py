@@ -30,7 +30,8 @@ def main(run: Path, folder: Path) -> None:
     real = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))])
     noise = np.random.default_rng(0).integers(0, 256, samples.shape, dtype=np.uint8)
     print(f"clean_fraction: samples {clean_fraction(samples):.3f} ({len(samples)}), "
-          f"training folder {clean_fraction(real):.3f} ({len(real)}), uniform noise {clean_fraction(noise):.3f}")
+          f"training folder {clean_fraction(real):.3f} ({len(real)}), "
+          f"uniform noise {clean_fraction(noise):.3f}")
 
 
 if __name__ == "__main__":
