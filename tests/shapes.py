@@ -4,7 +4,8 @@
 a filled circle, square or triangle in one of six saturated colours, at a random place and size,
 on black. ``clean_fraction(images)`` measures how many images look like that: at least 90% of the
 pixels within 60 (of 255, per channel max) of black or of the image's dominant bright colour, and
-a shape covering 4-60% of the image. Real shapes score 1.0 and uniform noise 0.0.
+a shape covering 4-60% of the image. Real shapes score about 1.0 (0.99: 298 of the 300 16 px
+images of docs/training.md's folder) and uniform noise 0.0.
 """
 
 from __future__ import annotations

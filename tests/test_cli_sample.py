@@ -147,8 +147,8 @@ def test_sample_refuses_to_mix_settings_in_one_folder(model_dir, tmp_path, capsy
 @pytest.mark.parametrize(
     "kind,extra,size",
     [
-        # default scale: the smallest reaching 512 px wide, ceil(512 / 32) = 16; tiles 8 px + 2 px
-        # padding (the labelled progressive figure: tests/test_legible.py)
+        # default scale: the smallest reaching 512 px wide (and tiles >= 64 px), ceil(512 / 32) = 16;
+        # tiles 8 px + 2 px padding; the labels: tests/test_legible.py
         ("shared-xt", ["--n", "2", "--t", "1,7"], (16 * (3 * 10 + 2), 16 * (2 * 10 + 2))),
         ("reconstruct", ["--data", "digits", "--n", "2", "--t", "3,7", "--scale", "1"],
          (5 * 10 + 2, 2 * 10 + 2)),
@@ -159,7 +159,11 @@ def test_sample_refuses_to_mix_settings_in_one_folder(model_dir, tmp_path, capsy
 def test_figure_files_have_the_expected_size(model_dir, tmp_path, kind, extra, size) -> None:
     out = tmp_path / f"{kind}.png"
     assert main(["figure", kind, str(model_dir), "--out", str(out), *extra]) == 0
-    assert Image.open(out).size == size
+    im = Image.open(out).convert("L")
+    (W, H), (w, h) = im.size, size  # the grid, bottom right, with the label bands above and left
+    assert W >= w and H > h
+    assert im.getpixel((W - w, H - h)) == 0 and im.getpixel((W - 1, H - 1)) == 0  # the grid's black frame
+    assert im.getpixel((W - 1, H - h - 1)) == 255  # the white label band right above it
 
 
 def test_rate_distortion_figure_and_json(model_dir, tmp_path, capsys) -> None:

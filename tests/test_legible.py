@@ -78,7 +78,8 @@ def test_progressive_labels_name_the_chain_timesteps_in_order():
 
 def test_progressive_figure_file_is_labelled_and_wide(model_dir, tmp_path):
     out = tmp_path / "p.png"
-    assert main(["figure", "progressive", str(model_dir), "--n", "2", "--snapshots", "3", "--out", str(out)]) == 0
+    assert main(["figure", "progressive", str(model_dir), "--n", "2", "--snapshots", "3",
+                 "--out", str(out)]) == 0
     im = Image.open(out)
     assert im.width >= 512 + 20 and im.height > 7 * (4 * 10 + 2)  # >= 512 px of grid, plus the labels
     assert im.getpixel((0, 0)) == (255, 255, 255)  # the label band
@@ -99,3 +100,117 @@ def test_auto_batch_size_respects_the_memory_bound():
     # the paper's CIFAR-10 U-Net holds ~7.5 MB of activations per image in a no_grad forward
     # (measured: peak RSS of one call at batch 32); the bound is at most 8 GiB
     assert 1 <= cifar <= (8 << 30) // (7 << 20)
+
+
+# ---------------------------------------------------------------------------------- every figure labelled
+R = 8  # the tiny model's images
+
+
+def _bands(path: Path, cols: int, rows: int) -> tuple[np.ndarray, int, int, int]:
+    """The figure as gray pixels, the label bands' sizes (top, left) and the scale: the grid of
+    cols x rows tiles of R px, 2 px apart, enlarged by the smallest whole factor giving >= 512 px
+    and tiles >= 64 px, sits in the bottom-right corner."""
+    im = np.asarray(Image.open(path).convert("L"))
+    s = next(s for s in range(1, 100) if s * (cols * (R + 2) + 2) >= 512 and s * R >= 64)
+    gw, gh = s * (cols * (R + 2) + 2), s * (rows * (R + 2) + 2)
+    assert im.shape[1] >= gw and im.shape[0] >= gh, (im.shape, gw, gh)
+    return im, im.shape[0] - gh, im.shape[1] - gw, s
+
+
+def _assert_labelled(path: Path, cols: int, rows: int, *, row_labels: bool) -> None:
+    im, top, left, s = _bands(path, cols, rows)
+    tile, pad = R * s, 2 * s
+    assert im[top, left] == 0 and im[-1, -1] == 0, "the grid is not where its size says"  # black frame
+    assert top > 0, "no label band above the columns"
+    for j in range(cols):  # text over each column, in that column's span
+        x0 = left + pad + j * (tile + pad)
+        assert _dark(im[:top, x0:x0 + tile]), f"column {j} unlabelled"
+    for j in range(1, cols):  # and no text runs into the next column (the middle of each gap is clear)
+        gap = left + j * (tile + pad) + pad // 2
+        assert not _dark(im[:top, gap]), f"the labels of columns {j - 1} and {j} touch"
+    if row_labels:
+        assert left > 0, "no label band beside the rows"
+        for i in range(rows):
+            y0 = top + pad + i * (tile + pad)
+            assert _dark(im[y0:y0 + tile, :left]), f"row {i} unlabelled"
+
+
+@pytest.mark.parametrize(
+    "kind,extra,cols,rows,row_labels",
+    [
+        ("progressive", ["--n", "2", "--snapshots", "3"], 3, 4, True),
+        ("reconstruct", ["--data", "digits", "--n", "2", "--t", "3,5"], 5, 2, False),
+        ("interpolate", ["--data", "digits", "--n", "2", "--t", "2,5", "--lambdas", "6"], 8, 4, True),
+        ("shared-xt", ["--n", "2", "--t", "1,5"], 3, 2, True),
+    ],
+)
+def test_every_figure_is_labelled_and_wide(model_dir, tmp_path, kind, extra, cols, rows, row_labels):
+    out = tmp_path / f"{kind}.png"
+    assert main(["figure", kind, str(model_dir), "--out", str(out), *extra]) == 0
+    _assert_labelled(out, cols, rows, row_labels=row_labels)
+
+
+def test_figure_labels_match_the_figures_layout():
+    from ddpmkit.figures import (
+        interpolation_figure,
+        interpolation_labels,
+        reconstruction_figure,
+        reconstruction_labels,
+        shared_xt_figure,
+        shared_xt_labels,
+    )
+    from ddpmkit.sampling import sample_progressive
+
+    diffusion = DiffusionConfig(num_timesteps=T, beta_start=0.01, beta_end=0.4).build()
+    eps = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images, cols = reconstruction_figure(eps, diffusion, x, [1, 4])
+    labels, rows = reconstruction_labels([1, 4])
+    assert len(labels) == cols and rows == []
+    assert labels == ["data\nx_0", "t = 1\nx_t", "t = 1\ndecoded", "t = 4\nx_t", "t = 4\ndecoded"]
+    images, cols = interpolation_figure(eps, diffusion, x[:1], x[1:], [2, 5], num_lambdas=3)
+    labels, rows = interpolation_labels([2, 5], 3)
+    assert labels == ["source\nx_0", "0", "0.5", "1", "source\nx'_0"] and len(labels) == cols
+    assert rows == ["t = 2", "t = 5"] and len(rows) == images.shape[0] // cols
+    assert interpolation_labels([2], 3, 2)[1] == ["pair 1\nt = 2", "pair 2\nt = 2"]
+    images, cols = shared_xt_figure(eps, diffusion, (1, 1, 4, 4), [1, 5, 3], num_samples=2)
+    labels, rows = shared_xt_labels([1, 5, 3], 2)
+    out = sample_progressive(eps, diffusion, (1, 1, 4, 4), snapshot_ts=[1, 5, 3])
+    assert labels == ["x_t", "x_0 (1)", "x_0 (2)"] and len(labels) == cols
+    assert rows == [f"t = {int(t)}" for t in out["t"]] == ["t = 5", "t = 3", "t = 1"]
+
+
+def test_multiline_labels_and_corner_are_drawn_and_long_labels_shrink_to_fit():
+    tile, pad, cols = 48, 6, 4
+    grid = Image.new("RGB", (cols * (tile + pad) + pad, tile + 2 * pad), (200, 200, 200))
+    one = np.asarray(label_grid(grid, col_labels=["a"] * cols, tile=tile, padding=pad).convert("L"))
+    two = np.asarray(label_grid(grid, col_labels=["a\nb"] * cols, tile=tile, padding=pad).convert("L"))
+    assert two.shape[0] > one.shape[0]  # a taller band for two lines
+    band = two[: two.shape[0] - grid.height]
+    dark_rows = np.flatnonzero((band < 100).any(axis=1))
+    assert dark_rows.size and np.diff(dark_rows).max() > 1  # two separate lines of text
+    long = np.asarray(label_grid(grid, col_labels=["a very long column label"] * cols, corner="lambda",
+                                 tile=tile, padding=pad).convert("L"))
+    top, left = long.shape[0] - grid.height, long.shape[1] - grid.width
+    assert left > 0 and _dark(long[:top, :left])  # the corner text
+    for j in range(1, cols):
+        assert not _dark(long[:top, left + j * (tile + pad) + pad // 2])  # shrunk: the gaps stay clear
+
+
+def test_report_card_shows_the_sample_grid_enlarged(tmp_path):
+    from ddpmkit.evaluate.report import build_report
+
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.json").write_text('{"preset": "digits", "batch_size": 4, "steps": 1}')
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (42, 42, 3), dtype=np.uint8)  # 16 digits at 8 px, scale 1
+    Image.fromarray(small).save(run / "samples" / "step-000000001.png")
+    build_report(run)
+    got = np.asarray(Image.open(run / "report" / "samples.png"))
+    s = -(-512 // 42)
+    assert np.array_equal(got, small.repeat(s, axis=0).repeat(s, axis=1))  # nearest neighbour, >= 512 px
+    big = rng.integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    Image.fromarray(big).save(run / "samples" / "step-000000002.png")
+    build_report(run)
+    assert np.array_equal(np.asarray(Image.open(run / "report" / "samples.png")), big)  # wide already

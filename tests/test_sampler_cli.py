@@ -67,7 +67,9 @@ def test_interpolation_figure_with_ddim_encoding(model_dir, tmp_path) -> None:
             "--lambdas", "3", "--scale", "1", "--encode", "ddim", "--timesteps", "list:0,2",
             "--out", str(out)]
     assert main(args) == 0
-    assert Image.open(out).size == (5 * 10 + 2, 10 + 2)
+    im = Image.open(out).convert("L")  # the 52 x 12 grid, bottom right, under the label bands
+    (W, H), (w, h) = im.size, (5 * 10 + 2, 10 + 2)
+    assert W >= w and H > h and im.getpixel((W - w, H - h)) == 0 and im.getpixel((W - 1, H - h - 1)) == 255
     assert main([*args[:-6], "--timesteps", "ddim4"]) == 2  # --timesteps needs --encode ddim
 
 

@@ -113,8 +113,8 @@ def test_run_directory_contents_and_summary(tmp_path, tiny_npz, capsys):
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000002.png", "step-000000003.png"]
     from PIL import Image
 
-    with Image.open(run / "samples" / "step-000000003.png") as im:  # 2x2 grid of 8x8 images, x8, padding 2
-        assert im.size == ((2 * 8 + 3 * 2) * 8, (2 * 8 + 3 * 2) * 8)
+    with Image.open(run / "samples" / "step-000000003.png") as im:  # 2x2 grid of 8x8 images, padding 2,
+        assert im.size == ((2 * 8 + 3 * 2) * 24, (2 * 8 + 3 * 2) * 24)  # x24: the first factor >= 512 px
     assert sorted(metric_losses(run)) == [1, 2, 3]
     # RUN/model = EMA weights, RUN/model_raw = raw weights, in the U-Net's model folder format
     from ddpmkit.models import load_model

@@ -136,3 +136,26 @@ def test_cli_trains_a_32px_rgb_model_and_says_so_in_one_line(folders, tmp_path, 
     saved = json.loads((run / "model" / "config.json").read_text())
     unet = saved.get("unet", saved)
     assert (unet["resolution"], unet["in_channels"]) == (32, 3)
+
+
+def test_a_preset_of_another_size_without_data_is_refused_not_trained_on_resized_digits(tmp_path, capsys):
+    from ddpmkit.cli.train import check_default_data
+
+    out = tmp_path / "run"
+    small = ["--steps", "1", "--batch-size", "2", "--num-samples", "0", "--set", "unet.ch=32"]  # fast, if run
+    assert main(["train", "--preset", "cifar10", *small, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the cifar10 preset trains 32x32 RGB images but no --data was given" in err
+    assert "--data cifar10" in err and "--resolution 32 --channels 3" in err
+    assert not (out / "checkpoints").exists()  # nothing trained
+    assert main(["train", "--preset", "celebahq256", *small, "-o", str(out)]) == 2
+    assert "256x256 RGB images" in capsys.readouterr().err
+    # printing the config needs no data; the digits preset and an explicit resize still resolve
+    assert main(["train", "--preset", "cifar10", "--print-config"]) == 0
+    for argv in (["--preset", "digits"], ["--preset", "cifar10", "--resolution", "32", "--channels", "3"]):
+        args = build_parser().parse_args(["train", *argv])
+        config, _ = resolve_config(args)
+        check_default_data(config, args, what="x")
+    args = build_parser().parse_args(["train", "--preset", "cifar10", "--resolution", "32"])  # gray -> RGB
+    with pytest.raises(ValueError, match="no --data was given"):
+        check_default_data(resolve_config(args)[0], args, what="x")

@@ -37,17 +37,20 @@ __all__ = [
     "images_to_uint8",
     "label_grid",
     "interpolation_figure",
+    "interpolation_labels",
     "plot_lines",
     "progressive_figure",
     "progressive_labels",
     "rate_distortion",
     "rate_distortion_figure",
     "reconstruction_figure",
+    "reconstruction_labels",
     "render_lines",
     "save_image",
     "readable_scale",
     "save_image_grid",
     "shared_xt_figure",
+    "shared_xt_labels",
 ]
 
 # matplotlib's "tab10" colours, so charts look familiar
@@ -176,17 +179,17 @@ def readable_scale(width: int, min_width: int = 512) -> int:
 
 def save_image_grid(
     images: Any, path: str | os.PathLike, *, nrow: int | None = None, scale: int = 1, padding: int = 2,
-    min_width: int = 0, col_labels: Sequence[str] = (), row_labels: Sequence[str] = (),
+    min_width: int = 0, col_labels: Sequence[str] = (), row_labels: Sequence[str] = (), corner: str = "",
 ) -> Path:
     """Write ``image_grid(images, nrow=nrow, padding=padding)``, enlarged ``scale`` times (nearest
     neighbour; more when needed to be ``min_width`` px wide), to ``path`` atomically, with the
-    column and row labels of ``label_grid`` when given. Returns the path."""
+    column and row labels (and corner text) of ``label_grid`` when given. Returns the path."""
     grid = image_grid(images, nrow=nrow, padding=padding)
     scale = max(scale, readable_scale(grid.width, min_width)) if min_width else scale
     grid = _scaled(grid, scale)
-    if col_labels or row_labels:
-        grid = label_grid(grid, col_labels=col_labels, row_labels=row_labels, tile=images_to_uint8(images)
-                          .shape[2] * scale, padding=padding * scale)
+    if col_labels or row_labels or corner:
+        grid = label_grid(grid, col_labels=col_labels, row_labels=row_labels, corner=corner,
+                          tile=images_to_uint8(images).shape[2] * scale, padding=padding * scale)
     return _atomic_save(grid, path)
 
 
@@ -197,30 +200,81 @@ def _label_font(size: int) -> Any:
         return ImageFont.load_default()
 
 
+def _wrap(text: str, font: Any, room: float) -> str:
+    """``text`` with each line broken at spaces (greedily) into lines no wider than ``room`` px
+    where the words allow."""
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    out = []
+    for line in text.split("\n"):
+        words = line.split(" ")
+        cur = words[0]
+        for w in words[1:]:
+            if probe.textlength(f"{cur} {w}", font=font) <= room:
+                cur = f"{cur} {w}"
+            else:
+                out.append(cur)
+                cur = w
+        out.append(cur)
+    return "\n".join(out)
+
+
+def _fitting_labels(labels: Sequence[str], size: int, room: float) -> tuple[list[str], Any, int]:
+    """The labels and their font so that every line fits in ``room`` px: the font at ``size`` px
+    or smaller (down to 12 px), else broken into more lines at spaces (down to 9 px)."""
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+
+    def fits(texts: Sequence[str], font: Any) -> bool:
+        return all(probe.textlength(line, font=font) <= room for t in texts for line in t.split("\n"))
+
+    for k in range(size, 8, -1):
+        font = _label_font(k)
+        texts = list(labels) if k >= 12 else [_wrap(t, font, room) for t in labels]
+        if fits(texts, font) or k == 9:
+            return texts, font, k
+    raise AssertionError("unreachable")
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: Any, size: int,
+                anchor: str) -> None:
+    """``text``'s lines ("\\n"-separated) stacked one under the other, centred vertically on xy."""
+    lines = text.split("\n")
+    lead = round(size * 1.2)
+    for k, line in enumerate(lines):
+        y = xy[1] + (k - (len(lines) - 1) / 2) * lead
+        draw.text((xy[0], y), line, fill="black", font=font, anchor=anchor)
+
+
 def label_grid(grid: Image.Image, *, col_labels: Sequence[str] = (), row_labels: Sequence[str] = (),
-               tile: int, padding: int) -> Image.Image:
+               tile: int, padding: int, corner: str = "") -> Image.Image:
     """``grid`` (tiles ``tile`` px wide, ``padding`` px apart, as ``image_grid`` lays them out) with
-    a white band above naming each column and one on the left naming each row, black text.
+    a white band above naming each column and one on the left naming each row, black text; labels
+    may have several lines ("t = 249\\nx_t"). ``corner`` (e.g. "lambda") goes in the top-left
+    corner, naming the quantity the column labels give.
 
     A row label repeats over rows when there are fewer labels than rows (e.g. ["x_t", "pred x_0"]
-    for the chains of the progressive figure).
+    for the chains of the progressive figure). Column text shrinks to fit a column (down to 12 px;
+    below that it is also broken at spaces, down to 9 px).
     """
     step = tile + padding
     size = max(12, min(22, tile // 3))
-    font = _label_font(size)
+    col_labels, col_font, col_size = _fitting_labels(col_labels, size, step - 4)
+    row_font, row_size = _label_font(size), size
     probe = ImageDraw.Draw(grid)
-    left = 0 if not row_labels else 12 + max(int(probe.textlength(t, font=font)) for t in row_labels)
-    top = 0 if not col_labels else 2 * size
+    side = [line for text in (*row_labels, corner) for line in text.split("\n") if line]
+    left = 0 if not side else 12 + max(int(probe.textlength(t, font=row_font)) for t in side)
+    n_lines = max([len(t.split("\n")) for t in (*col_labels, corner) if t] or [0])
+    top = 0 if not n_lines else round(col_size * (1.2 * n_lines + 0.8))
     out = Image.new("RGB", (grid.width + left, grid.height + top), "white")
     out.paste(grid.convert("RGB"), (left, top))
     draw = ImageDraw.Draw(out)
     for j, text in enumerate(col_labels):
-        x = left + padding + j * step + tile / 2
-        draw.text((x, top / 2), text, fill="black", font=font, anchor="mm")
+        _draw_lines(draw, (left + padding + j * step + tile / 2, top / 2), text, col_font, col_size, "mm")
     rows = (grid.height - padding) // step
     for i in range(rows if row_labels else 0):
         y = top + padding + i * step + tile / 2
-        draw.text((left - 6, y), row_labels[i % len(row_labels)], fill="black", font=font, anchor="rm")
+        _draw_lines(draw, (left - 6, y), row_labels[i % len(row_labels)], row_font, row_size, "rm")
+    if corner:
+        _draw_lines(draw, (left - 6, top / 2), corner, row_font, row_size, "rm")
     return out
 
 
@@ -560,14 +614,42 @@ def progressive_figure(
     return _rows(rows)
 
 
-def progressive_labels(num_timesteps: int, num_snapshots: int, show: str = "both") -> tuple[list[str], list[str]]:
-    """Column labels ("t = 999", ..., "t = 0") and row labels ("x_t", "pred x_0") of
-    ``progressive_figure``'s grid, for ``save_image_grid(..., col_labels=, row_labels=)``."""
+def progressive_labels(num_timesteps: int, num_snapshots: int, show: str = "both", *,
+                       one_based: bool = False) -> tuple[list[str], list[str]]:
+    """Column labels ("t = 999", ..., "t = 0"; the paper's "t = 1000", ..., "t = 1" when
+    ``one_based``) and row labels ("x_t", "pred x_0") of ``progressive_figure``'s grid, for
+    ``save_image_grid(..., col_labels=, row_labels=)``."""
     from ddpmkit.sampling import space_timesteps
 
     ts = sorted(set(space_timesteps(num_timesteps, num_snapshots)), reverse=True)
     rows = {"both": ["x_t", "pred x_0"], "xt": ["x_t"], "x0": ["pred x_0"]}[show]
-    return [f"t = {t}" for t in ts], rows
+    return [f"t = {t + int(one_based)}" for t in ts], rows
+
+
+def reconstruction_labels(ts: Sequence[int]) -> tuple[list[str], list[str]]:
+    """Column labels of ``reconstruction_figure``'s grid: "data x_0", then for each t "t = ..."
+    over "x_t" and over "decoded" (x_0 from the reverse chain started at that x_t); no row labels
+    (a row is one data image)."""
+    cols = ["data\nx_0"]
+    for t in ts:
+        cols += [f"t = {t}\nx_t", f"t = {t}\ndecoded"]
+    return cols, []
+
+
+def interpolation_labels(ts: Sequence[int], num_lambdas: int,
+                         num_pairs: int = 1) -> tuple[list[str], list[str]]:
+    """Column labels ("source\\nx_0", the lambdas 0 .. 1, "source\\nx'_0") and row labels ("t = ...",
+    with the pair's number when there are several) of ``interpolation_figure``'s grid."""
+    lambdas = [f"{i / (num_lambdas - 1):.2g}" for i in range(num_lambdas)]
+    rows = [f"pair {b + 1}\nt = {t}" if num_pairs > 1 else f"t = {t}" for b in range(num_pairs) for t in ts]
+    return ["source\nx_0", *lambdas, "source\nx'_0"], rows
+
+
+def shared_xt_labels(ts: Sequence[int], num_samples: int) -> tuple[list[str], list[str]]:
+    """Column labels ("x_t", then "x_0 (k)" for each draw from p(x_0 | x_t)) and row labels
+    ("t = ...", decreasing, as ``sample_progressive`` orders them) of ``shared_xt_figure``'s grid."""
+    cols = ["x_t", *[f"x_0 ({k + 1})" for k in range(num_samples)]]
+    return cols, [f"t = {t}" for t in sorted(set(ts), reverse=True)]
 
 
 def reconstruction_figure(

@@ -304,7 +304,8 @@ def _eval_stage(run_dir: Path, sizes: ReproduceSizes, seed: int, out: Path, name
         u8 = images_to_uint8(x.nan_to_num(0.0).clamp(-1, 1))  # (N, 8, 8, 1)
         (out / "samples").mkdir(parents=True, exist_ok=True)
         np.savez_compressed(out / "samples" / f"{name}.npz", arr_0=u8)
-        grid = save_image_grid(u8[:64], out / "figures" / f"samples_{name}.png", nrow=8, scale=6)
+        grid = save_image_grid(u8[:64], out / "figures" / f"samples_{name}.png", nrow=8, scale=6,
+                               min_width=512)
         metric = digits_fd(u8)
         bpd = evaluate_bpd(unet, diffusion, _test_set(), n=sizes.bpd_examples, batch_size=sizes.bpd_batch,
                            t_chunk=sizes.t_chunk, seed=seed,
@@ -334,14 +335,21 @@ def _nn_stage(samples_npz: Path, out: Path, panel_rows: int = 8, k: int = 3) -> 
                          "heldout_median_nn_distance": float(np.median(nearest_neighbours(te, tr, 1)[0]))}
         tiles += [train_u8[idx[:panel_rows, j]] for j in range(k)]
     rows = np.stack(tiles, 1).reshape(-1, 8, 8, 1)  # per row: sample, k pixel NNs, k feature NNs
+    labels = ["sample", *[f"{space}\nNN {j + 1}" for space in ("pixel", "feature") for j in range(k)]]
     result["panel"] = str(save_image_grid(rows, out / "figures" / "nearest_neighbours.png",
-                                          nrow=1 + 2 * k, scale=6).relative_to(out))
+                                          nrow=1 + 2 * k, scale=8, col_labels=labels).relative_to(out))
     return result
 
 
 def _figures_stage(run_dir: Path, sizes: ReproduceSizes, seed: int, out: Path) -> dict[str, Any]:
     """Sec. 4.3 progressive lossy reconstructions and Fig. 6 progressive generation (L_simple)."""
-    from ddpmkit.figures import progressive_figure, reconstruction_figure, save_image_grid
+    from ddpmkit.figures import (
+        progressive_figure,
+        progressive_labels,
+        reconstruction_figure,
+        reconstruction_labels,
+        save_image_grid,
+    )
     from ddpmkit.sampling import reconstruct
 
     unet, diffusion = _load(run_dir)
@@ -350,14 +358,17 @@ def _figures_stage(run_dir: Path, sizes: ReproduceSizes, seed: int, out: Path) -
     x0 = _test_set().get_batch(list(range(sizes.recon_examples)))  # (K, 1, 8, 8)
     with torch.inference_mode():
         grid, cols = reconstruction_figure(unet, diffusion, x0, ts, seed=seed)
-        recon = save_image_grid(grid, out / "figures" / "reconstructions.png", nrow=cols, scale=6)
+        recon = save_image_grid(grid, out / "figures" / "reconstructions.png", nrow=cols, scale=8,
+                                col_labels=reconstruction_labels([t + 1 for t in ts])[0])  # paper's t
         rmse = {}
         for t in ts:
             _, rec = reconstruct(unet, diffusion, x0, t, generator=torch.Generator().manual_seed(seed))
             rmse[str(t + 1)] = float(((rec.clamp(-1, 1) - x0) ** 2).mean().sqrt() * 127.5)
         grid, cols = progressive_figure(unet, diffusion, (sizes.progressive_examples, 1, 8, 8),
                                         num_snapshots=min(10, T), seed=seed)
-        prog = save_image_grid(grid, out / "figures" / "progressive_generation.png", nrow=cols, scale=6)
+        col_labels, row_labels = progressive_labels(T, min(10, T), one_based=True)  # the paper's t
+        prog = save_image_grid(grid, out / "figures" / "progressive_generation.png", nrow=cols, scale=8,
+                               col_labels=col_labels, row_labels=row_labels)
     return {"reconstruction_ts": [t + 1 for t in ts], "reconstruction_rmse": rmse,
             "reconstructions": str(recon.relative_to(out)), "progressive": str(prog.relative_to(out))}
 

@@ -366,7 +366,8 @@ class _Trainer:
                 x = sample_ancestral(net, self.diffusion, shape, generator=noise, device=self.info.device)
             images = to_uint8_nhwc(x).cpu()  # (n, H, W, C)
             path = save_image_grid(images.numpy(), self.run_dir / "samples" / f"step-{self.step:09d}.png",
-                                   nrow=math.ceil(math.sqrt(n)), scale=max(1, 64 // res))
+                                   nrow=math.ceil(math.sqrt(n)), scale=max(1, 64 // res),
+                                   min_width=512)
         barrier(self.info)
         return path
 

@@ -162,15 +162,29 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise NotImplementedError(args.kind)
     images, cols = grid
-    labels = {}
-    if args.kind == "progressive":
-        col_labels, row_labels = figures.progressive_labels(T, args.snapshots, args.show)
-        labels = {"col_labels": col_labels, "row_labels": row_labels}
-    # default: nearest-neighbour upscaling to >= 512 px wide
-    scale = args.scale if args.scale is not None else figures.readable_scale(cols * (R + 2) + 2)
-    path = figures.save_image_grid(images, out, nrow=cols, scale=scale, **labels)
+    col_labels, row_labels, corner = _labels(args, T)
+    # default: nearest-neighbour upscaling to >= 512 px wide, and tiles >= 64 px (the labels fit)
+    scale = args.scale if args.scale is not None else max(figures.readable_scale(cols * (R + 2) + 2),
+                                                          -(-64 // R))
+    path = figures.save_image_grid(images, out, nrow=cols, scale=scale, col_labels=col_labels,
+                                   row_labels=row_labels, corner=corner)
     print(f"wrote {path}")
     return 0
+
+
+def _labels(args: argparse.Namespace, T: int) -> tuple[list[str], list[str], str]:
+    """The figure's column labels, row labels and corner text (what the column labels give)."""
+    from ddpmkit import figures
+
+    if args.kind == "progressive":
+        return (*figures.progressive_labels(T, args.snapshots, args.show), "")
+    if args.kind == "interpolate":
+        return (*figures.interpolation_labels(_timesteps(args, T), args.lambdas, args.n), "lambda")
+    if args.kind == "reconstruct":
+        return (*figures.reconstruction_labels(_timesteps(args, T)), "")
+    if args.kind == "shared-xt":
+        return (*figures.shared_xt_labels(_timesteps(args, T), args.n), "")
+    raise NotImplementedError(args.kind)
 
 
 def _rate_distortion(args: argparse.Namespace, model: Any, diffusion: Any, device: Any, out: Path,

@@ -4,10 +4,11 @@ With no arguments it trains the ``digits`` preset on scikit-learn's 8x8 digits i
 and ends by writing a sample grid. ``--data FOLDER|NPZ`` without a preset builds a network for the
 data's own size and channels (``config.config_for_data``) into runs/NAME; a preset or config whose
 image size differs from the data's is refused unless ``--resolution``/``--channels`` ask for the
-images to be resized/converted. Settings resolve in this order: the preset (or ``--config``
-FILE, or, when resuming without either, the checkpoint's config), then ``--set KEY=VALUE``, then
-the explicit flags. Exit codes: 0 done, 2 a user error, 3 too many non-finite steps, 128+N
-stopped by signal N (after saving a checkpoint).
+images to be resized/converted; so is a run without data (the digits, 8x8 grayscale) whose
+network is another size, e.g. ``--preset cifar10`` alone (``check_default_data``). Settings
+resolve in this order: the preset (or ``--config`` FILE, or, when resuming without either, the
+checkpoint's config), then ``--set KEY=VALUE``, then the explicit flags. Exit codes: 0 done,
+2 a user error, 3 too many non-finite steps, 128+N stopped by signal N (after saving a checkpoint).
 """
 
 from __future__ import annotations
@@ -173,6 +174,22 @@ def _check_data(config, args: argparse.Namespace, *, what: str) -> None:
     check_data_fits(config, shape.description, sizes, channels, what=what, drop=drop)
 
 
+def check_default_data(config, args: argparse.Namespace, *, what: str) -> None:
+    """Without data (config.data None) a run trains on the digits, 8x8 grayscale: a network of
+    another size or channel count is refused unless --resolution / --channels ask for the resize."""
+    if config.data is not None:
+        return
+    res, ch = config.unet.resolution, config.unet.in_channels
+    if (res == 8 or args.resolution is not None) and (ch == 1 or args.channels is not None):
+        return
+    kind = f"{res}x{res} {'RGB' if ch == 3 else 'grayscale' if ch == 1 else f'{ch}-channel'}"
+    data = "--data cifar10 (the CIFAR-10 training set) or --data FOLDER" if (res, ch) == (32, 3) \
+        else "--data FOLDER (or an .npz) of such images"
+    raise ValueError(f"{what} trains {kind} images but no --data was given, and the default data, the "
+                     f"digits, are 8x8 grayscale; pass {data}, or --resolution {res} --channels {ch} "
+                     "to train on the digits resized and converted")
+
+
 def start_line(config) -> str:
     """One line: the image size the run trains on, the network's size and the steps."""
     import torch
@@ -197,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
+    check_default_data(config, args, what=_origin(args, config))
     if args.data is not None:
         print(start_line(config), flush=True)
     from ddpmkit.train import train

@@ -4,7 +4,8 @@ Reads RUN/config.json (the TrainConfig), RUN/metrics.jsonl (per-step loss and th
 RUN/model/ (the EMA U-Net: parameter count), the newest sample grid RUN/samples/step-*.png and
 the results of ``ddpm eval`` found in RUN (``eval_bpd*.json``, ``eval_fid*.json``,
 ``eval_digits*.json``, in RUN or one folder below). Writes OUT/report.md, OUT/report.json,
-OUT/loss_curve.png and OUT/samples.png (a copy of the grid). Missing pieces are reported as such.
+OUT/loss_curve.png and OUT/samples.png (the grid, enlarged nearest-neighbour to >= 512 px wide).
+Missing pieces are reported as such.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import shutil
 import statistics
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 __all__ = ["PAPER", "build_report"]
 
@@ -157,10 +160,25 @@ def _write_figures(run: Path, out: Path, metrics: list[dict[str, Any]], plot_lin
                                              logy=positive))
     grids = sorted((run / "samples").glob("step-*.png"))
     if grids:
-        shutil.copyfile(grids[-1], out / "samples.png")
-        files["samples"] = str(out / "samples.png")
+        files["samples"] = str(_readable_copy(grids[-1], out / "samples.png"))
         files["samples_from"] = str(grids[-1])
     return files
+
+
+def _readable_copy(src: Path, dst: Path, min_width: int = 512) -> Path:
+    """``src`` copied to ``dst``, enlarged nearest-neighbour by the smallest whole factor that
+    makes it >= ``min_width`` px wide (as is when it already is)."""
+    from PIL import Image
+
+    from ddpmkit.figures import readable_scale, save_image
+
+    with Image.open(src) as im:
+        scale = readable_scale(im.width, min_width)
+        if scale == 1:
+            shutil.copyfile(src, dst)
+            return dst
+        a = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
+    return save_image(a, dst, scale=scale)
 
 
 def _row(name: str, ours: Any, paper: Any, digits: int = 4) -> str:
