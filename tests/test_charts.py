@@ -88,5 +88,5 @@ def test_without_matplotlib_charts_fall_back_to_pillow(tmp_path, monkeypatch) ->
             plot_lines(tmp_path / bad, SERIES)
     with pytest.raises(ValueError, match=r"needs matplotlib: pip install 'ddpmkit\[plots\]'"):
         plot_lines(tmp_path / "c.png", SERIES, backend="matplotlib")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="unknown backend 'cairo'; choose one of "):
         plot_lines(tmp_path / "c.png", SERIES, backend="cairo")

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ddpmkit.data.convert import to_uint8_nhwc
+from ddpmkit.enums import parse_enum, unknown_choice
 
 __all__ = [
     "ChartBackend",
@@ -309,11 +310,7 @@ def plot_lines(
 
 def _chart_backend(backend: ChartBackend | str, path: str | os.PathLike) -> ChartBackend:
     """The backend that draws a chart to ``path``; ValueError when that one cannot."""
-    try:
-        b = ChartBackend(backend)
-    except ValueError:
-        names = [m.value for m in ChartBackend]
-        raise ValueError(f"backend must be one of {names}, got {backend!r}") from None
+    b = parse_enum(ChartBackend, backend, "backend")
     have_mpl = importlib.util.find_spec("matplotlib") is not None
     suffix = Path(path).suffix.lower()
     if b is ChartBackend.AUTO:
@@ -542,7 +539,7 @@ def progressive_figure(
     from ddpmkit.sampling import sample_generators, sample_progressive, space_timesteps
 
     if show not in ("both", "x0", "xt"):
-        raise ValueError(f"show must be one of ['both', 'x0', 'xt'], got {show!r}")
+        raise unknown_choice("show", show, ("both", "x0", "xt"))
     T = diffusion.num_timesteps
     if isinstance(num_snapshots, bool) or not isinstance(num_snapshots, int) or not 2 <= num_snapshots <= T:
         raise ValueError(f"num_snapshots must be an int in [2, {T}], got {num_snapshots!r}")

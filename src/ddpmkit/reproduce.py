@@ -38,6 +38,7 @@ import torch
 
 from ddpmkit.config import TrainConfig, apply_overrides, train_preset
 from ddpmkit.diffusion import LossType, MeanType, VarType
+from ddpmkit.enums import unknown_choice
 
 __all__ = ["SIZES", "VARIANTS", "ReproduceSizes", "Variant", "digits_split", "near_copy_fraction",
            "nearest_neighbours", "reproduce_digits", "variant_config"]
@@ -692,7 +693,7 @@ def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1, sizes: Re
 
     if isinstance(sizes, str):
         if sizes not in SIZES:
-            raise ValueError(f"unknown size {sizes!r}; expected one of {sorted(SIZES)}")
+            raise unknown_choice("size", sizes, sorted(SIZES))
         sizes = SIZES[sizes]
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"--seeds must be an integer >= 1, got {seeds!r}")

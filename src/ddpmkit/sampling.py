@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ddpmkit.diffusion import GaussianDiffusion, SpacedDiffusion
+from ddpmkit.enums import parse_enum
 
 __all__ = [
     "Callback",
@@ -604,10 +605,7 @@ def sample(
     """Dispatch on ``sampler`` ("ddpm": ``sample_ancestral``, respaced on fewer timesteps; "ddim":
     ``sample_ddim``) with the sampler contract. ``steps`` is a count (``timesteps`` takes every
     form of ``parse_timesteps``; give one of the two). shape: (B, C, H, W) -> x_0 (B, C, H, W)."""
-    allowed = [s.value for s in SamplerType]
-    if sampler not in allowed:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {allowed}")
-    sampler = SamplerType(sampler)
+    sampler = parse_enum(SamplerType, sampler, "sampler")
     if steps is not None and timesteps is not None:
         raise ValueError("give steps (a count) or timesteps, not both")
     T = diffusion.num_timesteps
@@ -743,10 +741,7 @@ class Encoder(str, Enum):
 
 
 def _parse_encoder(value: Any) -> Encoder:
-    allowed = [e.value for e in Encoder]
-    if value not in allowed:
-        raise ValueError(f"unknown encoder {value!r}; expected one of {allowed}")
-    return Encoder(value)
+    return parse_enum(Encoder, value, "encoder")
 
 
 def timesteps_from_text(text: str) -> Timesteps:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ddpmkit.enums import unknown_choice
+
 SAMPLERS = ("ddpm", "ddim")
 INDEX_PNG = re.compile(r"^(\d+)\.png$")
 NPZ_NAME = re.compile(r"^samples_(\d+)x\d+x\d+x\d+\.npz$")
@@ -79,7 +81,7 @@ def resolve_device(name: str | None) -> Any:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.sampler not in SAMPLERS:
-        raise ValueError(f"unknown --sampler {args.sampler!r}; expected one of {list(SAMPLERS)}")
+        raise unknown_choice("--sampler", args.sampler, list(SAMPLERS))
     for name, lo in (("n", 1), ("batch_size", 1), ("start_index", 0), ("seed", 0)):
         if getattr(args, name) is not None and getattr(args, name) < lo:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
