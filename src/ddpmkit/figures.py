@@ -20,7 +20,6 @@ import enum
 import importlib.util
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ddpmkit.data.convert import to_uint8_nhwc
 from ddpmkit.enums import parse_enum, unknown_choice
+from ddpmkit.fileio import atomic_write
 
 __all__ = [
     "ChartBackend",
@@ -139,16 +139,7 @@ def _atomic_save(image: Image.Image, path: str | os.PathLike) -> Path:
     if fmt is None:
         raise ValueError(f"cannot tell the image format of {str(path)!r}; expected a suffix like .png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-            f.flush()
-            os.fsync(f.fileno())  # else a power cut can leave the renamed file empty
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: image.save(f, format=fmt))
     return path
 
 
@@ -371,14 +362,7 @@ def _atomic_savefig(fig: Any, path: str | os.PathLike) -> Path:
     if fmt not in fig.canvas.get_supported_filetypes():
         raise ValueError(f"cannot tell the chart format of {str(path)!r}; expected .png, .pdf or .svg")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, facecolor="white"))
     return path
 
 

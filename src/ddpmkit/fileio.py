@@ -11,10 +11,11 @@ import errno
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["RunLock", "append_line_synced", "atomic_write_bytes", "atomic_write_json", "fsync_dir",
+__all__ = ["RunLock", "append_line_synced", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir",
            "read_json_file"]
 
 
@@ -27,13 +28,15 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through ``.tmp-NAME-PID`` in the same folder, fsync, rename, fsync."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(f)`` into ``.tmp-NAME-PID`` in ``path``'s folder, fsync, rename onto ``path``, fsync the
+    folder: the one implementation of an atomic write in ddpmkit (a cut write leaves only the temp file,
+    which a resumed run removes)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -43,8 +46,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """``data`` to ``path`` atomically (``atomic_write``)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int = 2, sort_keys: bool = True) -> None:
+    """``obj`` as JSON (then a newline) to ``path`` atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n").encode())
 
 
 def append_line_synced(path: str | Path, line: str) -> None:

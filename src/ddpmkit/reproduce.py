@@ -39,6 +39,7 @@ import torch
 from ddpmkit.config import TrainConfig, apply_overrides, train_preset
 from ddpmkit.diffusion import LossType, MeanType, VarType
 from ddpmkit.enums import unknown_choice
+from ddpmkit.fileio import atomic_write_bytes
 
 __all__ = ["SIZES", "VARIANTS", "ReproduceSizes", "Variant", "digits_split", "near_copy_fraction",
            "nearest_neighbours", "reproduce_digits", "variant_config"]
@@ -186,10 +187,10 @@ def _feature_space(images_uint8: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ stage files
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    from ddpmkit.nn.folder import atomic_write_bytes
+    from ddpmkit.fileio import atomic_write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(path, data)
 
 
 class _Stages:
@@ -634,7 +635,7 @@ def write_markdown(rep: dict[str, Any], path: Path) -> None:
               "## Budget", "", f"Total wall time {_n(b['wall_seconds'])} s, process CPU time {_n(b['cpu_seconds'])} s "
               "(sum of the stages).", "", "| stage | wall s | CPU s |", "|---|---|---|"]
     lines += [f"| {k} | {_n(s['wall_seconds'])} | {_n(s['cpu_seconds'])} |" for k, s in b["stages"].items()]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------ the job

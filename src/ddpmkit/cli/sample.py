@@ -137,10 +137,10 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
             raise ValueError(f"{out_dir} holds samples made with other settings ({changes}); "
                              "use another --output-dir")
         return
-    from ddpmkit.nn.folder import atomic_write_bytes
+    from ddpmkit.fileio import atomic_write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
+    atomic_write_json(path, settings, sort_keys=False)
 
 
 def weights_sha256(net: Any) -> str:
@@ -268,7 +268,7 @@ def write_npz_and_grid(out_dir: Path) -> tuple[Path, Path]:
     from PIL import Image
 
     from ddpmkit.figures import save_image_grid
-    from ddpmkit.nn.folder import atomic_write_bytes
+    from ddpmkit.fileio import atomic_write_bytes
 
     indices = sorted(existing_indices(out_dir))
     if not indices:

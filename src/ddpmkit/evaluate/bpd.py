@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpmkit.fileio import atomic_write_bytes
+
 __all__ = ["evaluate_bpd", "rate_distortion_by_t", "rate_distortion_table"]
 
 PARTIAL_FORMAT = "ddpmkit.bpd_partial"
@@ -100,9 +102,7 @@ def evaluate_bpd(
     done = _read_partial(path, header) if path is not None else []
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *done]))  # drops a torn last line
-        os.replace(tmp, path)
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in [header, *done]).encode())  # drops a torn line
     num_batches = math.ceil(total / batch_size)
     start_time = time.perf_counter()
     with tqdm(total=total, initial=min(len(done) * batch_size, total), disable=not progress,

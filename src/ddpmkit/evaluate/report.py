@@ -15,6 +15,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ddpmkit.fileio import atomic_write_bytes
+
 __all__ = ["PAPER", "build_report"]
 
 # Figures as published (Ho et al. 2020, Tables 1-3, Sec. 4, App. B; /work/shared/reference/paper.md).
@@ -141,8 +143,8 @@ def build_report(run: str | Path, out: str | Path | None = None) -> dict[str, An
     }
     files = _write_figures(run, out, metrics, plot_lines)
     report["files"] = files
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "report.md").write_text(_markdown(report))
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(out / "report.md", _markdown(report).encode())
     return report
 
 

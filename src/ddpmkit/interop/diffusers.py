@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors_bytes
 
 from ddpmkit.diffusion import DiffusionConfig, LossType, MeanType, VarType
+from ddpmkit.fileio import atomic_write_bytes, atomic_write_json
 from ddpmkit.nn import UNet, UNetConfig
 from ddpmkit.nn.folder import (
-    atomic_write_bytes,
     check_finite,
     load_state_dict_into,
     read_json,
@@ -574,7 +574,7 @@ def write_diffusers_folder(unet: UNet, diffusion: DiffusionConfig, out_dir: str 
     check_finite(tensors, "U-Net being exported")
     (out / "unet").mkdir(parents=True, exist_ok=True)
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "unet" / SAFETENSORS_NAME), metadata={"format": "pt"})
+    atomic_write_bytes(out / "unet" / SAFETENSORS_NAME, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
     _write_json(out / "unet" / UNET_CONFIG_NAME, diffusers_config_from_unet(unet.config))
     _write_json(out / "scheduler" / SCHEDULER_CONFIG_NAME, scheduler)
     _write_json(
@@ -590,7 +590,7 @@ def write_diffusers_folder(unet: UNet, diffusion: DiffusionConfig, out_dir: str 
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+    atomic_write_json(path, data, sort_keys=False)
 
 
 def convert_to_diffusers(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:

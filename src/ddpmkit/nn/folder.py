@@ -9,22 +9,22 @@ Weights are only ever read from safetensors (no pickle runs); every problem with
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
+
+from ddpmkit.fileio import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "CONFIG_NAME",
     "MODEL_FORMAT",
     "MODEL_FORMAT_VERSION",
     "WEIGHTS_NAME",
-    "atomic_write_bytes",
     "check_finite",
     "is_model_folder",
     "load_state_dict_into",
@@ -40,31 +40,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata=metadata))
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -168,7 +145,7 @@ def save_model_folder(
     if diffusion is not None:
         config["diffusion"] = diffusion
     _atomic_save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    atomic_write_json(path / CONFIG_NAME, config, sort_keys=False)
     return path
 
 
