@@ -63,14 +63,38 @@ class LossType(str, Enum):
 
 
 def draw_standard_normal(
-    shape: tuple[int, ...], generator: torch.Generator | None, *, device: torch.device, dtype: torch.dtype
+    shape: Sequence[int],
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """eps ~ N(0, I) of ``shape`` on ``device``: drawn in float32 on the generator's device, then
-    moved, so a CPU generator gives the same numbers whatever device the model runs on. Without a
-    generator: the global RNG of ``device``."""
+    """eps ~ N(0, I) of ``shape`` (B, ...) on ``device``: the one noise stream of ddpmkit (training
+    losses, bits/dim, every sampler).
+
+    ``generator``: None (the global RNG of ``device``), a generator (drawn in float32 on its device,
+    then moved, so a CPU generator gives the same numbers whatever device the model runs on), or B
+    generators (sample b drawn from generator b, on its device, in float32).
+    """
+    shape = tuple(shape)
     if generator is None:
         return torch.randn(shape, device=device, dtype=dtype)
-    z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    if isinstance(generator, torch.Generator):
+        z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    else:
+        if len(generator) != shape[0]:
+            raise ValueError(f"expected one generator per sample ({shape[0]}), got {len(generator)}")
+        z = torch.stack(
+            [torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator]
+        )  # (B, ...)
+    return _to_device(z, device, dtype)
+
+
+def _to_device(z: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Move CPU noise to ``device``; to a GPU through pinned memory, without waiting for it."""
+    device = torch.device(device)
+    if z.device.type == "cpu" and device.type == "cuda":
+        return z.pin_memory().to(device=device, non_blocking=True).to(dtype)
     return z.to(device=device, dtype=dtype)
 
 

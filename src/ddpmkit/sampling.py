@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpmkit.diffusion import GaussianDiffusion, SpacedDiffusion
+from ddpmkit.diffusion import GaussianDiffusion, SpacedDiffusion, draw_standard_normal
 from ddpmkit.enums import parse_enum
 
 __all__ = [
@@ -101,34 +101,7 @@ def sample_generators(seed: int, indices: Sequence[int] | range) -> list[torch.G
     return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
 
 
-def draw_noise(
-    shape: Sequence[int], generator: Generators, *, device: torch.device | str, dtype: torch.dtype
-) -> torch.Tensor:
-    """eps ~ N(0, I) of ``shape`` (B, ...) on ``device``.
-
-    ``generator``: None (the global RNG on ``device``), a generator (noise drawn on its device in
-    float32, then moved), or B generators (sample b drawn from generator b, on its device).
-    """
-    shape = tuple(shape)
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    if isinstance(generator, torch.Generator):
-        z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        return _to_device(z, device, dtype)
-    if len(generator) != shape[0]:
-        raise ValueError(f"expected one generator per sample ({shape[0]}), got {len(generator)}")
-    z = torch.stack(
-        [torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator]
-    )  # (B, ...)
-    return _to_device(z, device, dtype)
-
-
-def _to_device(z: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-    """Move CPU noise to ``device``; to a GPU through pinned memory, without waiting for it."""
-    device = torch.device(device)
-    if z.device.type == "cpu" and device.type == "cuda":
-        return z.pin_memory().to(device=device, non_blocking=True).to(dtype)
-    return z.to(device=device, dtype=dtype)
+draw_noise = draw_standard_normal  # the samplers' name for the one noise stream (ddpmkit.diffusion)
 
 
 def _clone_generator(g: torch.Generator) -> torch.Generator:
