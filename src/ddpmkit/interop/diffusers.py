@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import re
 import zipfile
@@ -38,8 +37,6 @@ from ddpmkit.nn.folder import (
 from ddpmkit.schedules import BETA_SCHEDULES
 
 __all__ = [
-    "convert_from_diffusers",
-    "convert_to_diffusers",
     "diffusers_config_from_unet",
     "diffusers_state_dict_from_unet",
     "diffusion_config_from_scheduler",
@@ -543,23 +540,6 @@ def load_diffusers(path: str | Path) -> tuple[UNet, DiffusionConfig | None, Path
     return unet, diffusion, unet_dir
 
 
-def _prepare_out_dir(out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"output folder {out} exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def convert_from_diffusers(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """A diffusers folder -> our model folder ``out_dir`` (must not exist or be empty), with the
-    scheduler's settings as the folder's diffusion config (the paper's defaults if it has none)."""
-    unet, diffusion, _ = load_diffusers(src_dir)
-    if diffusion is None:
-        diffusion = DiffusionConfig()
-    unet.save(_prepare_out_dir(out_dir), diffusion=diffusion.to_dict())
-
-
 def write_diffusers_folder(unet: UNet, diffusion: DiffusionConfig, out_dir: str | Path) -> Path:
     """Write ``out_dir``/unet (config.json + diffusion_pytorch_model.safetensors),
     ``out_dir``/scheduler/scheduler_config.json and model_index.json (a DDPMPipeline)."""
@@ -591,13 +571,3 @@ def write_diffusers_folder(unet: UNet, diffusion: DiffusionConfig, out_dir: str 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_json(path, data, sort_keys=False)
-
-
-def convert_to_diffusers(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Our model folder or a training run directory (its EMA weights) -> a diffusers DDPMPipeline
-    folder ``out_dir`` (must not exist or be empty) that ``DDPMPipeline.from_pretrained`` loads."""
-    from ddpmkit.models import load_model  # the layer above resolves run directories
-
-    loaded = load_model(model_path)
-    out = _prepare_out_dir(out_dir)
-    write_diffusers_folder(loaded.unet, loaded.diffusion, out)
