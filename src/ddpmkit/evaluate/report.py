@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +110,10 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def build_report(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Write the report card of training run ``run`` into ``out`` (default RUN/report); returns it."""
-    from ddpmkit.figures import plot_lines
-
+def build_report(run: str | Path, out: str | Path | None = None, *,
+                 plot_lines: Callable[..., Any]) -> dict[str, Any]:
+    """Write the report card of training run ``run`` into ``out`` (default RUN/report); returns it.
+    ``plot_lines``: the chart writer (``ddpmkit.figures.plot_lines``, passed in by the layer above)."""
     run = Path(run)
     if not run.is_dir():
         raise ValueError(f"{run}: not a training run directory (expected a folder with config.json)")
