@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = ["RunLock", "append_line_synced", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir",
-           "read_json_file"]
+           "read_json_file", "read_json_object"]
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -70,6 +70,21 @@ def read_json_file(path: str | Path) -> Any:
         return json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read JSON ({e})") from None
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON object from ``path``: FileNotFoundError if there is no file, a ValueError naming the
+    file if it is not valid JSON or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 class RunLock:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ddpmkit.fileio import atomic_write_bytes
+from ddpmkit.fileio import atomic_write_bytes, read_json_object
 
 __all__ = ["PAPER", "build_report"]
 
@@ -120,10 +120,7 @@ def build_report(run: str | Path, out: str | Path | None = None, *,
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{run}: no config.json; expected a training run directory written by `ddpm train`")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_path}: not valid JSON ({err})") from None
+    config = read_json_object(cfg_path)
     out = Path(out) if out is not None else run / "report"
     out.mkdir(parents=True, exist_ok=True)
     kind = _dataset_kind(config)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from ddpmkit.fileio import atomic_write_bytes, atomic_write_json
+from ddpmkit.fileio import atomic_write_bytes, atomic_write_json, read_json_object
 
 __all__ = [
     "CONFIG_NAME",
@@ -44,17 +44,7 @@ def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metad
     atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata=metadata))
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; ValueError naming the file if it is not one."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+read_json = read_json_object  # ddpmkit.fileio's: a JSON object, or an error naming the file
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
