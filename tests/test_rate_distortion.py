@@ -44,3 +44,10 @@ def test_eval_bpd_summary_and_figure_agree_with_the_hand_written_values():
     assert rd["rate"] == pytest.approx(RATE) and rd["distortion_rmse"] == pytest.approx(DIST)
     assert [row["reverse_time"] for row in rd["table"]] == ROWS
     assert [row["rate_bpd"] for row in rd["table"]] == pytest.approx([RATE[4 - k] for k in ROWS])
+
+
+def test_table4_rows_are_the_papers_reverse_times_and_stay_in_range_for_small_T():
+    from ddpmkit.evaluate.bpd import table4_reverse_times
+
+    assert table4_reverse_times(1000) == [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100]  # Table 4
+    assert table4_reverse_times(4) == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]  # round half even, at least 1

@@ -435,13 +435,13 @@ def _findings(rows: dict[str, Any]) -> dict[str, Any]:
 
 def _rate_distortion(stages: _Stages, seeds: list[int], out: Path) -> dict[str, Any]:
     """Table 4 / Fig. 5 for the L_simple model, from its bound terms on the test digits."""
+    from ddpmkit.evaluate.bpd import table4_reverse_times
     from ddpmkit.figures import rate_distortion_figure
 
     names = [f"eval_{SIMPLE}_s{s}" for s in seeds]
     T = len(stages.load(names[0])["bpd"]["by_t"]["rate"])
     table = []
-    for i in range(10):
-        k = max(1, round(T * (10 - i) / 10))  # reverse process time T - t + 1; 0-based index T - k
+    for i, k in enumerate(table4_reverse_times(T)):  # reverse process time T - t + 1; index T - k
         paper = PAPER_TABLE4[i] if T == 1000 else (None, None, None)
         table.append({"reverse_time": k, "rate": _stat(stages, names, f"bpd.by_t.rate.{T - k}"),
                       "distortion": _stat(stages, names, f"bpd.by_t.distortion.{T - k}"),

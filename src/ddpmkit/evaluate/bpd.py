@@ -29,7 +29,7 @@ import torch
 
 from ddpmkit.fileio import atomic_write_bytes
 
-__all__ = ["evaluate_bpd", "rate_distortion_by_t", "rate_distortion_table"]
+__all__ = ["evaluate_bpd", "rate_distortion_by_t", "rate_distortion_table", "table4_reverse_times"]
 
 PARTIAL_FORMAT = "ddpmkit.bpd_partial"
 
@@ -172,5 +172,10 @@ def rate_distortion_table(result: dict[str, Any], rows: int = 10) -> list[tuple[
     at reverse times T, (rows - 1) T / rows, ..., T / rows (the paper's rows for rows = 10)."""
     rate, dist = result["by_t"]["rate"], result["by_t"]["distortion"]
     T = len(rate)
-    times = [max(1, round(T * (rows - i) / rows)) for i in range(rows)]
-    return [(k, rate[T - k], dist[T - k]) for k in times]  # paper t = T - k + 1 -> index T - k
+    return [(k, rate[T - k], dist[T - k]) for k in table4_reverse_times(T, rows)]  # t = T-k+1 -> index T-k
+
+
+def table4_reverse_times(T: int, rows: int = 10) -> list[int]:
+    """The reverse process times k = T - t + 1 of Table 4's rows: T, (rows - 1) T / rows, ..., T / rows
+    (rounded, at least 1); row k reads index T - k of a (T,) by-t array."""
+    return [max(1, round(T * (rows - i) / rows)) for i in range(rows)]
