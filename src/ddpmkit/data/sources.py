@@ -303,7 +303,7 @@ def load_npz_uint8(path: Path) -> np.ndarray:
     need = f"{path}: expected uint8 images shaped (N, H, W, C) with C = 1 or 3 (NHWC)"
     if a.dtype != np.uint8:
         raise ValueError(f"{need}, got dtype {a.dtype}; convert with "
-                         "((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
+                         "ddpmkit.data.convert.quantize_uint8 (floor((x + 1) * 127.5 + 1/2), clamped)")
     if a.ndim != 4:
         raise ValueError(f"{need}, got shape {a.shape}")
     if a.shape[-1] not in (1, 3):
