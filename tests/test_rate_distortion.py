@@ -51,3 +51,18 @@ def test_table4_rows_are_the_papers_reverse_times_and_stay_in_range_for_small_T(
 
     assert table4_reverse_times(1000) == [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100]  # Table 4
     assert table4_reverse_times(4) == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]  # round half even, at least 1
+
+
+def test_the_reproduce_report_reads_table4_rows_through_the_one_rule(tmp_path):
+    """reproduce's Table 4 uses evaluate.bpd.table4_reverse_times (its own copy of the rule is gone)."""
+    import types
+
+    from ddpmkit import reproduce
+
+    T = 4
+    by_t = {"rate": [10.0, 20.0, 30.0, 40.0], "distortion": [1.0, 2.0, 3.0, 4.0]}
+    result = {"bpd": {"by_t": by_t, "rate_bpd": 1.0, "decoder_bpd": 2.0}}
+    stages = types.SimpleNamespace(load=lambda name: result)
+    rd = reproduce._rate_distortion(stages, [0], tmp_path)
+    assert [row["reverse_time"] for row in rd["table"]] == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]
+    assert [row["rate"]["mean"] for row in rd["table"]][:3] == [10.0, 10.0, 20.0]  # index T - k
