@@ -59,7 +59,6 @@ def test_the_reproduce_report_reads_table4_rows_through_the_one_rule(tmp_path):
 
     from ddpmkit import reproduce
 
-    T = 4
     by_t = {"rate": [10.0, 20.0, 30.0, 40.0], "distortion": [1.0, 2.0, 3.0, 4.0]}
     result = {"bpd": {"by_t": by_t, "rate_bpd": 1.0, "decoder_bpd": 2.0}}
     stages = types.SimpleNamespace(load=lambda name: result)
