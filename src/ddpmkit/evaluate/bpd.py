@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpmkit.fileio import atomic_write_bytes
+from ddpmkit.fileio import append_line_synced, atomic_write_bytes
 
 __all__ = ["evaluate_bpd", "rate_distortion_by_t", "rate_distortion_table", "table4_reverse_times"]
 
@@ -53,13 +53,6 @@ def _read_partial(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break  # a line cut short by an interruption: that batch is redone
     return batches
-
-
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _run_batch(model: Any, diffusion: Any, x0: torch.Tensor, *, seed: int, batch: int,
@@ -115,7 +108,7 @@ def evaluate_bpd(
                       **_run_batch(model, diffusion, x0, seed=seed, batch=b, clip_denoised=clip_denoised,
                                    t_chunk=t_chunk)}
             if path is not None:
-                _append_line(path, record)
+                append_line_synced(path, json.dumps(record))
             done.append(record)
             bar.update(len(idx))
             bar.set_postfix(bpd=f"{np.mean([v for r in done for v in r['total_bpd']]):.4f}")
