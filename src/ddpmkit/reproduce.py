@@ -24,7 +24,6 @@ REPORT.md and report.json are rebuilt from the stage files only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -39,7 +38,7 @@ import torch
 from ddpmkit.config import TrainConfig, apply_overrides, train_preset
 from ddpmkit.diffusion import LossType, MeanType, VarType
 from ddpmkit.enums import unknown_choice
-from ddpmkit.fileio import atomic_write_bytes
+from ddpmkit.fileio import atomic_write_bytes, read_json_object
 
 __all__ = ["SIZES", "VARIANTS", "ReproduceSizes", "Variant", "digits_split", "near_copy_fraction",
            "nearest_neighbours", "reproduce_digits", "variant_config"]
@@ -204,12 +203,12 @@ class _Stages:
         return self.dir / f"{name}.json"
 
     def load(self, name: str) -> dict[str, Any]:
-        return json.loads(self.path(name).read_text())["result"]
+        return read_json_object(self.path(name))["result"]
 
     def run(self, name: str, cost: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         p = self.path(name)
         if p.is_file():
-            saved = json.loads(p.read_text())
+            saved = read_json_object(p)
             if self.resume and saved.get("settings") == self.settings:
                 self.bar.update(cost)
                 return saved["result"]
@@ -367,7 +366,7 @@ def _figures_stage(run_dir: Path, sizes: ReproduceSizes, seed: int, out: Path) -
 def resolve_source(out: Path, source: str) -> Any:
     """The value a report source "stages/NAME.json#a.b.3" points at (list items by index)."""
     path, _, key = source.partition("#")
-    return _get(json.loads((Path(out) / path).read_text())["result"], key)
+    return _get(read_json_object(Path(out) / path)["result"], key)
 
 
 def _get(result: Any, key: str) -> Any:
@@ -661,7 +660,7 @@ def _plan(sizes: ReproduceSizes, seeds: list[int], out: Path) -> list[tuple[str,
 def _budget(stages: _Stages, names: list[str]) -> dict[str, Any]:
     rows = {}
     for n in names:
-        d = json.loads(stages.path(n).read_text())
+        d = read_json_object(stages.path(n))
         rows[n] = {"wall_seconds": d["wall_seconds"], "cpu_seconds": d["cpu_seconds"]}
     return {"stages": rows, "wall_seconds": float(sum(r["wall_seconds"] for r in rows.values())),
             "cpu_seconds": float(sum(r["cpu_seconds"] for r in rows.values()))}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import re
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ddpmkit.enums import unknown_choice
+from ddpmkit.fileio import read_json_object
 
 SAMPLERS = ("ddpm", "ddim")
 INDEX_PNG = re.compile(r"^(\d+)\.png$")
@@ -130,7 +130,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     keys = ("sampler", "steps", "timesteps", "eta", "seed", "clip_denoised", "ema", "image_shape",
             "num_timesteps", "model_sha256")
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json_object(path)
         diff = [k for k in keys if old.get(k) != settings.get(k)]
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} there vs {settings.get(k)!r} now" for k in diff)

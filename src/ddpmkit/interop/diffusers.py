@@ -14,7 +14,6 @@ installed.
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import re
@@ -490,12 +489,9 @@ def is_diffusers_folder(path: Path) -> bool:
     """True if ``path`` is a diffusers pipeline folder (``unet/config.json``) or a flat UNet2DModel folder."""
     if (path / "unet" / UNET_CONFIG_NAME).is_file():
         return True
-    cfg = path / UNET_CONFIG_NAME
-    if not cfg.is_file():
-        return False
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("_class_name") == "UNet2DModel"
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return read_json(path / UNET_CONFIG_NAME).get("_class_name") == "UNet2DModel"
+    except (OSError, ValueError):  # no file, not JSON, not an object
         return False
 
 

@@ -8,7 +8,6 @@ Weights are only ever read from safetensors (no pickle runs); every problem with
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +140,9 @@ def save_model_folder(
 
 def is_model_folder(path: Path) -> bool:
     """True if ``path/config.json`` exists and declares format "ddpmkit.model"."""
-    cfg = path / CONFIG_NAME
-    if not cfg.is_file():
-        return False
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("format") == MODEL_FORMAT
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return read_json_object(path / CONFIG_NAME).get("format") == MODEL_FORMAT
+    except (OSError, ValueError):  # no file, not JSON, not an object
         return False
 
 

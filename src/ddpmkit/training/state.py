@@ -8,7 +8,6 @@ and the step (which is also the data position: update s reads positions [s*B, (s
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
@@ -23,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.config import Precision, TrainConfig, changed_on_resume
 from ddpmkit.distributed import DistInfo, all_gather_objects, barrier
+from ddpmkit.fileio import read_json_object
 from ddpmkit.nn import UNet
 from ddpmkit.training.data import derived_seed
 
@@ -200,7 +200,7 @@ def _model_folder_holds(folder: Path, net: UNet, diffusion: dict[str, Any]) -> b
 
     try:
         saved = load_file(folder / "model.safetensors")
-        meta = json.loads((folder / "config.json").read_bytes())
+        meta = read_json_object(folder / "config.json")
     except (OSError, ValueError, SafetensorError):
         return False
     current = net.state_dict()
