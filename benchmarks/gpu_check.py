@@ -9,7 +9,7 @@ Parts (``--parts``, default all):
 - ``tests``: ``pytest -m gpu tests/test_gpu.py`` (log in OUT/gpu_tests.log);
 - ``ceiling``: bf16 matmul TFLOP/s (8192^3), the denominator of the "fraction of ceiling" column;
 - ``train-fp32``, ``train-bf16``, ``train-bf16-compile``, ``train-diffusers-bf16``: training img/s at
-  batch 128 through ddpmkit's own ``_Trainer.train_step`` (L_simple, backward, grad clip, fused Adam,
+  batch 128 through ddpmkit's own ``UpdateStep`` (L_simple, backward, grad clip, fused Adam,
   EMA: the real step; torch.compile wraps the network it calls) and peak memory;
 - ``sample-bf16-graphs``, ``sample-bf16-eager``, ``sample-diffusers-bf16``: the wall time of 256
   samples x 1000 steps of Algorithm 2 (``sample_ancestral``, one CUDA generator), and peak memory;
@@ -141,7 +141,7 @@ def _trainer(sz: dict[str, Any], device: Any, precision: str, tmp: Path) -> Any:
 
     from ddpmkit.config import apply_overrides, train_preset
     from ddpmkit.distributed import DistInfo
-    from ddpmkit.train import _Trainer
+    from ddpmkit.train import _build_run
 
     npz = tmp / "data.npz"
     np.savez(npz, np.random.default_rng(0).integers(0, 256, (256, sz["res"], sz["res"], 3), dtype=np.uint8))
@@ -151,7 +151,7 @@ def _trainer(sz: dict[str, Any], device: Any, precision: str, tmp: Path) -> Any:
                  for k, v in sz["unet"].items()})
     config = apply_overrides(train_preset("cifar10"), over)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    return _Trainer(config, tmp / "run", info, progress=False, inject_nonfinite=None)
+    return _build_run(config, tmp / "run", info, progress=False)
 
 
 def part_train(args: argparse.Namespace, sz: dict[str, Any], name: str) -> dict[str, Any]:
@@ -160,29 +160,30 @@ def part_train(args: argparse.Namespace, sz: dict[str, Any], name: str) -> dict[
     device = torch.device(args.device)
     precision = "fp32" if name == "train-fp32" else "bf16"
     with tempfile.TemporaryDirectory() as tmp:
-        tr = _trainer(sz, device, precision, Path(tmp))
+        run = _trainer(sz, device, precision, Path(tmp))
+        st, update = run.state, run.update
         if name == "train-diffusers-bf16":  # the same step around diffusers' network
             net = diffusers_unet(sz, dropout=0.1).to(device)
-            tr.model = tr.ddp = net
-            tr.opt = torch.optim.Adam(net.parameters(), lr=2e-4, fused=True)
-            tr.ema = torch.optim.swa_utils.AveragedModel(
+            st.model = update.net = net
+            st.opt = torch.optim.Adam(net.parameters(), lr=2e-4, fused=True)
+            st.ema = torch.optim.swa_utils.AveragedModel(
                 net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9999), use_buffers=True)
         if device.type == "cuda":
-            tr.model = tr.model.to(memory_format=torch.channels_last)
-            tr.ddp = tr.model
+            st.model = st.model.to(memory_format=torch.channels_last)
+            update.net = st.model
         if name == "train-bf16-compile":
-            tr.ddp = torch.compile(tr.model)
-        flops = flops_per_image(tr.model, sz, device, train=True)
+            update.net = torch.compile(st.model)
+        flops = flops_per_image(st.model, sz, device, train=True)
         x0 = torch.rand(sz["batch"], 3, sz["res"], sz["res"], device=device) * 2 - 1
         if device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)
             torch.cuda.reset_peak_memory_stats(device)
         t_compile = time.perf_counter()
-        finite = [tr.train_step(x0)[2] for _ in range(sz["warmup"])]
+        finite = [update(x0, i).finite for i in range(sz["warmup"])]
         sync(device)
         warm_s = time.perf_counter() - t_compile
         t0 = time.perf_counter()
-        finite += [tr.train_step(x0)[2] for _ in range(sz["steps"])]
+        finite += [update(x0, sz["warmup"] + i).finite for i in range(sz["steps"])]
         sync(device)
         dt = time.perf_counter() - t0
     img_s = sz["steps"] * sz["batch"] / dt

@@ -44,23 +44,25 @@ def main() -> int:
         setattr(owner, attr, wrapped)
 
     from ddpmkit import checkpoint, train
+    from ddpmkit.training import log as train_log
+    from ddpmkit.training import step as train_step
 
     for attr in ("rename", "replace", "unlink", "rmdir", "fsync"):
         wrap(os, attr, attr)
     wrap(shutil, "rmtree", "rmtree")
     wrap(checkpoint, "_write_synced", "checkpoint-file")
-    wrap(train._Trainer, "train_step", "step")
-    _pause_after_metrics(train, pause_after)
+    wrap(train_step.UpdateStep, "__call__", "step")
+    _pause_after_metrics(train, train_log, pause_after)
     from ddpmkit.cli import main as cli_main
 
     return cli_main(["train", *rest])
 
 
-def _pause_after_metrics(train: object, pause_after: int) -> None:
+def _pause_after_metrics(train: object, train_log: object, pause_after: int) -> None:
     import time
 
     got_signal = [False]
-    handle, metrics = train._StopFlag._handle, train._Trainer.metrics
+    handle, metrics = train._StopFlag._handle, train_log.TrainLog.metrics
 
     def handle_and_note(self, signum, frame):
         got_signal[0] = True
@@ -73,7 +75,7 @@ def _pause_after_metrics(train: object, pause_after: int) -> None:
                 time.sleep(0.02)
 
     train._StopFlag._handle = handle_and_note
-    train._Trainer.metrics = metrics_then_pause
+    train_log.TrainLog.metrics = metrics_then_pause
 
 
 if __name__ == "__main__":

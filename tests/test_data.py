@@ -116,9 +116,9 @@ def test_digits_at_other_resolution_and_channels():
 
 
 def test_bad_arguments_are_value_errors():
-    with pytest.raises(ValueError, match="split must be one of 'train', 'test', 'all'"):
+    with pytest.raises(ValueError, match="unknown split 'valid'; choose one of train, test, all$"):
         open_source("digits", resolution=8, channels=1, split="valid")
-    with pytest.raises(ValueError, match="on_bad_image must be one of 'skip', 'error'"):
+    with pytest.raises(ValueError, match="unknown on_bad_image 'ignore'; choose one of skip, error$"):
         open_source("digits", resolution=8, channels=1, on_bad_image="ignore")
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         open_source("digits", resolution=8, channels=4)

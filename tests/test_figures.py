@@ -165,7 +165,7 @@ def test_figure_layouts(diffusion) -> None:
     np.testing.assert_array_equal(images[5], images_to_uint8(x[1:])[0])  # source b closes each row
     images, cols = shared_xt_figure(toy_eps, diffusion, (1, 3, 4, 4), [2, 9], num_samples=3)
     assert cols == 4 and images.shape == (2 * 4, 4, 4, 3)
-    with pytest.raises(ValueError, match="show must be one of"):
+    with pytest.raises(ValueError, match="unknown show 'all'; choose one of both, x0, xt$"):
         progressive_figure(toy_eps, diffusion, (1, 1, 4, 4), show="all")
 
 

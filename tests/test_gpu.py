@@ -185,13 +185,16 @@ def test_mixed_precision_trains_finite_and_tracks_fp32(tmp_path, tiny_npz, devic
     pytest.param("cpu", "fp32", marks=pytest.mark.slow),  # test_train covers the CPU skip; here the helper
     pytest.param("cuda", "fp16", marks=CUDA.marks, id="cuda-fp16"),
 ])
-def test_a_nonfinite_step_is_skipped_without_touching_weights_or_ema(tmp_path, tiny_npz, device, precision):
+def test_a_nonfinite_step_is_skipped_without_touching_weights_or_ema(tmp_path, tiny_npz, device, precision,
+                                                                    monkeypatch):
     # Update 2 (0-based) gets a NaN loss: under fp16 the grad scaler finds inf/NaN gradients, skips
     # the optimiser step and halves its scale; the EMA must not average that step either.
     over = overrides(tiny_npz, steps=4, checkpoint_every=1, keep_last=10, precision=precision)
+    from test_train import inject_nonfinite
+
     with pytest.warns(RuntimeWarning, match="step 3: non-finite"):
-        run = train(apply_overrides(train_preset("digits"), over), tmp_path, device=device, progress=False,
-                    inject_nonfinite=lambda step: step == 2)
+        inject_nonfinite(monkeypatch, lambda step: step == 2)
+        run = train(apply_overrides(train_preset("digits"), over), tmp_path, device=device, progress=False)
     assert run.exit_code == 0 and sorted(run.losses) == [1, 2, 4]
     states = {s: ckpt.load_checkpoint(tmp_path / "checkpoints" / f"step-{s:09d}") for s in (2, 3, 4)}
     for group in ("model", "ema"):

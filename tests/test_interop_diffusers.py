@@ -15,10 +15,9 @@ from safetensors.torch import load_file, save_file
 from test_nn import randomize_
 
 from ddpmkit.cli import main as cli_main
+from ddpmkit.convert import convert_from_diffusers, convert_to_diffusers
 from ddpmkit.diffusion import DiffusionConfig, LossType, MeanType, VarType
 from ddpmkit.interop.diffusers import (
-    convert_from_diffusers,
-    convert_to_diffusers,
     diffusion_config_from_scheduler,
     scheduler_config_from_diffusion,
     unet_config_from_diffusers,

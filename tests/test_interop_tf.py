@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from ddpmkit.convert import convert_from_tf
 from ddpmkit.interop import tf_bundle
 from ddpmkit.interop.tf_bundle import TFCheckpointReader, crc32c, masked_crc32c, unmask_crc32c
 from ddpmkit.interop.tf_checkpoint import (
-    convert_from_tf,
     diffusers_state_dict_from_tf,
     diffusers_unet_config,
     infer_tf_unet_layout,

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from ddpmkit.logs import ConsoleHandler, logger
-from ddpmkit.train import _Trainer
+from ddpmkit.training.log import TrainLog
 
 
 @pytest.fixture(autouse=True)
@@ -25,8 +25,8 @@ def _fresh_logger():
 
 
 def _trainer_log(msg: str, is_main: bool = True) -> None:
-    """The trainer's feedback line, on a stand-in for the trainer (only ``info.is_main`` is read)."""
-    _Trainer._log(types.SimpleNamespace(info=types.SimpleNamespace(is_main=is_main)), msg)
+    """The trainer's feedback line, on a stand-in for the trainer's log (only ``info.is_main`` is read)."""
+    TrainLog.line(types.SimpleNamespace(info=types.SimpleNamespace(is_main=is_main)), msg)
 
 
 def test_default_prints_the_bare_message_to_stdout(capsys) -> None:

@@ -75,3 +75,15 @@ def test_calc_bpd_loop_gives_the_cpu_numbers_on_cuda():
     cpu = d.calc_bpd_loop(model, x0, generator=torch.Generator().manual_seed(1))
     gpu = d.calc_bpd_loop(model, x0.cuda(), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(gpu["total_bpd"].cpu(), cpu["total_bpd"], rtol=1e-5, atol=1e-5)
+
+
+def test_one_noise_helper_for_the_samplers_and_the_losses():
+    """Issue 12: the samplers' draw_noise is the diffusion's draw_standard_normal, not a copy."""
+    from ddpmkit import sampling
+
+    assert sampling.draw_noise is draw_standard_normal
+    gens = sampling.sample_generators(3, range(2))
+    z = draw_standard_normal((2, 3), gens, device=torch.device("cpu"), dtype=torch.float64)
+    for b in range(2):
+        want = torch.randn((3,), generator=sampling.sample_generators(3, [b])[0], dtype=torch.float32)
+        assert torch.equal(z[b], want.double())

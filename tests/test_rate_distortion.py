@@ -44,3 +44,24 @@ def test_eval_bpd_summary_and_figure_agree_with_the_hand_written_values():
     assert rd["rate"] == pytest.approx(RATE) and rd["distortion_rmse"] == pytest.approx(DIST)
     assert [row["reverse_time"] for row in rd["table"]] == ROWS
     assert [row["rate_bpd"] for row in rd["table"]] == pytest.approx([RATE[4 - k] for k in ROWS])
+
+
+def test_table4_rows_are_the_papers_reverse_times_and_stay_in_range_for_small_T():
+    from ddpmkit.evaluate.bpd import table4_reverse_times
+
+    assert table4_reverse_times(1000) == [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100]  # Table 4
+    assert table4_reverse_times(4) == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]  # round half even, at least 1
+
+
+def test_the_reproduce_report_reads_table4_rows_through_the_one_rule(tmp_path):
+    """reproduce's Table 4 uses evaluate.bpd.table4_reverse_times (its own copy of the rule is gone)."""
+    import types
+
+    from ddpmkit import reproduce
+
+    by_t = {"rate": [10.0, 20.0, 30.0, 40.0], "distortion": [1.0, 2.0, 3.0, 4.0]}
+    result = {"bpd": {"by_t": by_t, "rate_bpd": 1.0, "decoder_bpd": 2.0}}
+    stages = types.SimpleNamespace(load=lambda name: result)
+    rd = reproduce._rate_distortion(stages, [0], tmp_path)
+    assert [row["reverse_time"] for row in rd["table"]] == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]
+    assert [row["rate"]["mean"] for row in rd["table"]][:3] == [10.0, 10.0, 20.0]  # index T - k

@@ -128,8 +128,11 @@ def test_an_update_whose_result_is_non_finite_is_skipped_like_a_nan_loss(tmp_pat
     """Update 1 writes a NaN into one weight after Adam's step: the weights, the optimiser and the EMA
     must end exactly as in a run whose update 1 had a NaN loss (skipped)."""
     c = tiny_config(tiny_npz, steps=4, max_nonfinite=2)
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        reference = train(c, tmp_path / "ref", progress=False, inject_nonfinite=lambda step: step == 1)
+    from test_train import inject_nonfinite
+
+    with monkeypatch.context() as m, pytest.warns(RuntimeWarning, match="non-finite"):
+        inject_nonfinite(m, lambda step: step == 1)
+        reference = train(c, tmp_path / "ref", progress=False)
     step_fn, calls = torch.optim.Adam.step, []
 
     def poisoning_step(self, *a, **k):
@@ -188,7 +191,7 @@ def test_an_unwritable_run_dir_is_a_one_line_error_before_any_work(tmp_path, tin
 
     blocker = tmp_path / "a-file"  # a folder below a file cannot be created, not even by root
     blocker.write_text("")
-    monkeypatch.setattr(train_module, "_Trainer", None)  # building the trainer (data, model) must not start
+    monkeypatch.setattr(train_module, "_build_run", None)  # building the run (data, model) must not start
     with pytest.raises(ValueError, match="cannot write to .*a-file/run"):
         train(tiny_config(tiny_npz, steps=2), blocker / "run", progress=False)
 

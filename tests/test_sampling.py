@@ -388,3 +388,22 @@ def test_prepare_model_default_path_keeps_the_numbers(tiny_unet: torch.nn.Module
     torch.testing.assert_close(fast, ref, atol=0.05, rtol=0.05)
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         prepare_model(tiny_unet, device="cpu", cuda_graphs=True)
+
+
+def test_p_sample_loop_progressive_is_algorithm_2_step_by_step():
+    """Issue 12 point 4 (dead code made live): the progressive loop yields t = T-1 .. 0 and its last
+    sample is sample_ancestral's x_0 for the same noise streams."""
+    from ddpmkit.sampling import p_sample_loop_progressive
+
+    diffusion = DiffusionConfig(num_timesteps=6).build()
+    model = lambda x, t: 0.1 * x  # noqa: E731 - a toy eps model
+    shape = (3, 1, 2, 2)
+    want = sample_ancestral(model, diffusion, shape, generator=sample_generators(4, range(3)))
+    gens = sample_generators(4, range(3))
+    x_T = draw_noise(shape, gens, device="cpu", dtype=torch.float32)
+    steps = list(p_sample_loop_progressive(model, diffusion, x_T, generator=gens))
+    assert [s["t"] for s in steps] == [5, 4, 3, 2, 1, 0]
+    assert torch.equal(steps[0]["x_t"], x_T)
+    for a, b in zip(steps, steps[1:], strict=False):
+        assert torch.equal(b["x_t"], a["sample"])
+    torch.testing.assert_close(steps[-1]["sample"], want, rtol=0, atol=0)

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ddpmkit.fileio import read_json_file
+from ddpmkit.fileio import fsync_dir, read_json_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -77,14 +77,6 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_synced(path: Path, data: bytes) -> dict[str, Any]:
     """Write ``data`` to ``path``, flush and fsync; returns its manifest entry."""
     with open(path, "wb") as f:
@@ -124,7 +116,7 @@ def save_checkpoint(
     files[STATE] = _write_synced(tmp / STATE, state_bytes)
     manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "files": files}
     _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     replace_dir_atomically(tmp, final)
     _prune(root, keep_last)
     return final
@@ -142,7 +134,7 @@ def replace_dir_atomically(src: Path, dst: Path) -> None:
             shutil.rmtree(old)
         os.rename(dst, old)
     os.rename(src, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -170,7 +162,7 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(aside)
         os.rename(path, aside)
     if doomed:
-        _fsync_dir(root)
+        fsync_dir(root)
     for path in root.iterdir():
         if path.name.startswith((".tmp-", ".old-", ".del-")) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

@@ -24,7 +24,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from ddpmkit.data.sources import OnBadImage
 from ddpmkit.diffusion import DiffusionConfig, VarType
+from ddpmkit.enums import parse_enum, unknown_choice
 from ddpmkit.nn import UNET_PRESETS, UNetConfig
 
 __all__ = [
@@ -65,11 +67,7 @@ class NetSize(str, Enum):
     SMALL = "small"  # the CPU variant of the digits preset: ch 64, one res block a level, no attention
 
 
-class BadImagePolicy(str, Enum):
-    """What a corrupt image file does: skipped with a warning naming it, or an error before step 1."""
-
-    SKIP = "skip"
-    ERROR = "error"
+BadImagePolicy = OnBadImage  # the config's name for the data sources' enum (one enum, two names)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,12 +104,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, cls in (("precision", Precision), ("on_bad_image", BadImagePolicy)):
-            value = getattr(self, name)
-            if not isinstance(value, cls):
-                allowed = [m.value for m in cls]
-                if value not in allowed:
-                    raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
-                object.__setattr__(self, name, cls(value))
+            object.__setattr__(self, name, parse_enum(cls, getattr(self, name), name))
         object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
@@ -236,7 +229,7 @@ RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset(
 def train_preset(name: str) -> TrainConfig:
     """The named preset: ``digits``, ``cifar10``, ``celebahq256`` or ``lsun256``."""
     if name not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(TRAIN_PRESETS)}")
+        raise unknown_choice("preset", name, sorted(TRAIN_PRESETS))
     return TRAIN_PRESETS[name]()
 
 
@@ -342,10 +335,7 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     low = text.strip().lower()
     try:
         if isinstance(current, Enum):
-            allowed = [m.value for m in type(current)]
-            if text not in allowed:
-                raise ValueError(f"expected one of {allowed}")
-            return type(current)(text)
+            return parse_enum(type(current), text, key)
         if isinstance(current, bool):
             if low in ("1", "true", "yes", "on"):
                 return True
@@ -395,7 +385,7 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConf
             raise ValueError(f"unknown config group {group!r} in {key!r}; expected unet.* or diffusion.*")
         known = [f.name for f in fields(target)] if target is not None else []
         if attr not in known or (not dot and attr in nested):
-            raise ValueError(f"unknown config key {key!r}; expected one of {_all_keys(config)}")
+            raise unknown_choice("config key", key, _all_keys(config))
         current = getattr(target, attr)
         parsed = _parse_value(value, current, key) if isinstance(value, str) else value
         (nested[group] if dot else top)[attr] = parsed

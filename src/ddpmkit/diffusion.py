@@ -13,11 +13,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from ddpmkit.distributions import CDFType, discretized_gaussian_log_likelihood, normal_kl
+from ddpmkit.enums import parse_enum, unknown_choice
 from ddpmkit.schedules import BETA_SCHEDULES, get_named_beta_schedule
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
 ]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_E = TypeVar("_E", bound=Enum)
 
 
 class MeanType(str, Enum):
@@ -60,25 +60,41 @@ class LossType(str, Enum):
     HYBRID = "hybrid"  # L_simple + lambda * T * L_{t-1} with stop-gradient on the mean
 
 
-def _parse_enum(enum_cls: type[_E], value: Any, what: str) -> _E:
-    """``enum_cls(value)``, or a ValueError naming ``what`` and the allowed values."""
-    if isinstance(value, enum_cls):
-        return value
-    allowed = [m.value for m in enum_cls]
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r}; expected one of {allowed}")
-    return enum_cls(value)
 
 
 def draw_standard_normal(
-    shape: tuple[int, ...], generator: torch.Generator | None, *, device: torch.device, dtype: torch.dtype
+    shape: Sequence[int],
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """eps ~ N(0, I) of ``shape`` on ``device``: drawn in float32 on the generator's device, then
-    moved, so a CPU generator gives the same numbers whatever device the model runs on. Without a
-    generator: the global RNG of ``device``."""
+    """eps ~ N(0, I) of ``shape`` (B, ...) on ``device``: the one noise stream of ddpmkit (training
+    losses, bits/dim, every sampler).
+
+    ``generator``: None (the global RNG of ``device``), a generator (drawn in float32 on its device,
+    then moved, so a CPU generator gives the same numbers whatever device the model runs on), or B
+    generators (sample b drawn from generator b, on its device, in float32).
+    """
+    shape = tuple(shape)
     if generator is None:
         return torch.randn(shape, device=device, dtype=dtype)
-    z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    if isinstance(generator, torch.Generator):
+        z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    else:
+        if len(generator) != shape[0]:
+            raise ValueError(f"expected one generator per sample ({shape[0]}), got {len(generator)}")
+        z = torch.stack(
+            [torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator]
+        )  # (B, ...)
+    return _to_device(z, device, dtype)
+
+
+def _to_device(z: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Move CPU noise to ``device``; to a GPU through pinned memory, without waiting for it."""
+    device = torch.device(device)
+    if z.device.type == "cpu" and device.type == "cuda":
+        return z.pin_memory().to(device=device, non_blocking=True).to(dtype)
     return z.to(device=device, dtype=dtype)
 
 
@@ -109,9 +125,7 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in BETA_SCHEDULES:
-            raise ValueError(
-                f"unknown beta schedule {self.schedule!r}; expected one of {sorted(BETA_SCHEDULES)}"
-            )
+            raise unknown_choice("beta schedule", self.schedule, sorted(BETA_SCHEDULES))
         t = self.num_timesteps
         if isinstance(t, bool) or not isinstance(t, int) or t < 2:
             raise ValueError(f"num_timesteps must be an int >= 2, got {t!r}")
@@ -126,7 +140,7 @@ class DiffusionConfig:
             ("loss_type", LossType),
             ("decoder_cdf", CDFType),
         ):
-            object.__setattr__(self, name, _parse_enum(cls, getattr(self, name), name))
+            object.__setattr__(self, name, parse_enum(cls, getattr(self, name), name))
         if not self.hybrid_lambda >= 0:
             raise ValueError(f"hybrid_lambda must be >= 0, got {self.hybrid_lambda!r}")
         self.betas()  # validates beta_start / beta_end now rather than at build()
@@ -188,10 +202,10 @@ class GaussianDiffusion:
         hybrid_lambda: float = 0.001,
         decoder_cdf: CDFType | str = CDFType.EXACT,
     ) -> None:
-        self.mean_type = _parse_enum(MeanType, mean_type, "mean_type")
-        self.var_type = _parse_enum(VarType, var_type, "var_type")
-        self.loss_type = _parse_enum(LossType, loss_type, "loss_type")
-        self.decoder_cdf = _parse_enum(CDFType, decoder_cdf, "decoder_cdf")
+        self.mean_type = parse_enum(MeanType, mean_type, "mean_type")
+        self.var_type = parse_enum(VarType, var_type, "var_type")
+        self.loss_type = parse_enum(LossType, loss_type, "loss_type")
+        self.decoder_cdf = parse_enum(CDFType, decoder_cdf, "decoder_cdf")
         if not hybrid_lambda >= 0:
             raise ValueError(f"hybrid_lambda must be >= 0, got {hybrid_lambda!r}")
         self.hybrid_lambda = float(hybrid_lambda)

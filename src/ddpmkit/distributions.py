@@ -10,6 +10,8 @@ from enum import Enum
 
 import torch
 
+from ddpmkit.enums import parse_enum
+
 __all__ = [
     "CDFType",
     "approx_standard_normal_cdf",
@@ -91,9 +93,7 @@ def discretized_gaussian_log_likelihood(
     ``cdf="tanh"`` reproduces the released code (tanh approximation, probabilities floored at 1e-12).
     Returns a tensor of x's shape.
     """
-    if cdf not in {c.value for c in CDFType}:
-        raise ValueError(f"unknown cdf {cdf!r}; expected one of {[c.value for c in CDFType]}")
-    cdf = CDFType(cdf)
+    cdf = parse_enum(CDFType, cdf, "cdf")
     centered = x - means
     inv_stdv = torch.exp(-log_scales)
     plus_in = inv_stdv * (centered + HALF_BIN)

@@ -20,7 +20,6 @@ import enum
 import importlib.util
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ddpmkit.data.convert import to_uint8_nhwc
+from ddpmkit.enums import parse_enum, unknown_choice
+from ddpmkit.fileio import atomic_write
 
 __all__ = [
     "ChartBackend",
@@ -141,16 +142,7 @@ def _atomic_save(image: Image.Image, path: str | os.PathLike) -> Path:
     if fmt is None:
         raise ValueError(f"cannot tell the image format of {str(path)!r}; expected a suffix like .png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-            f.flush()
-            os.fsync(f.fileno())  # else a power cut can leave the renamed file empty
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: image.save(f, format=fmt))
     return path
 
 
@@ -363,11 +355,7 @@ def plot_lines(
 
 def _chart_backend(backend: ChartBackend | str, path: str | os.PathLike) -> ChartBackend:
     """The backend that draws a chart to ``path``; ValueError when that one cannot."""
-    try:
-        b = ChartBackend(backend)
-    except ValueError:
-        names = [m.value for m in ChartBackend]
-        raise ValueError(f"backend must be one of {names}, got {backend!r}") from None
+    b = parse_enum(ChartBackend, backend, "backend")
     have_mpl = importlib.util.find_spec("matplotlib") is not None
     suffix = Path(path).suffix.lower()
     if b is ChartBackend.AUTO:
@@ -428,14 +416,7 @@ def _atomic_savefig(fig: Any, path: str | os.PathLike) -> Path:
     if fmt not in fig.canvas.get_supported_filetypes():
         raise ValueError(f"cannot tell the chart format of {str(path)!r}; expected .png, .pdf or .svg")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, facecolor="white"))
     return path
 
 
@@ -596,7 +577,7 @@ def progressive_figure(
     from ddpmkit.sampling import sample_generators, sample_progressive, space_timesteps
 
     if show not in ("both", "x0", "xt"):
-        raise ValueError(f"show must be one of ['both', 'x0', 'xt'], got {show!r}")
+        raise unknown_choice("show", show, ("both", "x0", "xt"))
     T = diffusion.num_timesteps
     if isinstance(num_snapshots, bool) or not isinstance(num_snapshots, int) or not 2 <= num_snapshots <= T:
         raise ValueError(f"num_snapshots must be an int in [2, {T}], got {num_snapshots!r}")

@@ -11,11 +11,12 @@ import errno
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["RunLock", "append_line_synced", "atomic_write_bytes", "atomic_write_json", "fsync_dir",
-           "read_json_file"]
+__all__ = ["RunLock", "append_line_synced", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir",
+           "read_json_file", "read_json_object"]
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -27,13 +28,15 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through ``.tmp-NAME-PID`` in the same folder, fsync, rename, fsync."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(f)`` into ``.tmp-NAME-PID`` in ``path``'s folder, fsync, rename onto ``path``, fsync the
+    folder: the one implementation of an atomic write in ddpmkit (a cut write leaves only the temp file,
+    which a resumed run removes)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -43,8 +46,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """``data`` to ``path`` atomically (``atomic_write``)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int = 2, sort_keys: bool = True) -> None:
+    """``obj`` as JSON (then a newline) to ``path`` atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n").encode())
 
 
 def append_line_synced(path: str | Path, line: str) -> None:
@@ -61,6 +70,21 @@ def read_json_file(path: str | Path) -> Any:
         return json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read JSON ({e})") from None
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON object from ``path``: FileNotFoundError if there is no file, a ValueError naming the
+    file if it is not valid JSON or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 class RunLock:

@@ -24,7 +24,6 @@ REPORT.md and report.json are rebuilt from the stage files only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -38,6 +37,8 @@ import torch
 
 from ddpmkit.config import TrainConfig, apply_overrides, train_preset
 from ddpmkit.diffusion import LossType, MeanType, VarType
+from ddpmkit.enums import unknown_choice
+from ddpmkit.fileio import atomic_write_bytes, read_json_object
 from ddpmkit.figures import ChartBackend
 
 __all__ = ["SIZES", "VARIANTS", "ReproduceSizes", "Variant", "digits_split", "near_copy_fraction",
@@ -186,10 +187,10 @@ def _feature_space(images_uint8: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ stage files
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    from ddpmkit.nn.folder import atomic_write_bytes
+    from ddpmkit.fileio import atomic_write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(path, data)
 
 
 class _Stages:
@@ -203,12 +204,12 @@ class _Stages:
         return self.dir / f"{name}.json"
 
     def load(self, name: str) -> dict[str, Any]:
-        return json.loads(self.path(name).read_text())["result"]
+        return read_json_object(self.path(name))["result"]
 
     def run(self, name: str, cost: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         p = self.path(name)
         if p.is_file():
-            saved = json.loads(p.read_text())
+            saved = read_json_object(p)
             if self.resume and saved.get("settings") == self.settings:
                 self.bar.update(cost)
                 return saved["result"]
@@ -377,7 +378,7 @@ def _figures_stage(run_dir: Path, sizes: ReproduceSizes, seed: int, out: Path) -
 def resolve_source(out: Path, source: str) -> Any:
     """The value a report source "stages/NAME.json#a.b.3" points at (list items by index)."""
     path, _, key = source.partition("#")
-    return _get(json.loads((Path(out) / path).read_text())["result"], key)
+    return _get(read_json_object(Path(out) / path)["result"], key)
 
 
 def _get(result: Any, key: str) -> Any:
@@ -448,13 +449,13 @@ def _findings(rows: dict[str, Any]) -> dict[str, Any]:
 
 def _rate_distortion(stages: _Stages, seeds: list[int], out: Path) -> dict[str, Any]:
     """Table 4 / Fig. 5 for the L_simple model, from its bound terms on the test digits."""
+    from ddpmkit.evaluate.bpd import table4_reverse_times
     from ddpmkit.figures import rate_distortion_figure
 
     names = [f"eval_{SIMPLE}_s{s}" for s in seeds]
     T = len(stages.load(names[0])["bpd"]["by_t"]["rate"])
     table = []
-    for i in range(10):
-        k = max(1, round(T * (10 - i) / 10))  # reverse process time T - t + 1; 0-based index T - k
+    for i, k in enumerate(table4_reverse_times(T)):  # reverse process time T - t + 1; index T - k
         paper = PAPER_TABLE4[i] if T == 1000 else (None, None, None)
         table.append({"reverse_time": k, "rate": _stat(stages, names, f"bpd.by_t.rate.{T - k}"),
                       "distortion": _stat(stages, names, f"bpd.by_t.distortion.{T - k}"),
@@ -738,7 +739,7 @@ def write_markdown(rep: dict[str, Any], path: Path) -> None:
               f"Total wall time {_n(b['wall_seconds'])} s, process CPU time {_n(b['cpu_seconds'])} s "
               "(sum of the stages).", "", "| stage | wall s | CPU s |", "|---|---|---|"]
     lines += [f"| {k} | {_n(s['wall_seconds'])} | {_n(s['cpu_seconds'])} |" for k, s in b["stages"].items()]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------ the job
@@ -766,7 +767,7 @@ def _plan(sizes: ReproduceSizes, seeds: list[int], out: Path) -> list[tuple[str,
 def _budget(stages: _Stages, names: list[str]) -> dict[str, Any]:
     rows = {}
     for n in names:
-        d = json.loads(stages.path(n).read_text())
+        d = read_json_object(stages.path(n))
         rows[n] = {"wall_seconds": d["wall_seconds"], "cpu_seconds": d["cpu_seconds"]}
     return {"stages": rows, "wall_seconds": float(sum(r["wall_seconds"] for r in rows.values())),
             "cpu_seconds": float(sum(r["cpu_seconds"] for r in rows.values()))}
@@ -800,7 +801,7 @@ def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1,
 
     if isinstance(sizes, str):
         if sizes not in SIZES:
-            raise ValueError(f"unknown size {sizes!r}; expected one of {sorted(SIZES)}")
+            raise unknown_choice("size", sizes, sorted(SIZES))
         sizes = SIZES[sizes]
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"--seeds must be an integer >= 1, got {seeds!r}")

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpmkit.diffusion import GaussianDiffusion, SpacedDiffusion
+from ddpmkit.diffusion import GaussianDiffusion, SpacedDiffusion, draw_standard_normal
+from ddpmkit.enums import parse_enum
 
 __all__ = [
     "Callback",
@@ -100,34 +101,7 @@ def sample_generators(seed: int, indices: Sequence[int] | range) -> list[torch.G
     return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
 
 
-def draw_noise(
-    shape: Sequence[int], generator: Generators, *, device: torch.device | str, dtype: torch.dtype
-) -> torch.Tensor:
-    """eps ~ N(0, I) of ``shape`` (B, ...) on ``device``.
-
-    ``generator``: None (the global RNG on ``device``), a generator (noise drawn on its device in
-    float32, then moved), or B generators (sample b drawn from generator b, on its device).
-    """
-    shape = tuple(shape)
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    if isinstance(generator, torch.Generator):
-        z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        return _to_device(z, device, dtype)
-    if len(generator) != shape[0]:
-        raise ValueError(f"expected one generator per sample ({shape[0]}), got {len(generator)}")
-    z = torch.stack(
-        [torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator]
-    )  # (B, ...)
-    return _to_device(z, device, dtype)
-
-
-def _to_device(z: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-    """Move CPU noise to ``device``; to a GPU through pinned memory, without waiting for it."""
-    device = torch.device(device)
-    if z.device.type == "cpu" and device.type == "cuda":
-        return z.pin_memory().to(device=device, non_blocking=True).to(dtype)
-    return z.to(device=device, dtype=dtype)
+draw_noise = draw_standard_normal  # the samplers' name for the one noise stream (ddpmkit.diffusion)
 
 
 def _clone_generator(g: torch.Generator) -> torch.Generator:
@@ -604,10 +578,7 @@ def sample(
     """Dispatch on ``sampler`` ("ddpm": ``sample_ancestral``, respaced on fewer timesteps; "ddim":
     ``sample_ddim``) with the sampler contract. ``steps`` is a count (``timesteps`` takes every
     form of ``parse_timesteps``; give one of the two). shape: (B, C, H, W) -> x_0 (B, C, H, W)."""
-    allowed = [s.value for s in SamplerType]
-    if sampler not in allowed:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {allowed}")
-    sampler = SamplerType(sampler)
+    sampler = parse_enum(SamplerType, sampler, "sampler")
     if steps is not None and timesteps is not None:
         raise ValueError("give steps (a count) or timesteps, not both")
     T = diffusion.num_timesteps
@@ -743,10 +714,7 @@ class Encoder(str, Enum):
 
 
 def _parse_encoder(value: Any) -> Encoder:
-    allowed = [e.value for e in Encoder]
-    if value not in allowed:
-        raise ValueError(f"unknown encoder {value!r}; expected one of {allowed}")
-    return Encoder(value)
+    return parse_enum(Encoder, value, "encoder")
 
 
 def timesteps_from_text(text: str) -> Timesteps:

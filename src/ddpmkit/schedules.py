@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from ddpmkit.enums import unknown_choice
+
 __all__ = [
     "BETA_SCHEDULES",
     "betas_for_alpha_bar",
@@ -114,7 +116,7 @@ def get_named_beta_schedule(
     Raises ValueError for an unknown name, T < 2, or betas outside (0, 1].
     """
     if name not in BETA_SCHEDULES:
-        raise ValueError(f"unknown beta schedule {name!r}; expected one of {sorted(BETA_SCHEDULES)}")
+        raise unknown_choice("beta schedule", name, sorted(BETA_SCHEDULES))
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
         raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
     betas = BETA_SCHEDULES[name](num_timesteps, float(beta_start), float(beta_end))

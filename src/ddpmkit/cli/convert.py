@@ -27,15 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.from_diffusers:
-        from ddpmkit.interop.diffusers import convert_from_diffusers
+        from ddpmkit.convert import convert_from_diffusers
 
         convert_from_diffusers(args.from_diffusers, args.out)
     elif args.to_diffusers:
-        from ddpmkit.interop.diffusers import convert_to_diffusers
+        from ddpmkit.convert import convert_to_diffusers
 
         convert_to_diffusers(args.to_diffusers, args.out)
     else:
-        from ddpmkit.interop.tf_checkpoint import convert_from_tf
+        from ddpmkit.convert import convert_from_tf
 
         convert_from_tf(args.from_tf, args.out, ema=args.ema, resolution=args.resolution)
     print(f"wrote {args.out}")

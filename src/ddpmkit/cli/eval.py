@@ -8,7 +8,6 @@ to ``<out>.partial.jsonl`` and continues from it when rerun with the same settin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -75,10 +74,10 @@ def _default_out(path: str, name: str) -> Path:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from ddpmkit.nn.folder import atomic_write_bytes
+    from ddpmkit.fileio import atomic_write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    atomic_write_json(path, data, sort_keys=False)
 
 
 def _check_writable(out: Path) -> Path:

@@ -12,7 +12,6 @@ Timesteps (--t) are 0-based indices in [0, T-1] (index t is the paper's t + 1).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +189,7 @@ def _labels(args: argparse.Namespace, T: int) -> tuple[list[str], list[str], str
 def _rate_distortion(args: argparse.Namespace, model: Any, diffusion: Any, device: Any, out: Path,
                      R: int, C: int) -> int:
     from ddpmkit import figures
-    from ddpmkit.nn.folder import atomic_write_bytes
+    from ddpmkit.fileio import atomic_write_json
 
     if args.t_chunk is not None and args.t_chunk < 1:
         raise ValueError(f"--t-chunk must be >= 1, got {args.t_chunk}")
@@ -199,7 +198,7 @@ def _rate_distortion(args: argparse.Namespace, model: Any, diffusion: Any, devic
     rd["data"] = args.data_description
     path = figures.rate_distortion_figure(rd, out)
     json_path = Path(args.json) if args.json else out.with_suffix(".json")
-    atomic_write_bytes(json_path, (json.dumps(rd, indent=1) + "\n").encode())
+    atomic_write_json(json_path, rd, indent=1, sort_keys=False)
     print(figures.format_rate_distortion_table(rd))
     print(f"wrote {path} and {json_path}")
     return 0

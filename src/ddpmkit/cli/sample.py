@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import re
 import sys
 import time
@@ -20,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ddpmkit.enums import unknown_choice
+from ddpmkit.fileio import read_json_object
 
 SAMPLERS = ("ddpm", "ddim")
 INDEX_PNG = re.compile(r"^(\d+)\.png$")
@@ -79,7 +81,7 @@ def resolve_device(name: str | None) -> Any:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.sampler not in SAMPLERS:
-        raise ValueError(f"unknown --sampler {args.sampler!r}; expected one of {list(SAMPLERS)}")
+        raise unknown_choice("--sampler", args.sampler, list(SAMPLERS))
     for name, lo in (("n", 1), ("batch_size", 1), ("start_index", 0), ("seed", 0)):
         if getattr(args, name) is not None and getattr(args, name) < lo:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
@@ -128,17 +130,17 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     keys = ("sampler", "steps", "timesteps", "eta", "seed", "clip_denoised", "ema", "image_shape",
             "num_timesteps", "model_sha256")
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json_object(path)
         diff = [k for k in keys if old.get(k) != settings.get(k)]
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} there vs {settings.get(k)!r} now" for k in diff)
             raise ValueError(f"{out_dir} holds samples made with other settings ({changes}); "
                              "use another --output-dir")
         return
-    from ddpmkit.nn.folder import atomic_write_bytes
+    from ddpmkit.fileio import atomic_write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
+    atomic_write_json(path, settings, sort_keys=False)
 
 
 def weights_sha256(net: Any) -> str:
@@ -189,10 +191,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, out_dir: Path) -> int:
-    from ddpmkit.logs import progress_bar
-
     from ddpmkit.config import check_fits
     from ddpmkit.figures import save_image
+    from ddpmkit.logs import progress_bar
     from ddpmkit.models import load_model
     from ddpmkit.sampling import (
         parse_timesteps,
@@ -266,7 +267,7 @@ def write_npz_and_grid(out_dir: Path) -> tuple[Path, Path]:
     from PIL import Image
 
     from ddpmkit.figures import save_image_grid
-    from ddpmkit.nn.folder import atomic_write_bytes
+    from ddpmkit.fileio import atomic_write_bytes
 
     indices = sorted(existing_indices(out_dir))
     if not indices:

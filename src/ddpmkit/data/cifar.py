@@ -20,13 +20,15 @@ import io
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from ddpmkit.fileio import atomic_write
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -180,10 +182,10 @@ def download_cifar10(root: Path, *, url: str = CIFAR10_URL, md5: str = CIFAR10_M
     """Fetch the archive into ``root/cifar-10-python.tar.gz`` atomically; verify its md5 first."""
     root.mkdir(parents=True, exist_ok=True)
     target = root / CIFAR10_ARCHIVE
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".cifar10-", suffix=".part")
-    digest = hashlib.md5()
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+
+    def fetch_and_verify(out: Any) -> None:  # a mismatch raises inside the atomic write: nothing is renamed
+        digest = hashlib.md5()
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
@@ -192,12 +194,11 @@ def download_cifar10(root: Path, *, url: str = CIFAR10_URL, md5: str = CIFAR10_M
                 f"downloaded {url} has md5 {digest.hexdigest()}, expected {md5}; "
                 f"fetch it by hand and put it at {target}"
             )
-        os.replace(tmp, target)
+
+    try:
+        atomic_write(target, fetch_and_verify)
     except (urllib.error.URLError, OSError) as err:
         raise ValueError(
             f"could not download {url} ({err}); fetch it by hand (md5 {md5}) and put it at {target}"
         ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target

@@ -55,6 +55,7 @@ from ddpmkit.data.images import (
     fit_image,
     list_image_files,
 )
+from ddpmkit.enums import parse_enum
 
 DIGITS_NUM_TEST = 360  # the last 360 of sklearn's 1797 digits are the held-out "test" split
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -71,6 +72,9 @@ class Split(str, Enum):
 
 
 class OnBadImage(str, Enum):
+    """What a corrupt image file does: skipped with a warning naming it, or an error before step 1.
+    ``config.BadImagePolicy`` is this enum."""
+
     SKIP = "skip"  # warn, count, and use the next readable file (deterministic)
     ERROR = "error"  # check every file up front; raise before training starts
 
@@ -84,14 +88,6 @@ class SourceKind(str, Enum):
 
 class BadImageWarning(UserWarning):
     """An image file that could not be decoded was skipped."""
-
-
-def _parse_enum(enum: type[Enum], value, what: str):
-    try:
-        return enum(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum)
-        raise ValueError(f"{what} must be one of {allowed}, got {value!r}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +265,7 @@ def _resolve(src: str | os.PathLike | None, *, download: bool) -> _Resolved:
 
 def load_digits_uint8(split: Split | str = Split.ALL) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits -> (images uint8 (N, 8, 8, 1) = round(v * 255 / 16), labels (N,))."""
-    split = _parse_enum(Split, split, "split")
+    split = parse_enum(Split, split, "split")
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -307,7 +303,7 @@ def load_npz_uint8(path: Path) -> np.ndarray:
     need = f"{path}: expected uint8 images shaped (N, H, W, C) with C = 1 or 3 (NHWC)"
     if a.dtype != np.uint8:
         raise ValueError(f"{need}, got dtype {a.dtype}; convert with "
-                         "((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
+                         "ddpmkit.data.convert.quantize_uint8 (floor((x + 1) * 127.5 + 1/2), clamped)")
     if a.ndim != 4:
         raise ValueError(f"{need}, got shape {a.shape}")
     if a.shape[-1] not in (1, 3):
@@ -340,8 +336,8 @@ def open_source(
     ``on_bad_image="error"`` an image folder is decoded in full first and any unreadable file is a
     ValueError. ``download=True`` lets "cifar10" fetch the archive when no local copy exists.
     """
-    split = _parse_enum(Split, split, "split")
-    on_bad_image = _parse_enum(OnBadImage, on_bad_image, "on_bad_image")
+    split = parse_enum(Split, split, "split")
+    on_bad_image = parse_enum(OnBadImage, on_bad_image, "on_bad_image")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:

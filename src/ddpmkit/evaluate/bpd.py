@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["evaluate_bpd", "rate_distortion_by_t", "rate_distortion_table"]
+from ddpmkit.fileio import append_line_synced, atomic_write_bytes
+
+__all__ = ["evaluate_bpd", "rate_distortion_by_t", "rate_distortion_table", "table4_reverse_times"]
 
 PARTIAL_FORMAT = "ddpmkit.bpd_partial"
 
@@ -51,13 +53,6 @@ def _read_partial(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break  # a line cut short by an interruption: that batch is redone
     return batches
-
-
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _run_batch(model: Any, diffusion: Any, x0: torch.Tensor, *, seed: int, batch: int,
@@ -100,9 +95,7 @@ def evaluate_bpd(
     done = _read_partial(path, header) if path is not None else []
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *done]))  # drops a torn last line
-        os.replace(tmp, path)
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in [header, *done]).encode())  # drops a torn line
     num_batches = math.ceil(total / batch_size)
     start_time = time.perf_counter()
     with progress_bar(total=total, initial=min(len(done) * batch_size, total), disable=not progress,
@@ -115,7 +108,7 @@ def evaluate_bpd(
                       **_run_batch(model, diffusion, x0, seed=seed, batch=b, clip_denoised=clip_denoised,
                                    t_chunk=t_chunk)}
             if path is not None:
-                _append_line(path, record)
+                append_line_synced(path, json.dumps(record))
             done.append(record)
             bar.update(len(idx))
             bar.set_postfix(bpd=f"{np.mean([v for r in done for v in r['total_bpd']]):.4f}")
@@ -172,5 +165,10 @@ def rate_distortion_table(result: dict[str, Any], rows: int = 10) -> list[tuple[
     at reverse times T, (rows - 1) T / rows, ..., T / rows (the paper's rows for rows = 10)."""
     rate, dist = result["by_t"]["rate"], result["by_t"]["distortion"]
     T = len(rate)
-    times = [max(1, round(T * (rows - i) / rows)) for i in range(rows)]
-    return [(k, rate[T - k], dist[T - k]) for k in times]  # paper t = T - k + 1 -> index T - k
+    return [(k, rate[T - k], dist[T - k]) for k in table4_reverse_times(T, rows)]  # t = T-k+1 -> index T-k
+
+
+def table4_reverse_times(T: int, rows: int = 10) -> list[int]:
+    """The reverse process times k = T - t + 1 of Table 4's rows: T, (rows - 1) T / rows, ..., T / rows
+    (rounded, at least 1); row k reads index T - k of a (T,) by-t array."""
+    return [max(1, round(T * (rows - i) / rows)) for i in range(rows)]

@@ -106,13 +106,16 @@ def train_digits_classifier(*, seed: int = TRAIN_SEED, epochs: int = TRAIN_EPOCH
 
 
 def save_digits_classifier(model: DigitsClassifier, path: str | Path) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_safetensors_bytes
+
+    from ddpmkit.fileio import atomic_write_bytes
 
     path = Path(path)
     meta = {"format": "ddpmkit.digits_classifier", "seed": str(TRAIN_SEED), "epochs": str(TRAIN_EPOCHS),
             "recipe": "AdamW lr 2e-3 wd 1e-2, batch 64, random 1-pixel shifts",
             "data": "sklearn digits, first 1437 images (ddpmkit 'train' split)", "torch": torch.__version__}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata=meta))
     return path
 
 

@@ -23,6 +23,7 @@ import torch
 
 from ddpmkit.data.convert import to_uint8_nhwc
 from ddpmkit.evaluate.frechet import FeatureStats, frechet_distance, inception_score
+from ddpmkit.fileio import atomic_write
 
 __all__ = [
     "PAPER_NUM_SAMPLES",
@@ -234,10 +235,8 @@ def reference_statistics(
     out = {"mu": mu, "sigma": sigma, "n": stats.n, "source": ds.description, "cached": False}
     if use_cache and extractor_id is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(stats.n), meta=np.array(json.dumps(
-            {"source": ds.description, "extractor": extractor_id, "split": split})))
-        os.replace(tmp, path)
+        meta = np.array(json.dumps({"source": ds.description, "extractor": extractor_id, "split": split}))
+        atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=np.int64(stats.n), meta=meta))
         out["cache_file"] = str(path)
     return out
 

@@ -11,12 +11,12 @@ Missing pieces are reported as such.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from ddpmkit.fileio import atomic_write_bytes, read_json_object
 
 __all__ = ["PAPER", "build_report"]
 
@@ -110,20 +110,17 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def build_report(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Write the report card of training run ``run`` into ``out`` (default RUN/report); returns it."""
-    from ddpmkit.figures import plot_lines
-
+def build_report(run: str | Path, out: str | Path | None = None, *,
+                 plot_lines: Callable[..., Any]) -> dict[str, Any]:
+    """Write the report card of training run ``run`` into ``out`` (default RUN/report); returns it.
+    ``plot_lines``: the chart writer (``ddpmkit.figures.plot_lines``, passed in by the layer above)."""
     run = Path(run)
     if not run.is_dir():
         raise ValueError(f"{run}: not a training run directory (expected a folder with config.json)")
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{run}: no config.json; expected a training run directory written by `ddpm train`")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_path}: not valid JSON ({err})") from None
+    config = read_json_object(cfg_path)
     out = Path(out) if out is not None else run / "report"
     out.mkdir(parents=True, exist_ok=True)
     kind = _dataset_kind(config)
@@ -144,8 +141,8 @@ def build_report(run: str | Path, out: str | Path | None = None) -> dict[str, An
     }
     files = _write_figures(run, out, metrics, plot_lines)
     report["files"] = files
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "report.md").write_text(_markdown(report))
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(out / "report.md", _markdown(report).encode())
     return report
 
 
@@ -166,19 +163,17 @@ def _write_figures(run: Path, out: Path, metrics: list[dict[str, Any]], plot_lin
 
 
 def _readable_copy(src: Path, dst: Path, min_width: int = 512) -> Path:
-    """``src`` copied to ``dst``, enlarged nearest-neighbour by the smallest whole factor that
-    makes it >= ``min_width`` px wide (as is when it already is)."""
+    """``src`` copied to ``dst`` atomically, enlarged nearest-neighbour by the smallest whole factor
+    that makes it >= ``min_width`` px wide (as is when it already is)."""
     from PIL import Image
 
-    from ddpmkit.figures import readable_scale, save_image
+    from ddpmkit.fileio import atomic_write
 
     with Image.open(src) as im:
-        scale = readable_scale(im.width, min_width)
-        if scale == 1:
-            shutil.copyfile(src, dst)
-            return dst
-        a = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
-    return save_image(a, dst, scale=scale)
+        scale = max(1, -(-min_width // im.width))  # ceil
+        big = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+    atomic_write(dst, lambda f: big.save(f, format="PNG"))
+    return dst
 
 
 def _row(name: str, ours: Any, paper: Any, digits: int = 4) -> str:

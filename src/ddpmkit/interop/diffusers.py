@@ -14,9 +14,7 @@ installed.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import pickle
 import re
 import zipfile
@@ -24,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors_bytes
 
 from ddpmkit.diffusion import DiffusionConfig, LossType, MeanType, VarType
+from ddpmkit.fileio import atomic_write_bytes, atomic_write_json
 from ddpmkit.nn import UNet, UNetConfig
 from ddpmkit.nn.folder import (
-    atomic_write_bytes,
     check_finite,
     load_state_dict_into,
     read_json,
@@ -38,8 +36,6 @@ from ddpmkit.nn.folder import (
 from ddpmkit.schedules import BETA_SCHEDULES
 
 __all__ = [
-    "convert_from_diffusers",
-    "convert_to_diffusers",
     "diffusers_config_from_unet",
     "diffusers_state_dict_from_unet",
     "diffusion_config_from_scheduler",
@@ -493,12 +489,9 @@ def is_diffusers_folder(path: Path) -> bool:
     """True if ``path`` is a diffusers pipeline folder (``unet/config.json``) or a flat UNet2DModel folder."""
     if (path / "unet" / UNET_CONFIG_NAME).is_file():
         return True
-    cfg = path / UNET_CONFIG_NAME
-    if not cfg.is_file():
-        return False
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("_class_name") == "UNet2DModel"
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return read_json(path / UNET_CONFIG_NAME).get("_class_name") == "UNet2DModel"
+    except (OSError, ValueError):  # no file, not JSON, not an object
         return False
 
 
@@ -543,23 +536,6 @@ def load_diffusers(path: str | Path) -> tuple[UNet, DiffusionConfig | None, Path
     return unet, diffusion, unet_dir
 
 
-def _prepare_out_dir(out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"output folder {out} exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def convert_from_diffusers(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """A diffusers folder -> our model folder ``out_dir`` (must not exist or be empty), with the
-    scheduler's settings as the folder's diffusion config (the paper's defaults if it has none)."""
-    unet, diffusion, _ = load_diffusers(src_dir)
-    if diffusion is None:
-        diffusion = DiffusionConfig()
-    unet.save(_prepare_out_dir(out_dir), diffusion=diffusion.to_dict())
-
-
 def write_diffusers_folder(unet: UNet, diffusion: DiffusionConfig, out_dir: str | Path) -> Path:
     """Write ``out_dir``/unet (config.json + diffusion_pytorch_model.safetensors),
     ``out_dir``/scheduler/scheduler_config.json and model_index.json (a DDPMPipeline)."""
@@ -574,7 +550,7 @@ def write_diffusers_folder(unet: UNet, diffusion: DiffusionConfig, out_dir: str 
     check_finite(tensors, "U-Net being exported")
     (out / "unet").mkdir(parents=True, exist_ok=True)
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "unet" / SAFETENSORS_NAME), metadata={"format": "pt"})
+    atomic_write_bytes(out / "unet" / SAFETENSORS_NAME, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
     _write_json(out / "unet" / UNET_CONFIG_NAME, diffusers_config_from_unet(unet.config))
     _write_json(out / "scheduler" / SCHEDULER_CONFIG_NAME, scheduler)
     _write_json(
@@ -590,14 +566,4 @@ def write_diffusers_folder(unet: UNet, diffusion: DiffusionConfig, out_dir: str 
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
-
-
-def convert_to_diffusers(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Our model folder or a training run directory (its EMA weights) -> a diffusers DDPMPipeline
-    folder ``out_dir`` (must not exist or be empty) that ``DDPMPipeline.from_pretrained`` loads."""
-    from ddpmkit.models import load_model  # the layer above resolves run directories
-
-    loaded = load_model(model_path)
-    out = _prepare_out_dir(out_dir)
-    write_diffusers_folder(loaded.unet, loaded.diffusion, out)
+    atomic_write_json(path, data, sort_keys=False)

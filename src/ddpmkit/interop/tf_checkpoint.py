@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ddpmkit.interop.tf_bundle import TFCheckpointReader
 
+if TYPE_CHECKING:
+    from ddpmkit.diffusion import DiffusionConfig
+    from ddpmkit.nn import UNet
+
 __all__ = [
     "TFCheckpointReader",
     "TFUNetLayout",
-    "convert_from_tf",
+    "unet_from_tf",
     "diffusers_state_dict_from_tf",
     "infer_tf_unet_layout",
     "read_tf_unet_variables",
@@ -282,17 +286,14 @@ def authors_diffusion_config(resolution: int, learned_variance: bool):
     )
 
 
-def convert_from_tf(
-    prefix: str | os.PathLike, out_dir: str | os.PathLike, *, ema: bool = True, resolution: int | None = None
-) -> None:
-    """The authors' TF checkpoint `prefix` -> our model folder `out_dir` (must not exist or be empty).
+def unet_from_tf(
+    prefix: str | os.PathLike, *, ema: bool = True, resolution: int | None = None
+) -> tuple[UNet, DiffusionConfig]:
+    """The authors' TF checkpoint `prefix` -> (our U-Net, the diffusion of the authors' run).
 
     ema=True (default) takes the ExponentialMovingAverage weights. The architecture is read off
     the variable shapes; `resolution` overrides the inferred image size.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"output folder {out} exists and is not empty")
     reader = TFCheckpointReader(prefix)
     variables = read_tf_unet_variables(reader, ema=ema)
     layout = infer_tf_unet_layout({name: tuple(v.shape) for name, v in variables.items()})
@@ -305,4 +306,4 @@ def convert_from_tf(
         state, diffusers_unet_config(layout, res), learned_variance=learned,
         source=f"TF checkpoint {reader.prefix}",
     )
-    unet.save(out, diffusion=authors_diffusion_config(res, learned).to_dict())
+    return unet, authors_diffusion_config(res, learned)

@@ -8,23 +8,22 @@ Weights are only ever read from safetensors (no pickle runs); every problem with
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
+
+from ddpmkit.fileio import atomic_write_bytes, atomic_write_json, read_json_object
 
 __all__ = [
     "CONFIG_NAME",
     "MODEL_FORMAT",
     "MODEL_FORMAT_VERSION",
     "WEIGHTS_NAME",
-    "atomic_write_bytes",
     "check_finite",
     "is_model_folder",
     "load_state_dict_into",
@@ -40,44 +39,11 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata=metadata))
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; ValueError naming the file if it is not one."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+read_json = read_json_object  # ddpmkit.fileio's: a JSON object, or an error naming the file
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -168,18 +134,15 @@ def save_model_folder(
     if diffusion is not None:
         config["diffusion"] = diffusion
     _atomic_save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    atomic_write_json(path / CONFIG_NAME, config, sort_keys=False)
     return path
 
 
 def is_model_folder(path: Path) -> bool:
     """True if ``path/config.json`` exists and declares format "ddpmkit.model"."""
-    cfg = path / CONFIG_NAME
-    if not cfg.is_file():
-        return False
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("format") == MODEL_FORMAT
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return read_json_object(path / CONFIG_NAME).get("format") == MODEL_FORMAT
+    except (OSError, ValueError):  # no file, not JSON, not an object
         return False
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddpmkit.enums import unknown_choice
 from ddpmkit.nn.layers import (
     GROUPNORM_GROUPS,
     NEAR_ZERO_INIT_SCALE,
@@ -251,7 +252,7 @@ class UNet(nn.Module):
     def from_preset(cls, name: str, **overrides: Any) -> UNet:
         """The preset ``name`` (one of ``UNET_PRESETS``), with some config fields overridden."""
         if name not in UNET_PRESETS:
-            raise ValueError(f"unknown U-Net preset {name!r}; expected one of {sorted(UNET_PRESETS)}")
+            raise unknown_choice("U-Net preset", name, sorted(UNET_PRESETS))
         return cls(config=UNET_PRESETS[name].replace(**overrides) if overrides else UNET_PRESETS[name])
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""`ddpm convert`'s work: resolve the source, map it (``ddpmkit.interop``), write the output folder.
+
+The orchestration lives here, above ``interop`` (which maps state dicts, configs and folders only)
+and above ``models`` (which resolves run directories), so nothing imports upward.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["convert_from_diffusers", "convert_from_tf", "convert_to_diffusers"]
+
+
+def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir``, created; a ValueError if it exists and is not an empty folder."""
+    _check_out_dir(out_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _check_out_dir(out_dir: str | os.PathLike) -> None:
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output folder {out} exists and is not empty")
+
+
+def convert_from_diffusers(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """A diffusers folder -> our model folder ``out_dir`` (must not exist or be empty), with the
+    scheduler's settings as the folder's diffusion config (the paper's defaults if it has none)."""
+    from ddpmkit.diffusion import DiffusionConfig
+    from ddpmkit.interop.diffusers import load_diffusers
+
+    unet, diffusion, _ = load_diffusers(src_dir)
+    if diffusion is None:
+        diffusion = DiffusionConfig()
+    unet.save(_prepare_out_dir(out_dir), diffusion=diffusion.to_dict())
+
+
+def convert_to_diffusers(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Our model folder or a training run directory (its EMA weights) -> a diffusers DDPMPipeline
+    folder ``out_dir`` (must not exist or be empty) that ``DDPMPipeline.from_pretrained`` loads."""
+    from ddpmkit.interop.diffusers import write_diffusers_folder
+    from ddpmkit.models import load_model
+
+    loaded = load_model(model_path)
+    write_diffusers_folder(loaded.unet, loaded.diffusion, _prepare_out_dir(out_dir))
+
+
+def convert_from_tf(
+    prefix: str | os.PathLike, out_dir: str | os.PathLike, *, ema: bool = True, resolution: int | None = None
+) -> None:
+    """The authors' TF checkpoint `prefix` -> our model folder `out_dir` (must not exist or be empty).
+
+    ema=True (default) takes the ExponentialMovingAverage weights. The architecture is read off
+    the variable shapes; `resolution` overrides the inferred image size.
+    """
+    from ddpmkit.interop.tf_checkpoint import unet_from_tf
+
+    _check_out_dir(out_dir)  # before the checkpoint is read
+    unet, diffusion = unet_from_tf(prefix, ema=ema, resolution=resolution)
+    unet.save(out_dir, diffusion=diffusion.to_dict())

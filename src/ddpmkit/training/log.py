@@ -1,0 +1,147 @@
+"""The trainer's feedback, behind one object: log lines and warnings (rank 0), metrics.jsonl,
+TensorBoard when installed, and the progress bar. Lines go to ``logging.getLogger("ddpmkit.train")``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ddpmkit.config import TrainConfig, deviations_from_paper
+from ddpmkit.distributed import DistInfo
+from ddpmkit.fileio import append_line_synced, atomic_write_bytes
+
+__all__ = ["LOGGER_NAME", "TrainLog", "truncate_metrics"]
+
+LOGGER_NAME = "ddpmkit.train"
+
+
+class TrainLog:
+    """Feedback of one run. Everything is a no-op on ranks other than 0 (``info.is_main``)."""
+
+    def __init__(self, run_dir: Path, info: DistInfo, *, progress: bool) -> None:
+        self.run_dir, self.info, self.progress = run_dir, info, progress
+        self.tb: Any = None
+        self.bar: Any = None
+        self._window: list[float] = []
+        self._t_last, self._s_last = time.perf_counter(), 0
+
+    def line(self, msg: str) -> None:
+        """One log line (through logging.getLogger("ddpmkit.train"), see ddpmkit.logs)."""
+        if self.info.is_main:
+            from ddpmkit.logs import logger
+
+            logger(LOGGER_NAME).info(msg)
+
+    def warn(self, msg: str) -> None:
+        if self.info.is_main:
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+    def open(self, start: int) -> None:
+        """Rank 0, before the first update: metrics.jsonl cut back to ``start``, TensorBoard opened."""
+        if self.info.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", start)
+            self.tb = _tensorboard(self.run_dir)
+
+    def start_loop(self, config: TrainConfig, start: int) -> None:
+        """The progress bar and the first metrics window, from update ``start`` on."""
+        self.bar = _progress_bar(config, start, enabled=self.progress and self.info.is_main)
+        self._t_last, self._s_last, self._window = time.perf_counter(), start, []
+
+    def summary(self, config: TrainConfig, step: int, n_params: int, dataset: Any) -> None:
+        c = config
+        lines = [f"run directory: {self.run_dir}",
+                 f"data: {dataset!r}" + (f", {dataset.num_skipped} unreadable skipped so far"
+                                        if dataset.num_skipped else ""),
+                 f"model: U-Net {n_params:,} parameters; {c.diffusion.num_timesteps} timesteps, "
+                 f"{c.diffusion.schedule} betas, {c.diffusion.mean_type.value}-prediction, "
+                 f"{c.diffusion.loss_type.value} loss",
+                 f"device: {self.info.device}, world size {self.info.world_size}, "
+                 f"global batch {c.batch_size} ({c.batch_size // self.info.world_size} per rank), "
+                 f"precision {c.precision.value}",
+                 f"steps: {step} -> {c.steps}"]
+        devs = deviations_from_paper(c)
+        lines.append(f"deviations from the paper's recipe: {len(devs) or 'none'}")
+        lines += [f"  - {d}" for d in devs]
+        self.line("\n".join(lines))
+
+    def update(self, loss: float | None) -> None:
+        """One update done; ``loss`` is its global mean loss, None if it was skipped."""
+        if loss is not None:
+            self._window.append(loss)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_point(self, step: int, *, grad_norm: float, lr: float, nonfinite_in_a_row: int,
+                  batch_size: int) -> None:
+        """The metrics record of the updates since the last one (mean loss, rates), written by rank 0."""
+        now = time.perf_counter()
+        rate = (step - self._s_last) / max(now - self._t_last, 1e-9)
+        record = {"step": step, "loss": float(np.mean(self._window)) if self._window else float("nan"),
+                  "grad_norm": grad_norm, "lr": lr, "steps_per_s": rate, "img_per_s": rate * batch_size,
+                  "nonfinite_in_a_row": nonfinite_in_a_row}
+        if self.info.is_main:
+            self.metrics(record)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate * batch_size:.0f}")
+        self._t_last, self._s_last, self._window = now, step, []
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        """One record: a line of metrics.jsonl (fsynced) and TensorBoard scalars ``train/<key>``."""
+        append_line_synced(self.run_dir / "metrics.jsonl", json.dumps(record))
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close_loop(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.close_loop()
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def _progress_bar(config: TrainConfig, start: int, *, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()  # in a log file, one line every 30 s instead of a redraw per step
+    return tqdm(total=config.steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
+                smoothing=0.05, file=sys.stderr, mininterval=0.1 if tty else 30.0)
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: pip install 'ddpmkit[tensorboard]'
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written by a run killed after its last checkpoint), and lines
+    torn by a power cut or a full disk (with a warning naming the file and line); rewritten atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for number, line in enumerate(path.read_bytes().decode(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            record_step = record["step"] if isinstance(record, dict) else None
+        except ValueError:
+            record_step = None
+        if type(record_step) is not int:
+            warnings.warn(f"{path} line {number}: torn or invalid record dropped: {line[:80]!r}",
+                          RuntimeWarning, stacklevel=2)
+        elif record_step <= step:
+            keep.append(line)
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())

@@ -1,0 +1,113 @@
+"""One update of Algorithm 1: draw flip, t and eps; the loss; backward; clip; the optimiser step; EMA.
+
+A non-finite loss, gradient norm or update result (a weight) skips the update: the weights, the
+optimiser state and the EMA are left as they were (``UpdateResult.finite`` is False).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ddpmkit.config import Precision, TrainConfig
+from ddpmkit.data.convert import horizontal_flip_where
+from ddpmkit.distributed import DistInfo, all_reduce_mean
+from ddpmkit.training.state import TrainState
+
+__all__ = ["UpdateResult", "UpdateStep", "autocast", "learning_rate"]
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The authors' warm-up: lr * min(1, step / warmup_steps) at 0-based update ``step``."""
+    if config.warmup_steps == 0:
+        return config.lr
+    return config.lr * min(1.0, step / config.warmup_steps)
+
+
+def autocast(precision: Precision, device: torch.device) -> Any:
+    """The autocast context of ``precision`` on ``device`` (none for fp32)."""
+    dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """``loss``: the global mean loss of the batch; ``grad_norm``: before clipping; ``finite``: kept."""
+
+    loss: float
+    grad_norm: float
+    finite: bool
+
+
+class UpdateStep:
+    """One update on this rank's batch. ``net`` is what the loss calls (the model, or its DDP wrapper)."""
+
+    def __init__(self, *, state: TrainState, diffusion: Any, net: torch.nn.Module, info: DistInfo) -> None:
+        self.state, self.diffusion, self.net, self.info = state, diffusion, net, info
+
+    def __call__(self, x0: torch.Tensor, step: int) -> UpdateResult:
+        """0-based update ``step`` on x0: (b, C, H, W) in [-1, 1], this rank's slice of the global batch."""
+        s, c = self.state, self.state.config
+        x0, t, noise = self.draw(x0.to(self.info.device, non_blocking=True))
+        for group in s.opt.param_groups:
+            group["lr"] = learning_rate(c, step)
+        loss = self.loss(x0, t, noise)
+        s.scaler.scale(loss).backward()
+        s.scaler.unscale_(s.opt)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(s.model.parameters(), c.grad_clip))
+        loss_value = float(all_reduce_mean(loss.detach().float(), self.info))
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            finite = self._update_or_undo()
+        elif s.scaler.is_enabled():  # the scaler skips inf/NaN gradients itself
+            s.scaler.step(s.opt)
+            s.scaler.update()
+        if finite:
+            s.ema.update_parameters(s.model)
+        s.opt.zero_grad(set_to_none=True)
+        return UpdateResult(loss=loss_value, grad_norm=grad_norm, finite=finite)
+
+    def draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flip, t and eps of the whole global batch from the shared generator; this rank's slice."""
+        c, g = self.state.config, self.state.generator
+        B = c.batch_size
+        flip = torch.rand(B, generator=g) < 0.5  # (B,)
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g)  # (B,)
+        noise = torch.randn((B, *x0.shape[1:]), generator=g)  # (B, C, H, W)
+        b, lo = x0.shape[0], self.info.rank * x0.shape[0]
+        dev = self.info.device
+        if c.random_flip:
+            x0 = horizontal_flip_where(x0, flip[lo:lo + b])
+        return x0, t[lo:lo + b].to(dev), noise[lo:lo + b].to(dev)
+
+    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The batch mean of the configured loss (L_simple, L_vlb or hybrid): a 0-dim tensor."""
+        with autocast(self.state.config.precision, self.info.device):
+            return self.diffusion.training_losses(self.net, x0, t, noise)["loss"].mean()
+
+    def _update_tensors(self) -> list[torch.Tensor]:
+        """Everything one optimiser step writes: the parameters, then the optimiser's state tensors."""
+        params = list(self.state.model.parameters())
+        state = [v for p in params for v in self.state.opt.state.get(p, {}).values() if torch.is_tensor(v)]
+        return params + state
+
+    def _update_or_undo(self) -> bool:
+        """The optimiser step; if it leaves a weight non-finite, the parameters and the optimiser state
+        are put back, so a non-finite update result is skipped like a non-finite loss. True if kept."""
+        opt, scaler = self.state.opt, self.state.scaler
+        had_state = bool(opt.state)
+        before = [t.clone() for t in self._update_tensors()]  # one copy: ~3x the weights, device-side
+        scaler.step(opt)
+        scaler.update()
+        params = list(self.state.model.parameters())
+        if bool(torch.stack(torch._foreach_norm(params, float("inf"))).isfinite().all()):
+            return True
+        if not had_state:  # the first update: Adam had no state before it
+            opt.state.clear()
+        with torch.no_grad():
+            torch._foreach_copy_(self._update_tensors(), before[:len(self._update_tensors())])
+        return False

@@ -1,0 +1,92 @@
+"""Issue 12: one home for atomic writes. Every file ddpmkit publishes (model folders, config.json,
+metrics.jsonl's truncation, the diffusers export, images, charts, JSON results) goes through
+``ddpmkit.fileio.atomic_write``; nothing else in the package renames a temp file into place."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ddpmkit
+from ddpmkit import fileio
+
+SRC = Path(ddpmkit.__file__).parent
+
+
+def test_no_module_re_rolls_an_atomic_write():
+    pattern = re.compile(r"os\.replace\(|mkstemp\(|\.write_text\(|\.write_bytes\(|\bsave_file\("
+                         r"|def atomic_write|open\([^)]*[\"']a[\"']\)")  # appends: append_line_synced
+    found = [f"{p.relative_to(SRC)}:{n}: {line.strip()}"
+             for p in sorted(SRC.rglob("*.py")) if p.name != "fileio.py"
+             for n, line in enumerate(p.read_text().splitlines(), start=1) if pattern.search(line)]
+    assert found == []
+
+
+@pytest.fixture
+def written(monkeypatch):
+    """Names of the files renamed into place by fileio.atomic_write (the only os.replace, see above)."""
+    import os
+
+    paths: list[str] = []
+    original = os.replace
+
+    def recording(src, dst):
+        assert Path(src).name.startswith(".tmp-") and Path(src).parent == Path(dst).parent
+        paths.append(Path(dst).name)
+        return original(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", recording)
+    return paths
+
+
+def _tiny_unet():
+    from ddpmkit.nn import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    return UNet(config=UNetConfig(resolution=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1,
+                                  attn_resolutions=(), dropout=0.0))
+
+
+def test_model_folders_and_the_diffusers_export_are_written_atomically(tmp_path, written):
+    from ddpmkit.diffusion import DiffusionConfig
+    from ddpmkit.interop.diffusers import write_diffusers_folder
+
+    net = _tiny_unet()
+    net.save(tmp_path / "ours")
+    assert sorted(written) == ["config.json", "model.safetensors"]
+    written.clear()
+    write_diffusers_folder(net, DiffusionConfig(num_timesteps=10), tmp_path / "hf")
+    assert sorted(written) == ["config.json", "diffusion_pytorch_model.safetensors", "model_index.json",
+                               "scheduler_config.json"]
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary file left behind
+
+
+def test_config_json_the_metrics_truncation_and_images_are_written_atomically(tmp_path, written):
+    from ddpmkit.config import save_config, train_preset
+    from ddpmkit.figures import save_image_grid
+    from ddpmkit.training.log import truncate_metrics
+
+    save_config(train_preset("digits"), tmp_path / "config.json")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    truncate_metrics(tmp_path / "metrics.jsonl", 1)
+    save_image_grid(np.zeros((4, 2, 2, 1), np.uint8), tmp_path / "grid.png", nrow=2)
+    assert written == ["config.json", "metrics.jsonl", "grid.png"]
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temp_file(tmp_path):
+    path = tmp_path / "a.json"
+    fileio.atomic_write_json(path, {"old": 1})
+
+    def fails(f):
+        f.write(b"{partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        fileio.atomic_write(path, fails)
+    assert fileio.read_json_file(path) == {"old": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

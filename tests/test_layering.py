@@ -1,0 +1,93 @@
+"""Issue 12 point 4 / DESIGN.md: the import graph is one-way. The math never imports the network and
+the network never imports the math; interop maps (state dicts, configs, folders) and imports nothing
+above it; no import cycle between modules (top-level imports) or between units (lazy imports too)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import ddpmkit
+
+SRC = Path(ddpmkit.__file__).parent
+MATH = {"ddpmkit.schedules", "ddpmkit.distributions", "ddpmkit.diffusion", "ddpmkit.sampling"}
+ABOVE_INTEROP = ("ddpmkit.models", "ddpmkit.convert", "ddpmkit.train", "ddpmkit.training",
+                 "ddpmkit.evaluate", "ddpmkit.cli", "ddpmkit.figures", "ddpmkit.reproduce", "ddpmkit.config",
+                 "ddpmkit.checkpoint")
+
+
+def _name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_name(p): p for p in SRC.rglob("*.py")}
+
+
+def imports(module: str, *, top_level_only: bool = False) -> set[str]:
+    """The ddpmkit modules ``module`` imports (``from pkg import submodule`` counts as the submodule)."""
+    tree = ast.parse(MODULES[module].read_text())
+    out = set()
+    for node in (tree.body if top_level_only else ast.walk(tree)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ddpmkit"):
+            subs = {f"{node.module}.{a.name}" for a in node.names} & MODULES.keys()
+            out |= subs if subs else {node.module}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("ddpmkit")}
+    return (out & MODULES.keys()) - {module}
+
+
+def _unit(module: str) -> str:
+    """A package below ddpmkit (nn, data, interop, ...) is one unit; a top-level module is its own."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, state = [], {}
+
+    def visit(v: str, path: list[str]) -> None:
+        state[v] = "open"
+        for w in sorted(graph.get(v, ())):
+            if state.get(w) == "open":
+                cycles.append(path[path.index(w):] + [w])
+            elif w not in state:
+                visit(w, path + [w])
+        state[v] = "done"
+
+    for v in sorted(graph):
+        if v not in state:
+            visit(v, [v])
+    return cycles
+
+
+def test_the_math_and_the_network_never_import_each_other():
+    for m in MODULES:
+        if m in MATH:
+            assert not {i for i in imports(m) if i.startswith("ddpmkit.nn")}, m
+        if m.startswith("ddpmkit.nn"):
+            assert not imports(m) & MATH, m
+
+
+def test_interop_imports_nothing_above_it():
+    for m in MODULES:
+        if m.startswith("ddpmkit.interop"):
+            upward = {i for i in imports(m) if i.startswith(ABOVE_INTEROP)}
+            assert not upward, f"{m} imports {upward}"
+
+
+def test_no_import_cycle():
+    top = {m: imports(m, top_level_only=True) - {"ddpmkit"} for m in MODULES}
+    top = {m: {i for i in deps if not m.startswith(i + ".")} for m, deps in top.items()}
+    assert _cycles(top) == []
+    units: dict[str, set[str]] = {}
+    for m in MODULES:
+        if m != "ddpmkit":  # the package root re-exports the public API
+            deps = {_unit(i) for i in imports(m)} - {_unit(m), "ddpmkit"}
+            units.setdefault(_unit(m), set()).update(deps)
+    assert _cycles(units) == []
+
+
+def test_the_checker_sees_an_upward_import_and_a_cycle():
+    assert "ddpmkit.diffusion" in imports("ddpmkit.sampling")
+    assert _cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b", "a"]]
