@@ -4,6 +4,7 @@ printed bare to stdout by default (the CLI's terminal output), and only on rank 
 from __future__ import annotations
 
 import logging
+import re
 import types
 
 import pytest
@@ -63,3 +64,50 @@ def test_only_rank_0_prints(capsys, monkeypatch) -> None:
     monkeypatch.setenv("RANK", "0")
     logger("ddpmkit.evaluate").info("rank 0")
     assert capsys.readouterr().out == "rank 0\n"
+
+
+@pytest.fixture
+def _mode_restored():
+    from ddpmkit import logs
+
+    yield logs
+    logs.set_output_mode("terminal")
+
+
+def test_plain_mode_timestamps_lines_and_hides_bars(capsys, _mode_restored) -> None:
+    logs = _mode_restored
+    assert not logs.progress_bar(total=3).disable  # terminal: the bar is shown
+    logs.set_output_mode("plain")
+    _trainer_log("step 5")
+    line = capsys.readouterr().out
+    # e.g. "2026-12-02 01:59:03,123 INFO ddpmkit.train: step 5"
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    assert re.fullmatch(stamp + r" INFO ddpmkit\.train: step 5\n", line), line
+    bar = logs.progress_bar(total=3)
+    assert bar.disable
+    bar.close()
+
+
+def test_quiet_mode_keeps_warnings_only(capsys, _mode_restored) -> None:
+    logs = _mode_restored
+    logs.set_output_mode(logs.OutputMode.QUIET)
+    _trainer_log("chatter")
+    logger("ddpmkit.train").warning("a warning")
+    assert capsys.readouterr().out == "a warning\n"
+    assert logs.progress_bar(total=3).disable
+    with pytest.raises(ValueError, match="unknown output mode 'loud'; choose one of terminal, plain, quiet"):
+        logs.set_output_mode("loud")
+
+
+def test_the_cli_switches_the_mode(capsys, _mode_restored, tmp_path) -> None:
+    from ddpmkit.cli import main
+
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    main(["--log-format", "plain", "data", "verify", str(tmp_path)])
+    assert _mode_restored._mode is _mode_restored.OutputMode.PLAIN
+    main(["-q", "data", "verify", str(tmp_path)])
+    assert _mode_restored._mode is _mode_restored.OutputMode.QUIET
+    main(["data", "verify", str(tmp_path)])
+    assert _mode_restored._mode is _mode_restored.OutputMode.TERMINAL
+    with pytest.raises(SystemExit):
+        main(["-q", "--log-format", "plain", "data", "verify", str(tmp_path)])  # one or the other

@@ -45,7 +45,8 @@ def test_stat_mean_spread_and_sources(tmp_path):
         stages.run(f"s{i}", 1.0, lambda v=v: {"a": {"b": [0.0, v]}})
     st = R._stat(stages, ["s0", "s1", "s2"], "a.b.1")
     assert st["mean"] == pytest.approx(7 / 3)
-    assert st["spread"] == pytest.approx(np.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    m = 7 / 3
+    assert st["spread"] == pytest.approx(np.sqrt(((1 - m) ** 2 + (2 - m) ** 2 + (4 - m) ** 2) / 2))
     assert [R.resolve_source(tmp_path, s) for s in st["sources"]] == [1.0, 2.0, 4.0]
     assert R._stat(stages, ["s0"], "a.b.1")["spread"] is None
 
@@ -145,3 +146,52 @@ def test_quick_cli_end_to_end(tmp_path):
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["sizes"]["smoke"] and rep["sizes"]["num_timesteps"] == 1000
     assert "SMOKE RUN" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_the_hybrid_is_not_said_to_be_in_the_papers_table2(tiny_run):
+    out, _ = tiny_run
+    line = next(ln for ln in (out / "REPORT.md").read_text().splitlines()
+                if ln.startswith("- **Stability") and "hybrid" in ln)
+    assert "not in the paper's Table 2" in line and "in the paper;" not in line
+    assert "matches" not in line
+
+
+def test_an_interrupted_run_is_continued_only_with_resume(tmp_path):
+    ckpt = tmp_path / "runs" / "mu_bound_learned_s0" / "checkpoints" / "step-000000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match="earlier run .*--resume"):
+        R.reproduce_digits(tmp_path, seeds=1, sizes=TINY, progress=False)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["manifest.json"]
+    assert not (tmp_path / "stages").exists()
+
+
+def _bar_lengths(path):
+    """Blue pixels of each bar row in a Pillow bar chart, row by row (top to bottom)."""
+    from PIL import Image
+
+    a = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    blue = (a[..., 0] == 70) & (a[..., 1] == 120) & (a[..., 2] == 190)
+    rows = blue.sum(1)
+    return [int(r) for r in rows[rows > 0][[0, -1]]]  # the first and the last bar's widths
+
+
+@pytest.mark.parametrize("log, lo, hi", [(False, 80, 120), (True, 15, 30)])
+def test_bar_chart_log_axis_keeps_small_values_visible(tmp_path, log, lo, hi):
+    panel = R.BarPanel(title="bits/dim", names=["a", "b"], means=[0.1, 10.0], spreads=[None, None], log=log)
+    path = R.bar_chart(tmp_path / "bars.png", [panel], backend="pillow")
+    small, large = _bar_lengths(path)
+    # linear: 10 / 0.1 = 100; log axis from 10^-1.1 to 10^1.1: (2.1 / 0.1) = 21
+    assert lo < large / small < hi, (small, large)
+
+
+def test_bar_chart_with_matplotlib_writes_png_and_svg(tmp_path):
+    pytest.importorskip("matplotlib")
+    panel = R.BarPanel(title="FD", names=["μ̃: L, learned Σ", "ε: L_simple"], means=[3.0, 30.0],
+                       spreads=[0.5, None], reference=2.0, log=True)
+    for suffix in (".png", ".svg"):
+        path = R.bar_chart(tmp_path / f"bars{suffix}", [panel], backend="matplotlib")
+        assert path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="positive"):
+        R.bar_chart(tmp_path / "bad.png", [R.BarPanel(title="x", names=["a"], means=[0.0], spreads=[None],
+                                                       log=True)])

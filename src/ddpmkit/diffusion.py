@@ -628,7 +628,7 @@ class GaussianDiffusion:
           vb (B, T): column 0 the decoder L_0, column t the KL L_t;
           x0_mse (B, T): mean_flat((pred_x0 - x0)^2); mse (B, T): mean_flat((pred_eps - eps)^2).
         """
-        from tqdm.auto import tqdm
+        from ddpmkit.logs import progress_bar
 
         self._check_x(x0, "x0", min_ndim=2)
         if x0.numel() and not bool((x0.abs() <= 1.0 + 1e-5).all()):
@@ -639,7 +639,7 @@ class GaussianDiffusion:
             raise ValueError(f"t_chunk must be a positive int or None, got {t_chunk!r}")
         B, T = x0.shape[0], self.num_timesteps
         vb, x0_mse, mse = [], [], []
-        with tqdm(total=T, disable=not progress, desc="bits/dim", unit="t") as bar:
+        with progress_bar(total=T, disable=not progress, desc="bits/dim", unit="t") as bar:
             for start in range(0, T, t_chunk):
                 k = min(t_chunk, T - start)
                 t = torch.arange(start, start + k, device=x0.device).repeat_interleave(B)  # (kB,)

@@ -38,6 +38,7 @@ import torch
 
 from ddpmkit.config import TrainConfig, apply_overrides, train_preset
 from ddpmkit.diffusion import LossType, MeanType, VarType
+from ddpmkit.figures import ChartBackend
 
 __all__ = ["SIZES", "VARIANTS", "ReproduceSizes", "Variant", "digits_split", "near_copy_fraction",
            "nearest_neighbours", "reproduce_digits", "variant_config"]
@@ -400,7 +401,8 @@ def _variant_rows(stages: _Stages, seeds: list[int]) -> dict[str, Any]:
             "label": v.label, "table": v.table, "mean_type": v.mean_type.value, "var_type": v.var_type.value,
             "loss_type": v.loss_type.value, "paper": v.paper,
             "fd": _stat(stages, ev, "digits.fd"), "score": _stat(stages, ev, "digits.score"),
-            "real_fd": _stat(stages, ev, "digits.real.fd"), "real_score": _stat(stages, ev, "digits.real.score"),
+            "real_fd": _stat(stages, ev, "digits.real.fd"),
+            "real_score": _stat(stages, ev, "digits.real.score"),
             "bpd": _stat(stages, ev, "bpd.bpd"), "bpd_stderr": _stat(stages, ev, "bpd.bpd_stderr"),
             "nonfinite_steps": _stat(stages, tr, "nonfinite_steps"),
             "diverged": _stat(stages, tr, "diverged"),
@@ -412,12 +414,14 @@ def _variant_rows(stages: _Stages, seeds: list[int]) -> dict[str, Any]:
 
 def _findings(rows: dict[str, Any]) -> dict[str, Any]:
     """The paper's claims, each checked against this run's rows (see REPORT.md for the words)."""
-    stable = sorted((k for k, r in rows.items() if "fid" in r["paper"]), key=lambda k: rows[k]["paper"]["fid"])
+    stable = sorted((k for k, r in rows.items() if "fid" in r["paper"]),
+                    key=lambda k: rows[k]["paper"]["fid"])
     ours = sorted(stable, key=lambda k: rows[k]["fd"]["mean"])
     pairs = [{"better": a, "worse": b, "agrees": _compare(rows[a]["fd"], rows[b]["fd"])["a_lower"],
               "beyond_noise": _compare(rows[a]["fd"], rows[b]["fd"])["beyond_noise"]}
-             for a, b in zip(stable, stable[1:])]
+             for a, b in zip(stable, stable[1:], strict=False)]
     unstable = {k: {"paper_unstable": bool(r["paper"].get("unstable", False)),
+                    "in_paper_table2": r["table"] == "Table 2",
                     "diverged_runs": int(round(r["diverged"]["mean"] * r["diverged"]["n"])),
                     "nonfinite_steps": r["nonfinite_steps"]["mean"]} for k, r in rows.items()}
     bound, simple, hybrid = rows["eps_bound_fixed"], rows[SIMPLE], rows["eps_hybrid_range"]
@@ -455,38 +459,106 @@ def _rate_distortion(stages: _Stages, seeds: list[int], out: Path) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------ figures
-def bar_chart(path: Path, panels: list[tuple[str, list[str], list[float], list[float | None], float | None]],
-              *, width: int = 900, row_h: int = 26) -> Path:
-    """Horizontal bars, one panel per (title, names, means, spreads, reference line) in ``panels``;
-    a spread draws an error bar of +- spread; the reference (e.g. the real-data floor) a dashed line."""
+@dataclass(frozen=True, kw_only=True)
+class BarPanel:
+    """One panel of ``bar_chart``: a mean (and a spread, or None) per name; ``reference`` draws a
+    dashed line (e.g. the real-data floor); ``log`` puts the values on a log axis."""
+
+    title: str
+    names: list[str]
+    means: list[float]
+    spreads: list[float | None]
+    reference: float | None = None
+    log: bool = False
+
+
+def bar_chart(path: Path, panels: list[BarPanel], *, width: int = 900, row_h: int = 26,
+              backend: ChartBackend | str = ChartBackend.AUTO) -> Path:
+    """Horizontal bars with +- spread error bars, one panel per ``BarPanel``, stacked; drawn by
+    matplotlib when installed (PNG, PDF or SVG), else by Pillow (PNG, labels spelled in ASCII)."""
+    from ddpmkit.figures import _chart_backend
+
+    for p in panels:
+        if p.log and any(math.isfinite(m) and m <= 0 for m in p.means):
+            raise ValueError(f"panel {p.title!r}: a log axis needs positive values, got {p.means}")
+    if _chart_backend(backend, path) is ChartBackend.MATPLOTLIB:
+        return _mpl_bar_chart(path, panels, width=width, row_h=row_h)
+    return _pil_bar_chart(path, panels, width=width, row_h=row_h)
+
+
+def _mpl_bar_chart(path: Path, panels: list[BarPanel], *, width: int, row_h: int) -> Path:
+    from matplotlib.figure import Figure
+
+    from ddpmkit.figures import PALETTE, _atomic_savefig
+
+    heights = [60 + row_h * len(p.names) for p in panels]
+    fig = Figure(figsize=(width / 100, sum(heights) / 100), dpi=100, layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    colour = tuple(c / 255 for c in PALETTE[0])
+    for ax, p in zip(axes, panels, strict=True):
+        y = np.arange(len(p.names))
+        finite = [math.isfinite(m) for m in p.means]
+        means = [m if ok else np.nan for m, ok in zip(p.means, finite, strict=True)]
+        xerr = [s if (s and ok) else 0.0 for s, ok in zip(p.spreads, finite, strict=True)]
+        ax.barh(y, means, xerr=xerr, color=colour, capsize=4, height=0.6)
+        for yi, m, err, ok in zip(y, p.means, xerr, finite, strict=True):
+            if ok:  # the value, right of its error bar
+                ax.annotate(f"{m:.4g}", (m + err, yi), xytext=(6, 0), textcoords="offset points",
+                            va="center", fontsize=9)
+            else:  # at the axis' left edge (x in axes coordinates: also right on a log axis)
+                ax.annotate("not finite", (0, yi), xycoords=ax.get_yaxis_transform(), xytext=(6, 0),
+                            textcoords="offset points", va="center", fontsize=9, color="red")
+        if p.reference is not None:
+            ax.axvline(p.reference, color=(0.8, 0.16, 0.16), linestyle="--", linewidth=1.5)
+        ax.set_yticks(y, p.names)
+        ax.invert_yaxis()  # the first name on top, as in the table
+        ax.set_xscale("log" if p.log else "linear")
+        ax.grid(True, axis="x", which="both" if p.log else "major", color="0.9")
+        ax.set_axisbelow(True)
+        ax.set_title(p.title + (" (log scale)" if p.log else ""), fontsize=11, loc="left")
+        ax.margins(x=0.15)
+    return _atomic_savefig(fig, path)
+
+
+def _pil_bar_chart(path: Path, panels: list[BarPanel], *, width: int, row_h: int) -> Path:
     from PIL import Image, ImageDraw
 
     from ddpmkit.figures import _atomic_save, _font
 
     font, left, right = _font(12), 330, 60
-    heights = [40 + row_h * len(p[1]) + 20 for p in panels]
+    heights = [40 + row_h * len(p.names) + 20 for p in panels]
     img = Image.new("RGB", (width, sum(heights)), "white")
     d, y0 = ImageDraw.Draw(img), 0
-    for (title, names, means, spreads, ref), h in zip(panels, heights):
-        finite = [m + (s or 0) for m, s in zip(means, spreads) if math.isfinite(m)] + ([ref] if ref else [])
-        hi = max(finite + [1e-12]) * 1.1
-        scale = (width - left - right) / hi
+    for p, h in zip(panels, heights, strict=True):
+        ends = [m + (s or 0) for m, s in zip(p.means, p.spreads, strict=True) if math.isfinite(m)]
+        ends += [p.reference] if p.reference else []
+        starts = [max(m - (s or 0), m / 10)
+                  for m, s in zip(p.means, p.spreads, strict=True) if math.isfinite(m)]
+        lo = math.log10(min(starts)) - 0.1 if (p.log and starts) else 0.0
+        hi = (math.log10(max(ends)) + 0.1) if (p.log and ends) else max(ends + [1e-12]) * 1.1
+
+        def pos(v: float, lo: float = lo, hi: float = hi, log: bool = p.log) -> float:
+            """The x pixel of value ``v``."""
+            u = (math.log10(max(v, 10 ** lo)) if log else v) - lo
+            return left + u * (width - left - right) / (hi - lo)
+
+        title = _ascii(p.title) + (" (log scale)" if p.log else "")
         d.text((10, y0 + 8), title, fill="black", font=_font(14))
-        for i, (name, m, s) in enumerate(zip(names, means, spreads)):
+        for i, (name, m, s) in enumerate(zip(p.names, p.means, p.spreads, strict=True)):
             y = y0 + 40 + i * row_h
-            d.text((10, y + 5), name, fill="black", font=font)
+            d.text((10, y + 5), _ascii(name), fill="black", font=font)
             if not math.isfinite(m):
                 d.text((left + 4, y + 5), "not finite", fill="red", font=font)
                 continue
-            d.rectangle([left, y + 4, left + m * scale, y + row_h - 4], fill=(70, 120, 190))
+            d.rectangle([left, y + 4, pos(m), y + row_h - 4], fill=(70, 120, 190))
             if s:
-                lo, hi_x, cy = left + max(0.0, m - s) * scale, left + (m + s) * scale, y + row_h // 2
-                d.line([lo, cy, hi_x, cy], fill="black", width=2)
-                d.line([lo, cy - 5, lo, cy + 5], fill="black", width=2)
+                lo_x, hi_x, cy = pos(max(m - s, 0.0)), pos(m + s), y + row_h // 2
+                d.line([lo_x, cy, hi_x, cy], fill="black", width=2)
+                d.line([lo_x, cy - 5, lo_x, cy + 5], fill="black", width=2)
                 d.line([hi_x, cy - 5, hi_x, cy + 5], fill="black", width=2)
-            d.text((left + m * scale + (s or 0) * scale + 6, y + 5), f"{m:.4g}", fill="black", font=font)
-        if ref:
-            x = left + ref * scale
+            d.text((pos(m + (s or 0)) + 6, y + 5), f"{m:.4g}", fill="black", font=font)
+        if p.reference:
+            x = pos(p.reference)
             for yy in range(y0 + 36, y0 + h - 16, 8):
                 d.line([x, yy, x, yy + 4], fill=(200, 40, 40), width=2)
         d.line([left, y0 + 36, left, y0 + h - 16], fill="black")
@@ -499,21 +571,27 @@ _ASCII = (("μ̃", "mu~"), ("μ", "mu"), ("Σ", "Sigma"), ("ε", "eps"), ("‖",
 
 
 def _ascii(text: str) -> str:
-    """The chart font has no Greek: the labels spelled out."""
+    """Pillow's fallback font has no Greek: the labels spelled out."""
     for a, b in _ASCII:
         text = text.replace(a, b)
     return text
 
 
 def _variant_chart(rows: dict[str, Any], out: Path) -> str:
-    names = [_ascii(r["label"]) for r in rows.values()]
-    panels = []
-    for key, title, ref in (("fd", "Frechet distance to the digits (lower is better); dashed: real held-out digits",
-                             "real_fd"),
-                            ("bpd", "test bits/dim, full T-step bound (lower is better)", None)):
-        panels.append((title, names, [r[key]["mean"] for r in rows.values()],
-                       [r[key]["spread"] for r in rows.values()],
-                       float(np.mean([r[ref]["mean"] for r in rows.values()])) if ref else None))
+    names = [r["label"] for r in rows.values()]
+
+    def panel(key: str, title: str, reference: float | None = None, log: bool = False) -> BarPanel:
+        return BarPanel(title=title, names=names, means=[r[key]["mean"] for r in rows.values()],
+                        spreads=[r[key]["spread"] for r in rows.values()], reference=reference, log=log)
+
+    real_fd = float(np.mean([r["real_fd"]["mean"] for r in rows.values()]))
+    bpd = [r["bpd"]["mean"] for r in rows.values()]
+    finite = [b for b in bpd if math.isfinite(b)]
+    # the bound's bits/dim span orders of magnitude between variants: a log axis keeps all readable
+    wide = bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 5
+    panels = [panel("fd", "Frechet distance to the digits (lower is better); dashed: real held-out digits",
+                    reference=real_fd),
+              panel("bpd", "test bits/dim, full T-step bound (lower is better)", log=wide)]
     return str(bar_chart(out / "figures" / "table2_variants.png", panels).relative_to(out))
 
 
@@ -544,10 +622,12 @@ def _md_table2(rep: dict[str, Any]) -> list[str]:
              "diverged runs | paper IS | paper FID |", "|---|---|---|---|---|---|---|---|---|"]
     for k, r in rep["variants"].items():
         p = r["paper"]
-        pis = "unstable" if p.get("unstable") else (f"{_n(p['is'])} ± {_n(p['is_std'])}" if "is" in p else "-")
+        pis = ("unstable" if p.get("unstable")
+               else (f"{_n(p['is'])} ± {_n(p['is_std'])}" if "is" in p else "-"))
         pfid = "unstable" if p.get("unstable") else _n(p.get("fid"))
         div = _n(rep["findings"]["stability"][k]["diverged_runs"])
-        lines.append(f"| {r['label']} | {_s(r['fd'])} | {_s(r['real_fd'])} | {_s(r['score'])} | {_s(r['bpd'])} | "
+        lines.append(f"| {r['label']} | {_s(r['fd'])} | {_s(r['real_fd'])} | {_s(r['score'])} | "
+                     f"{_s(r['bpd'])} | "
                      f"{_s(r['nonfinite_steps'])} | {div} | {pis} | {pfid} |")
     return lines
 
@@ -557,7 +637,8 @@ def _md_findings(rep: dict[str, Any]) -> list[str]:
     o = f["table2_order"]
     lines = ["## Findings, beside the paper", "",
              f"- **Table 2 sample-quality order** (stable variants; paper by FID, here by FD): paper "
-             f"{' < '.join(v[k]['label'] for k in o['paper'])}; here {' < '.join(v[k]['label'] for k in o['ours'])}. "
+             f"{' < '.join(v[k]['label'] for k in o['paper'])}; "
+             f"here {' < '.join(v[k]['label'] for k in o['ours'])}. "
              f"The order {'matches' if o['matches'] else 'does not match'} the paper's."]
     for p in o["adjacent_pairs"]:
         noise = {None: "one seed", True: "beyond noise", False: "within noise"}[p["beyond_noise"]]
@@ -565,17 +646,23 @@ def _md_findings(rep: dict[str, Any]) -> list[str]:
                      f"{'yes' if p['agrees'] else 'no'} ({noise})")
     for k, s in f["stability"].items():
         ours = "diverged or stopped" if s["diverged_runs"] > 0 else "trained stably"
+        if not s.get("in_paper_table2", True):
+            lines.append(f"- **Stability, {v[k]['label']}**: not in the paper's Table 2 "
+                         f"({v[k]['table']}); here {ours}.")
+            continue
         paper = "unstable in the paper" if s["paper_unstable"] else "stable in the paper"
         agree = (s["diverged_runs"] > 0) == s["paper_unstable"]
         lines.append(f"- **Stability, {v[k]['label']}**: {paper}; here {ours} "
                      f"({'matches' if agree else 'does not match'}).")
     t1, h = f["table1"], f["hybrid"]
     lines += [f"- **Table 1, NLL vs sample quality**: the true bound (ε, fixed Σ) giving lower bits/dim than "
-              f"L_simple {_verdict(t1['bound_lower_bpd'], 'paper: 3.70 vs 3.75')}; L_simple giving the better "
+              f"L_simple {_verdict(t1['bound_lower_bpd'], 'paper: 3.70 vs 3.75')}; "
+              "L_simple giving the better "
               f"samples {_verdict(t1['simple_lower_fd'], 'paper: FID 3.17 vs 13.51')}.",
               f"- **Learned range variances (hybrid)**: lower bits/dim than L_simple with fixed Σ: "
               f"{_verdict(h['hybrid_lower_bpd'], 'Nichol & Dhariwal: better log-likelihood')}; samples at "
-              f"least as good (lower FD): {_verdict(h['hybrid_lower_fd'], 'Nichol & Dhariwal: similar quality')}."]
+              "least as good (lower FD): "
+              f"{_verdict(h['hybrid_lower_fd'], 'Nichol & Dhariwal: similar quality')}."]
     return lines
 
 
@@ -584,7 +671,8 @@ def _md_rd(rep: dict[str, Any]) -> list[str]:
     lines = ["## Table 4 and Fig. 5: rate and distortion of the L_simple model on the test digits", "",
              f"Rate at t = 1: {_s(rd['rate_total'])} bits/dim; distortion L_0: {_s(rd['distortion_total'])} "
              "bits/dim (paper, CIFAR-10: 1.78 and 1.97).", "",
-             "| reverse time (T - t + 1) | rate (bits/dim) | distortion (RMSE [0, 255]) | paper rate | paper distortion |",
+             "| reverse time (T - t + 1) | rate (bits/dim) | distortion (RMSE [0, 255]) | paper rate "
+             "| paper distortion |",
              "|---|---|---|---|---|"]
     for r in rd["table"]:
         lines.append(f"| {_n(r['reverse_time'])} | {_s(r['rate'])} | {_s(r['distortion'])} | "
@@ -595,13 +683,16 @@ def _md_rd(rep: dict[str, Any]) -> list[str]:
 
 def _md_nn(rep: dict[str, Any]) -> list[str]:
     nn, fig = rep["nearest_neighbours"], rep["figures_stage"]
-    lines = ["## Fig. 6, Sec. 4.3 and App. D: progressive generation, lossy reconstructions, memorization", "",
+    lines = ["## Fig. 6, Sec. 4.3 and App. D: progressive generation, lossy reconstructions, "
+             "memorization", "",
              f"![progressive generation]({fig['progressive']})", "",
              f"Reconstructions from x_t (each row: x_0, then x_t and its reconstruction for t in "
-             f"{', '.join(_n(t) for t in fig['reconstruction_ts'])}):", "", f"![reconstructions]({fig['reconstructions']})",
+             f"{', '.join(_n(t) for t in fig['reconstruction_ts'])}):", "",
+             f"![reconstructions]({fig['reconstructions']})",
              "", "| t | reconstruction RMSE [0, 255] |", "|---|---|"]
     lines += [f"| {k} | {_n(x)} |" for k, x in fig["reconstruction_rmse"].items()]
-    lines += ["", f"Near-copies: a digit closer to its nearest training digit than the {_n(nn['quantile'])} quantile "
+    lines += ["", "Near-copies: a digit closer to its nearest training digit than the "
+              f"{_n(nn['quantile'])} quantile "
               "of the training digits' distances to their nearest other training digit.", "",
               "| space | samples near-copies | held-out real near-copies | samples median NN distance | "
               "held-out median NN distance |", "|---|---|---|---|---|"]
@@ -621,16 +712,19 @@ def write_markdown(rep: dict[str, Any], path: Path) -> None:
     lines = ["# ddpm reproduce digits: Ho et al. 2020 in miniature", "", *smoke,
              f"Data: scikit-learn's 8x8 digits, fixed split: {rep['split']['train']} train (the first), "
              f"{rep['split']['test']} held out (the last); disjoint by index. Seeds: "
-             f"{', '.join(_n(s) for s in rep['seeds'])}. Every variant: the `digits` preset, {_n(sz['steps'])} steps, "
-             f"T = {_n(sz['num_timesteps'])}; only the parameterization, variance and loss change. Sample quality: "
-             f"{_n(sz['num_samples'])} ancestral samples (all T steps) per model. Test bits/dim: the full bound on "
-             f"the first {_n(sz['bpd_examples'])} of the held-out digits (a subsample, for time). Spreads: sample "
-             "standard deviation over seeds. The paper's numbers are CIFAR-10's: compare orderings, not values.",
+             f"{', '.join(_n(s) for s in rep['seeds'])}. Every variant: the `digits` preset, "
+             f"{_n(sz['steps'])} steps, T = {_n(sz['num_timesteps'])}; only the parameterization, "
+             f"variance and loss change. Sample quality: {_n(sz['num_samples'])} ancestral samples "
+             "(all T steps) per model. Test bits/dim: the full bound on the first "
+             f"{_n(sz['bpd_examples'])} of the held-out digits (a subsample, for time). Spreads: sample "
+             "standard deviation over seeds. The paper's numbers are CIFAR-10's: compare orderings, "
+             "not values.",
              "", "## Table 2: parameterization × objective", "", *_md_table2(rep), "",
              f"![variants]({rep['figures']['variants']})", ""]
     lines += [f"![{k}]({g})" for k, r in rep["variants"].items() for g in r["sample_grids"][:1]]
     lines += ["", *_md_findings(rep), "", *_md_rd(rep), *_md_nn(rep),
-              "## Budget", "", f"Total wall time {_n(b['wall_seconds'])} s, process CPU time {_n(b['cpu_seconds'])} s "
+              "## Budget", "",
+              f"Total wall time {_n(b['wall_seconds'])} s, process CPU time {_n(b['cpu_seconds'])} s "
               "(sum of the stages).", "", "| stage | wall s | CPU s |", "|---|---|---|"]
     lines += [f"| {k} | {_n(s['wall_seconds'])} | {_n(s['cpu_seconds'])} |" for k, s in b["stages"].items()]
     path.write_text("\n".join(lines) + "\n")
@@ -651,8 +745,10 @@ def _plan(sizes: ReproduceSizes, seeds: list[int], out: Path) -> list[tuple[str,
                          lambda run_dir=run_dir, s=s, name=name: _eval_stage(run_dir, sizes, s, out, name)))
     s0 = seeds[0]
     simple = out / "runs" / f"{SIMPLE}_s{s0}"
-    plan.append((f"figures_{SIMPLE}_s{s0}", _figures_cost(sizes), lambda: _figures_stage(simple, sizes, s0, out)))
-    plan.append((f"nn_{SIMPLE}_s{s0}", 5.0, lambda: _nn_stage(out / "samples" / f"eval_{SIMPLE}_s{s0}.npz", out)))
+    plan.append((f"figures_{SIMPLE}_s{s0}", _figures_cost(sizes),
+                 lambda: _figures_stage(simple, sizes, s0, out)))
+    plan.append((f"nn_{SIMPLE}_s{s0}", 5.0,
+                 lambda: _nn_stage(out / "samples" / f"eval_{SIMPLE}_s{s0}.npz", out)))
     return plan
 
 
@@ -685,10 +781,11 @@ def build_report(stages: _Stages, sizes: ReproduceSizes, seeds: list[int], out: 
     return rep
 
 
-def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1, sizes: ReproduceSizes | str = "default",
-                     resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1,
+                     sizes: ReproduceSizes | str = "default", resume: bool = False,
+                     progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the whole job into ``output_dir``; returns the report dict."""
-    from tqdm.auto import tqdm
+    from ddpmkit.logs import progress_bar
 
     if isinstance(sizes, str):
         if sizes not in SIZES:
@@ -697,12 +794,16 @@ def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1, sizes: Re
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"--seeds must be an integer >= 1, got {seeds!r}")
     out = Path(output_dir)
+    earlier = [d for d in (out / "stages", out / "runs") if d.is_dir() and any(d.iterdir())]
+    if earlier and not resume:  # an interrupted run's checkpoints are continued only when asked
+        raise ValueError(f"{out} holds an earlier run ({earlier[0].name}/); pass --resume to continue it "
+                         "or choose another --output-dir")
     seed_list = list(range(seeds))
     plan = _plan(sizes, seed_list, out)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, train_preset("digits").num_threads))
     try:
-        with tqdm(total=sum(c for _, c, _ in plan), disable=not progress, unit="s(est)", dynamic_ncols=True,
+        with progress_bar(total=sum(c for _, c, _ in plan), disable=not progress, unit="s(est)", dynamic_ncols=True,
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| elapsed {elapsed}, left {remaining}") as bar:
             stages = _Stages(out, {"sizes": sizes.to_dict(), "version": 1}, resume=resume, bar=bar)
             for name, cost, fn in plan:

@@ -272,10 +272,10 @@ def _run(
     """The sampler contract's loop: for step = 0, 1, ... at position i = S-1-step (timestep
     kept[i]), (x_prev, pred_x0) = step_fn(i, x_t); then callback(step, kept[i], x_t, pred_x0);
     the tqdm bar (``progress``) is one more callback. Returns the last x_prev."""
-    from tqdm.auto import tqdm
+    from ddpmkit.logs import progress_bar
 
     callbacks = [callback] if callback is not None else []
-    bar = tqdm(total=len(kept), disable=not progress, desc=desc, unit="step", leave=False)
+    bar = progress_bar(total=len(kept), disable=not progress, desc=desc, unit="step", leave=False)
     callbacks.append(lambda *_: bar.update(1))
     try:
         for step, i in enumerate(range(len(kept) - 1, -1, -1)):
@@ -433,9 +433,9 @@ def p_sample_loop_progressive(
     T = diffusion.num_timesteps
     t_start = _check_t_index(T - 1 if t_start is None else t_start, diffusion, "t_start")
     _check_x_batch(diffusion, x, "x")
-    from tqdm.auto import tqdm
+    from ddpmkit.logs import progress_bar
 
-    for t in tqdm(range(t_start, -1, -1), disable=not progress, desc="sampling", unit="step", leave=False):
+    for t in progress_bar(iterable=range(t_start, -1, -1), disable=not progress, desc="sampling", unit="step", leave=False):
         with torch.inference_mode():
             z = draw_noise(x.shape, generator, device=x.device, dtype=x.dtype) if t > 0 else None
             p = _p_sample(model, diffusion, x, _t_batch(t, x), z, clip_denoised)

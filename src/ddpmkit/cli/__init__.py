@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train, sample, evaluate, convert weights, draw the paper's figures.",
     )
     parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--log-format", choices=["terminal", "plain"], default="terminal",
+                     help="terminal: progress bars and bare lines (default); plain: no bars, each line "
+                     "with its time, level and source (for log files)")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress bars; warnings and errors only")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"ddpmkit.cli.{name}").register(subparsers)
@@ -39,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0 if args.command is None else EXIT_USER_ERROR
+    from ddpmkit.logs import set_output_mode
+
+    set_output_mode("quiet" if args.quiet else args.log_format)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as err:

@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, out_dir: Path) -> int:
-    from tqdm.auto import tqdm
+    from ddpmkit.logs import progress_bar
 
     from ddpmkit.config import check_fits
     from ddpmkit.figures import save_image
@@ -240,7 +240,7 @@ def _run(args: argparse.Namespace, out_dir: Path) -> int:
                           cuda_graphs=args.cuda_graphs)
     batch = args.batch_size or auto_batch_size(cfg, max(1, len(todo)), device)
     start = time.perf_counter()
-    with tqdm(total=len(todo), desc="samples", unit="img", disable=not todo) as bar:
+    with progress_bar(total=len(todo), desc="samples", unit="img", disable=not todo) as bar:
         for k in range(0, len(todo), batch):
             idx = todo[k : k + batch]
             x0 = sample(model, diffusion, (len(idx), *shape), sampler=args.sampler, eta=eta,

@@ -158,9 +158,9 @@ def check_images(
     chunk = 256 * workers
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ddpmkit.logs import progress_bar
 
-        bar = tqdm(total=len(files), desc="checking images", unit="file")
+        bar = progress_bar(total=len(files), desc="checking images", unit="file")
     bad: list[tuple[str, str]] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(files), chunk):

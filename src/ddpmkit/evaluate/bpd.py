@@ -86,7 +86,7 @@ def evaluate_bpd(
     ``settings`` (JSON-able) identify the run in the partial file's header. Returns a dict (see
     ``summarize``): bpd and its standard error, L_T, sum of L_{t-1} (t >= 2), L_0, and "by_t".
     """
-    from tqdm.auto import tqdm
+    from ddpmkit.logs import progress_bar
 
     total = len(dataset) if n is None else int(n)
     if total < 1 or total > len(dataset):
@@ -105,7 +105,7 @@ def evaluate_bpd(
         os.replace(tmp, path)
     num_batches = math.ceil(total / batch_size)
     start_time = time.perf_counter()
-    with tqdm(total=total, initial=min(len(done) * batch_size, total), disable=not progress,
+    with progress_bar(total=total, initial=min(len(done) * batch_size, total), disable=not progress,
               desc="bits/dim", unit="img") as bar:
         for b in range(len(done), num_batches):
             idx = list(range(b * batch_size, min((b + 1) * batch_size, total)))

@@ -123,7 +123,7 @@ def feature_statistics(
     Returns the float64 statistics of the "pool" features and, with ``want_logits``, all logits
     (N, K) for the Inception Score.
     """
-    from tqdm.auto import tqdm
+    from ddpmkit.logs import progress_bar
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -131,7 +131,7 @@ def feature_statistics(
     total = images.shape[0] if isinstance(images, np.ndarray) else None
     stats: FeatureStats | None = None
     logits: list[torch.Tensor] = []
-    with tqdm(total=total, disable=not progress, desc=desc, unit="img") as bar:
+    with progress_bar(total=total, disable=not progress, desc=desc, unit="img") as bar:
         for x in chunks:  # (B, C, H, W) uint8
             out = extractor(x.to(device))
             feats = out["pool"]
