@@ -186,8 +186,7 @@ def _open_tracker(config: TrainConfig, run_dir: Path, start: int) -> Any:
     kind = config.logger
     if kind is Tracker.NONE:
         return None
-    check_tracker(kind)
-    if kind is Tracker.TENSORBOARD:
+    if kind is Tracker.TENSORBOARD:  # the package was checked by check_tracker before any work
         return _TensorBoard(config, run_dir, start)
     if kind is Tracker.WANDB:
         return _Wandb(config, run_dir, start)
