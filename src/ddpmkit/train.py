@@ -86,7 +86,7 @@ class EventKind(enum.Enum):
     GRID = "grid"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainEvent:
     """What a callback gets. ``step``: updates done (1-based); ``loss``: that update's global mean loss
     (None if it was skipped as non-finite); ``lr``: the lr it used; ``path``: the checkpoint folder

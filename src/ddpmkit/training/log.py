@@ -170,7 +170,7 @@ class _Wandb:
         # a new W&B run per (re)start: W&B refuses steps below one it has seen; WANDB_MODE etc. apply
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ddpmkit"), name=run_dir.name,
-                              dir=str(run_dir), config=config.to_dict(), reinit=True)
+                              dir=str(run_dir), config=config.to_dict())  # finished in close()
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
