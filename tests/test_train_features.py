@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -252,10 +253,17 @@ def test_wandb_offline_gets_metrics_grids_and_config(tmp_path, noise_npz, monkey
     assert train(c, run, progress=False).exit_code == 0
     (offline,) = (run / "wandb").glob("offline-run-*")
     (log,) = offline.glob("*.wandb")  # the run's records (what `wandb sync` uploads)
-    records = log.read_bytes()
-    assert b"ema_inv_gamma" in records and b"0.003" in records  # the config
-    assert records.count(b"train/loss") >= 2  # the metrics of steps 1 and 2
-    assert list((offline / "files" / "media" / "images").glob("samples_2_*.png"))  # the final grid
+
+    def written() -> bool:  # W&B's service process may still be writing after run.finish() returned
+        records = log.read_bytes()
+        return (b"ema_inv_gamma" in records and b"0.003" in records  # the config
+                and records.count(b"train/loss") >= 2  # the metrics of steps 1 and 2
+                and bool(list((offline / "files" / "media" / "images").glob("samples_2_*.png"))))  # the grid
+
+    deadline = time.monotonic() + 60
+    while not written() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert written()
 
 
 @pytest.mark.parametrize("kind,package", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
