@@ -98,17 +98,15 @@ class UpdateStep:
         return x0, t[lo:lo + b].to(dev), noise[lo:lo + b].to(dev)
 
     def accumulate(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Backward of the batch mean loss over ``grad_accum`` micro-batches (b / N each); the gradients
-        add up in ``.grad``. Returns the batch mean loss: a detached 0-dim float32 tensor."""
+        """Backward of the batch mean loss as ``grad_accum`` micro-batches of b / N; the gradients add up
+        in ``.grad``. x0, noise: (b, C, H, W); t: (b,). Returns the batch mean loss, detached, float32."""
         s, n = self.state, self.state.config.grad_accum
+        ddp = isinstance(self.net, DistributedDataParallel)
         total = None
-        for i, (x, tt, e) in enumerate(zip(x0.chunk(n), t.chunk(n), noise.chunk(n), strict=True)):
-            last = i == n - 1
-            no_sync = self.net.no_sync() if isinstance(self.net, DistributedDataParallel) and not last \
-                else nullcontext()  # DDP all-reduces on the last micro-batch only
-            with no_sync:
+        for i, (x, tt, e) in enumerate(zip(x0.chunk(n), t.chunk(n), noise.chunk(n), strict=True)):  # b/N each
+            with self.net.no_sync() if ddp and i < n - 1 else nullcontext():  # all-reduce once, at the last
                 loss = self.loss(x, tt, e)
-                if n > 1:
+                if n > 1:  # not for N = 1: the same float ops as before grad_accum existed
                     loss = loss / n
                 s.scaler.scale(loss).backward()
             total = loss.detach().float() if total is None else total + loss.detach().float()
