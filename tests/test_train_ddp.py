@@ -78,6 +78,15 @@ def test_two_gloo_processes_match_one(tmp_path):
     _assert_matches_single(run, one)
 
 
+def test_two_gloo_processes_with_grad_accum_match_one_without(tmp_path):
+    """Each rank's 8 images as 2 micro-batches of 4 (no_sync on the first): the same updates."""
+    over, one = _tiny(tmp_path)
+    run = tmp_path / "two"
+    proc = _torchrun(run, over, "--grad-accum", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_matches_single(run, one)
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_save_and_resume(tmp_path):
     over, one = _tiny(tmp_path)

@@ -34,8 +34,10 @@ __all__ = [
     "RESUME_MUTABLE_FIELDS",
     "TRAIN_PRESETS",
     "BadImagePolicy",
+    "LrSchedule",
     "NetSize",
     "Precision",
+    "Tracker",
     "TrainConfig",
     "apply_overrides",
     "changed_on_resume",
@@ -70,6 +72,23 @@ class NetSize(str, Enum):
 BadImagePolicy = OnBadImage  # the config's name for the data sources' enum (one enum, two names)
 
 
+class LrSchedule(str, Enum):
+    """The learning rate after the linear warm-up, from ``lr`` at update ``warmup_steps`` towards
+    ``lr_min`` at update ``steps`` (see ``ddpmkit.training.step.learning_rate``)."""
+
+    CONSTANT = "constant"  # the paper's
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+class Tracker(str, Enum):
+    """Where metrics, sample grids and the config go besides metrics.jsonl and samples/."""
+
+    NONE = "none"  # the default: nothing is opened unless asked
+    TENSORBOARD = "tensorboard"  # RUN/tensorboard; pip install 'ddpmkit[tensorboard]'
+    WANDB = "wandb"  # Weights & Biases under RUN/wandb; pip install 'ddpmkit[wandb]'
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """A training run, resolved. Defaults are the paper's CIFAR-10 recipe (App. B)."""
@@ -88,10 +107,19 @@ class TrainConfig:
     steps: int = 800_000
     lr: float = 2e-4
     warmup_steps: int = 5000
+    lr_schedule: LrSchedule = LrSchedule.CONSTANT  # after the warm-up
+    lr_min: float = 0.0  # where linear / cosine decay ends (at update ``steps``)
+    grad_accum: int = 1  # micro-batches per update (same global batch, less memory)
     grad_clip: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     ema_decay: float = 0.9999
+    # EMA warm-up (diffusers' EMAModel form): decay at 0-based update s is
+    # min(ema_decay, max(ema_min_decay, 1 - (1 + s / ema_inv_gamma) ** -ema_power)); off: ema_decay
+    ema_warmup: bool = False
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 2 / 3
+    ema_min_decay: float = 0.0
     precision: Precision = Precision.FP32
     seed: int = 0
     # bookkeeping
@@ -101,15 +129,17 @@ class TrainConfig:
     num_samples: int = 64
     log_every: int = 50
     max_nonfinite: int = 20
+    logger: Tracker = Tracker.NONE
 
     def __post_init__(self) -> None:
-        for name, cls in (("precision", Precision), ("on_bad_image", BadImagePolicy)):
+        for name, cls in (("precision", Precision), ("on_bad_image", BadImagePolicy),
+                          ("lr_schedule", LrSchedule), ("logger", Tracker)):
             object.__setattr__(self, name, parse_enum(cls, getattr(self, name), name))
         object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         positive = ("batch_size", "steps", "checkpoint_every", "keep_last", "sample_every", "log_every",
-                    "max_nonfinite")
+                    "max_nonfinite", "grad_accum")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -120,10 +150,23 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if not 0 < self.lr < float("inf"):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not 0.0 <= self.lr_min <= self.lr:
+            raise ValueError(f"lr_min must be in [0, lr={self.lr!r}], got {self.lr_min!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum "
+                             f"{self.grad_accum}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not isinstance(self.ema_warmup, bool):
+            raise ValueError(f"ema_warmup must be true or false, got {self.ema_warmup!r}")
+        for name in ("ema_inv_gamma", "ema_power"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.ema_min_decay <= self.ema_decay:
+            raise ValueError(f"ema_min_decay must be in [0, ema_decay={self.ema_decay!r}], "
+                             f"got {self.ema_min_decay!r}")
         if self.unet.in_channels != self.unet.out_channels:
             raise ValueError("unet.in_channels must equal unet.out_channels for a diffusion model")
 
@@ -217,12 +260,13 @@ _PAPER_REFERENCE = {"cifar10": "cifar10", "celebahq256": "celebahq256", "lsun256
 # Fields that make the paper's recipe; the rest (data path, seed, logging cadence) are bookkeeping.
 PAPER_RECIPE_FIELDS: tuple[str, ...] = (
     "unet", "diffusion", "random_flip", "batch_size", "steps", "lr", "warmup_steps", "grad_clip",
-    "adam_betas", "adam_eps", "ema_decay", "precision",
+    "adam_betas", "adam_eps", "ema_decay", "precision", "lr_schedule", "lr_min", "ema_warmup",
+    "ema_inv_gamma", "ema_power", "ema_min_decay",
 )
 # Fields that may change when a run is resumed (everything else must match the checkpoint).
 RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset(
     {"data", "num_workers", "num_threads", "steps", "checkpoint_every", "keep_last", "sample_every",
-     "num_samples", "log_every", "max_nonfinite", "precision", "on_bad_image"}
+     "num_samples", "log_every", "max_nonfinite", "precision", "on_bad_image", "grad_accum", "logger"}
 )
 
 

@@ -38,8 +38,8 @@ import torch
 from ddpmkit.config import TrainConfig, apply_overrides, train_preset
 from ddpmkit.diffusion import LossType, MeanType, VarType
 from ddpmkit.enums import unknown_choice
-from ddpmkit.fileio import atomic_write_bytes, read_json_object
 from ddpmkit.figures import ChartBackend
+from ddpmkit.fileio import atomic_write_bytes, read_json_object
 
 __all__ = ["SIZES", "VARIANTS", "ReproduceSizes", "Variant", "digits_split", "near_copy_fraction",
            "nearest_neighbours", "reproduce_digits", "variant_config"]
@@ -815,8 +815,10 @@ def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1,
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, train_preset("digits").num_threads))
     try:
-        with progress_bar(total=sum(c for _, c, _ in plan), disable=not progress, unit="s(est)", dynamic_ncols=True,
-                  bar_format="{desc}: {percentage:3.0f}%|{bar}| elapsed {elapsed}, left {remaining}") as bar:
+        with progress_bar(total=sum(c for _, c, _ in plan), disable=not progress, unit="s(est)",
+                          dynamic_ncols=True,
+                          bar_format="{desc}: {percentage:3.0f}%|{bar}| elapsed {elapsed}, left {remaining}"
+                          ) as bar:
             stages = _Stages(out, {"sizes": sizes.to_dict(), "version": 1}, resume=resume, bar=bar)
             for name, cost, fn in plan:
                 stages.run(name, cost, fn)

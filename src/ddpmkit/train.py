@@ -10,6 +10,13 @@ Reproducibility. Everything random is a pure function of the seed and restored s
 - dropout draws from torch's global RNG (per rank), whose state is checkpointed per rank.
 On the CPU a resumed run therefore equals an uninterrupted one: same losses, ``torch.equal`` weights.
 
+Callbacks. ``train(..., callbacks=[fn])`` calls each ``fn(event)`` on rank 0 with a ``TrainEvent``
+after every update (``EventKind.UPDATE``), after every checkpoint (``CHECKPOINT``, with its folder)
+and after every sample grid (``GRID``, with its PNG). They run inside the loop: a callback that
+raises stops the run with that exception, after the lock is released; nothing is saved for the
+steps since the last checkpoint, which is complete (checkpoints are written atomically), so
+``resume="auto"`` continues exactly as if the run had been killed there.
+
 Safety. A non-finite loss, gradient norm or update result (a weight) skips the update (weights,
 optimiser, EMA unchanged) and warns; ``max_nonfinite`` in a row stop the run with exit code
 ``EXIT_NONFINITE``. SIGTERM and SIGINT finish the current step, save a checkpoint and return 128 + signal.
@@ -17,9 +24,11 @@ optimiser, EMA unchanged) and warns; ``max_nonfinite`` in a row stop the run wit
 
 from __future__ import annotations
 
+import enum
 import math
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +43,7 @@ from ddpmkit.distributed import DistInfo, all_reduce_max, barrier, init_distribu
 from ddpmkit.fileio import RunLock
 from ddpmkit.nn import UNet
 from ddpmkit.training.data import batch_indices, batch_stream, epoch_permutation
-from ddpmkit.training.log import TrainLog
+from ddpmkit.training.log import TrainLog, check_tracker
 from ddpmkit.training.state import (
     PendingRng,
     TrainState,
@@ -49,8 +58,8 @@ from ddpmkit.training.state import (
 )
 from ddpmkit.training.step import UpdateStep, autocast, learning_rate
 
-__all__ = ["EXIT_NONFINITE", "TrainResult", "batch_indices", "epoch_permutation", "learning_rate",
-           "load_resumable", "newest_resumable", "train"]
+__all__ = ["EXIT_NONFINITE", "EventKind", "TrainEvent", "TrainResult", "batch_indices", "epoch_permutation",
+           "learning_rate", "load_resumable", "newest_resumable", "train"]
 
 EXIT_NONFINITE = 3
 
@@ -67,6 +76,33 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)
     sample_grid: Path | None = None
     num_skipped: int = 0
+
+
+class EventKind(enum.Enum):
+    """What a callback is told about: an update done, a checkpoint written, a sample grid written."""
+
+    UPDATE = "update"
+    CHECKPOINT = "checkpoint"
+    GRID = "grid"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainEvent:
+    """What a callback gets. ``step``: updates done (1-based); ``loss``: that update's global mean loss
+    (None if it was skipped as non-finite); ``lr``: the lr it used; ``path``: the checkpoint folder
+    or grid PNG (None for UPDATE). ``model`` / ``ema`` are the live networks: read, don't modify."""
+
+    kind: EventKind
+    step: int
+    loss: float | None
+    lr: float
+    run_dir: Path
+    model: UNet
+    ema: UNet
+    path: Path | None = None
+
+
+Callback = Callable[[TrainEvent], None]
 
 
 class _StopFlag:
@@ -103,9 +139,23 @@ class _Run:
     update: UpdateStep
     log: TrainLog
     losses: dict[int, float] = field(default_factory=dict)
+    callbacks: Sequence[Callback] = ()
+    last_loss: float | None = None  # of the latest update, for the events
 
     def save(self) -> None:
         save(self.state, self.run_dir, self.info, len(self.dataset), self.log.line)
+        self.notify(EventKind.CHECKPOINT, ckpt.checkpoint_dir(self.run_dir) / f"step-{self.state.step:09d}")
+
+    def notify(self, kind: EventKind, path: Path | None = None) -> None:
+        """Each callback, on rank 0, in order."""
+        if not self.info.is_main or not self.callbacks:
+            return
+        s = self.state
+        event = TrainEvent(kind=kind, step=s.step, loss=self.last_loss,
+                           lr=learning_rate(self.config, s.step - 1), run_dir=self.run_dir, model=s.model,
+                           ema=s.ema.module, path=path)
+        for fn in self.callbacks:
+            fn(event)
 
 
 def _build_run(config: TrainConfig, run_dir: Path, info: DistInfo, *, progress: bool) -> _Run:
@@ -115,6 +165,10 @@ def _build_run(config: TrainConfig, run_dir: Path, info: DistInfo, *, progress: 
     if config.batch_size % info.world_size:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the world size "
                          f"{info.world_size} (the global batch is kept across world sizes)")
+    if config.batch_size % (info.world_size * config.grad_accum):
+        raise ValueError(f"the per-rank batch {config.batch_size // info.world_size} must be divisible by "
+                         f"grad_accum {config.grad_accum}")
+    check_tracker(config.logger)  # a missing package, before any work
     if config.precision is Precision.FP16 and info.device.type != "cuda":
         raise ValueError("precision 'fp16' needs a CUDA device; use 'fp32' or 'bf16'")
     dataset = open_source(config.data, resolution=config.unet.resolution, channels=config.unet.in_channels,
@@ -146,7 +200,7 @@ def _start(run: _Run, resume: str | None) -> PendingRng | None:
             publish_models(run.state, run_dir, only_if_stale=True, log=run.log.line)
             ckpt.prune(run_dir, config.keep_last)
         save_config(config, run_dir / "config.json")
-        run.log.open(run.state.step)
+        run.log.open(config, run.state.step)
     return pending
 
 
@@ -174,10 +228,12 @@ def _loop(run: _Run, stop: _StopFlag, pending: PendingRng | None) -> int:
                     log.line(f"stopping: {nonfinite} non-finite steps in a row; the last good "
                              "checkpoint is kept (lower lr or check the data, then --resume auto)")
                     return EXIT_NONFINITE
-            log.update(result.loss if result.finite else None)
+            run.last_loss = result.loss if result.finite else None
+            log.update(run.last_loss)
             if s.step % c.log_every == 0 or s.step == c.steps:
                 log.log_point(s.step, grad_norm=result.grad_norm, lr=learning_rate(c, s.step - 1),
                               nonfinite_in_a_row=nonfinite, batch_size=c.batch_size)
+            run.notify(EventKind.UPDATE)
             signum = all_reduce_max(stop.signum, run.info)
             if s.step % c.checkpoint_every == 0 or s.step == c.steps or signum:
                 run.save()
@@ -207,7 +263,10 @@ def _sample_grid(run: _Run) -> Path | None:
         images = to_uint8_nhwc(x).cpu()  # (n, H, W, C)
         path = save_image_grid(images.numpy(), run.run_dir / "samples" / f"step-{run.state.step:09d}.png",
                                nrow=math.ceil(math.sqrt(n)), scale=max(1, 64 // res), min_width=512)
+        run.log.image(path, run.state.step)
     barrier(run.info)
+    if path is not None:
+        run.notify(EventKind.GRID, path)
     return path
 
 
@@ -231,8 +290,10 @@ def train(
     resume: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train ``config`` into ``run_dir``; ``resume``: None, "auto" (newest complete checkpoint) or a path.
+    ``callbacks``: functions of a ``TrainEvent``, called on rank 0 (see the module docstring).
 
     Under ``torchrun`` each process calls this; rank 0 writes. Returns a TrainResult whose
     ``exit_code`` is 0, ``EXIT_NONFINITE``, or 128 + signal.
@@ -249,12 +310,16 @@ def train(
             lock.acquire()  # one trainer per run dir; also the check that it can be written, before any work
         barrier(info)
         run = _build_run(config, run_dir, info, progress=progress)
-        pending = _start(run, resume)
-        run.log.summary(config, run.state.step, sum(p.numel() for p in run.state.model.parameters()),
-                        run.dataset)
-        with _StopFlag() as stop:
-            code = _loop(run, stop, pending)
-        return _finish(run, code)
+        run.callbacks = tuple(callbacks)
+        try:
+            pending = _start(run, resume)
+            run.log.summary(config, run.state.step, sum(p.numel() for p in run.state.model.parameters()),
+                            run.dataset)
+            with _StopFlag() as stop:
+                code = _loop(run, stop, pending)
+            return _finish(run, code)
+        finally:
+            run.log.close()  # the tracker too, when a callback or an error stops the run
     finally:
         lock.release()
         shutdown_distributed(info)

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from ddpmkit.config import NetSize, Precision
+from ddpmkit.config import LrSchedule, NetSize, Precision, Tracker
 
 # explicit flag -> config key
 _FLAGS = {
@@ -27,7 +27,9 @@ _FLAGS = {
     "checkpoint_every": "checkpoint_every", "keep_last": "keep_last", "max_nonfinite": "max_nonfinite",
     "precision": "precision", "sample_every": "sample_every", "num_samples": "num_samples",
     "log_every": "log_every", "num_workers": "num_workers", "num_threads": "num_threads",
-    "on_bad_image": "on_bad_image",
+    "on_bad_image": "on_bad_image", "grad_accum": "grad_accum", "logger": "logger",
+    "lr_schedule": "lr_schedule", "lr_min": "lr_min", "ema_warmup": "ema_warmup",
+    "ema_inv_gamma": "ema_inv_gamma", "ema_power": "ema_power",
 }
 
 
@@ -63,6 +65,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int, help="global batch (split over ranks)")
     p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--grad-accum", type=int, metavar="N", help="split each batch into N micro-batches whose "
+                   "gradients are accumulated (same global batch and update, less memory)")
+    p.add_argument("--lr-schedule", choices=[m.value for m in LrSchedule],
+                   help="lr after the warm-up: constant (the paper's), or linear / cosine decay to --lr-min "
+                   "at the last step")
+    p.add_argument("--lr-min", type=float, help="the lr that linear / cosine decay ends at (default 0)")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="EMA decay 1 - (1 + step / inv_gamma)^-power capped at the EMA decay (diffusers' "
+                   "warm-up); default off: the constant decay")
+    p.add_argument("--ema-inv-gamma", type=float, metavar="X", help="EMA warm-up inv_gamma (default 1)")
+    p.add_argument("--ema-power", type=float, metavar="X", help="EMA warm-up power (default 2/3)")
+    p.add_argument("--logger", choices=[m.value for m in Tracker],
+                   help="also log metrics, sample grids and the config to TensorBoard or Weights & Biases "
+                   "(default none)")
     p.add_argument("--checkpoint-every", type=int, metavar="N")
     p.add_argument("--keep-last", type=int, metavar="K", help="checkpoints kept")
     p.add_argument("--max-nonfinite", type=int, metavar="N",

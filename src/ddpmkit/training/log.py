@@ -1,9 +1,11 @@
-"""The trainer's feedback, behind one object: log lines and warnings (rank 0), metrics.jsonl,
-TensorBoard when installed, and the progress bar. Lines go to ``logging.getLogger("ddpmkit.train")``."""
+"""The trainer's feedback, behind one object: log lines and warnings (rank 0), metrics.jsonl, the
+tracker that ``config.logger`` asks for (none, TensorBoard or Weights & Biases; never opened
+unasked), and the progress bar. Lines go to ``logging.getLogger("ddpmkit.train")``."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -12,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ddpmkit.config import TrainConfig, deviations_from_paper
+from ddpmkit.config import Tracker, TrainConfig, deviations_from_paper
 from ddpmkit.distributed import DistInfo
 from ddpmkit.fileio import append_line_synced, atomic_write_bytes
 
-__all__ = ["LOGGER_NAME", "TrainLog", "truncate_metrics"]
+__all__ = ["LOGGER_NAME", "TrainLog", "check_tracker", "truncate_metrics"]
 
 LOGGER_NAME = "ddpmkit.train"
 
@@ -42,11 +44,17 @@ class TrainLog:
         if self.info.is_main:
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
-    def open(self, start: int) -> None:
-        """Rank 0, before the first update: metrics.jsonl cut back to ``start``, TensorBoard opened."""
+    def open(self, config: TrainConfig, start: int) -> None:
+        """Rank 0, before the first update: metrics.jsonl cut back to ``start``, the tracker opened
+        (TensorBoard drops its points past ``start``) and given the config."""
         if self.info.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", start)
-            self.tb = _tensorboard(self.run_dir)
+            self.tb = _open_tracker(config, self.run_dir, start)
+
+    def image(self, path: Path, step: int) -> None:
+        """A sample grid (PNG) to the tracker, rank 0."""
+        if self.info.is_main and self.tb is not None:
+            self.tb.image(path, step)
 
     def start_loop(self, config: TrainConfig, start: int) -> None:
         """The progress bar and the first metrics window, from update ``start`` on."""
@@ -95,9 +103,8 @@ class TrainLog:
         """One record: a line of metrics.jsonl (fsynced) and TensorBoard scalars ``train/<key>``."""
         append_line_synced(self.run_dir / "metrics.jsonl", json.dumps(record))
         if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+            self.tb.scalars({f"train/{k}": v for k, v in record.items()
+                             if k != "step" and isinstance(v, (int, float))}, record["step"])
 
     def close_loop(self) -> None:
         if self.bar is not None:
@@ -112,19 +119,78 @@ class TrainLog:
 
 
 def _progress_bar(config: TrainConfig, start: int, *, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from ddpmkit.logs import progress_bar  # hidden by ddpm --log-format plain and -q like every bar
 
     tty = sys.stderr.isatty()  # in a log file, one line every 30 s instead of a redraw per step
-    return tqdm(total=config.steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
-                smoothing=0.05, file=sys.stderr, mininterval=0.1 if tty else 30.0)
+    return progress_bar(total=config.steps, initial=start, disable=not enabled, unit="step",
+                        dynamic_ncols=True, smoothing=0.05, file=sys.stderr, mininterval=0.1 if tty else 30.0)
 
 
-def _tensorboard(run_dir: Path) -> Any:
-    try:
+_PACKAGES = {Tracker.TENSORBOARD: ("tensorboard", "tensorboard"), Tracker.WANDB: ("wandb", "wandb")}
+
+
+def check_tracker(kind: Tracker) -> None:
+    """A ValueError naming the pip install if ``kind``'s package is missing (checked before any work)."""
+    if kind is Tracker.NONE:
+        return
+    module, extra = _PACKAGES[kind]
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"--logger {kind.value} needs the {module} package: pip install 'ddpmkit[{extra}]'")
+
+
+class _TensorBoard:
+    def __init__(self, config: TrainConfig, run_dir: Path, start: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional: pip install 'ddpmkit[tensorboard]'
+
+        # purge_step: readers drop the points >= it that a killed run wrote past its checkpoint at
+        # ``start`` (the point at ``start`` itself is kept, as in metrics.jsonl)
+        purge = start + 1 if start else None
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+        self.writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```", start)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+
+    def image(self, path: Path, step: int) -> None:
+        from PIL import Image
+
+        self.writer.add_image("samples", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(self, config: TrainConfig, run_dir: Path, start: int) -> None:
+        import wandb
+
+        # a new W&B run per (re)start: W&B refuses steps below one it has seen; WANDB_MODE etc. apply
+        self.wandb = wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ddpmkit"), name=run_dir.name,
+                              dir=str(run_dir), config=config.to_dict())  # finished in close()
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def image(self, path: Path, step: int) -> None:
+        self.run.log({"samples": self.wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _open_tracker(config: TrainConfig, run_dir: Path, start: int) -> Any:
+    kind = config.logger
+    if kind is Tracker.NONE:
         return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    if kind is Tracker.TENSORBOARD:  # the package was checked by check_tracker before any work
+        return _TensorBoard(config, run_dir, start)
+    if kind is Tracker.WANDB:
+        return _Wandb(config, run_dir, start)
+    raise NotImplementedError(kind)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -27,8 +27,8 @@ from ddpmkit.nn import UNet
 from ddpmkit.training.data import derived_seed
 
 __all__ = ["CHECKPOINT_FILES", "STATE_KEYS", "PendingRng", "TrainState", "build_state", "capture",
-           "load_resumable", "newest_resumable", "prepare_run_dir", "publish_models", "restore", "save",
-           "tidy_run_dir"]
+           "ema_decay_at", "load_resumable", "newest_resumable", "prepare_run_dir", "publish_models",
+           "restore", "save", "tidy_run_dir"]
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors",
                     ckpt.STATE)
@@ -50,12 +50,32 @@ class TrainState:
     step: int = 0
 
 
+def ema_decay_at(config: TrainConfig, update: int) -> float:
+    """The EMA decay of 0-based update ``update``: ``ema_decay``, or with ``ema_warmup`` diffusers'
+    ``EMAModel.get_decay``: min(ema_decay, max(ema_min_decay, 1 - (1 + update / inv_gamma) ** -power))."""
+    if not config.ema_warmup:
+        return config.ema_decay
+    value = 1.0 - (1.0 + update / config.ema_inv_gamma) ** -config.ema_power
+    return min(config.ema_decay, max(config.ema_min_decay, value))
+
+
+def _ema_avg_fn(config: TrainConfig) -> Callable[..., None]:
+    """AveragedModel's multi_avg_fn. It gets n_averaged, which is 1 + the updates averaged so far (the
+    initial weights count one) and is checkpointed, so the warm-up decay resumes exactly."""
+    if not config.ema_warmup:
+        return get_ema_multi_avg_fn(config.ema_decay)
+
+    def avg(ema: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        get_ema_multi_avg_fn(ema_decay_at(config, int(n_averaged) - 1))(ema, current, n_averaged)
+    return avg
+
+
 def build_state(config: TrainConfig, info: DistInfo) -> TrainState:
     """Step 0: the same initial weights on every rank, the EMA at those weights, a fresh optimiser."""
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = UNet(config=config.unet).to(info.device)
     torch.manual_seed(derived_seed(config.seed, 1000 + info.rank))  # dropout stream of this rank
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=_ema_avg_fn(config), use_buffers=True)
     ema.update_parameters(model)  # the EMA starts at the initial weights (TF's EMA)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.adam_betas,
                            eps=config.adam_eps, fused=True)  # fused: ~6x less CPU time than foreach

@@ -1,5 +1,9 @@
 """One update of Algorithm 1: draw flip, t and eps; the loss; backward; clip; the optimiser step; EMA.
 
+With ``grad_accum`` N the rank's batch is split into N micro-batches whose gradients add up in
+``.grad`` (each loss scaled by 1/N, so the sum is the batch mean's gradient); the NaN guard, the
+clipping and the optimiser act once, on the sum. Under DDP only the last micro-batch all-reduces.
+
 A non-finite loss, gradient norm or update result (a weight) skips the update: the weights, the
 optimiser state and the EMA are left as they were (``UpdateResult.finite`` is False).
 """
@@ -12,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from ddpmkit.config import Precision, TrainConfig
+from ddpmkit.config import LrSchedule, Precision, TrainConfig
 from ddpmkit.data.convert import horizontal_flip_where
 from ddpmkit.distributed import DistInfo, all_reduce_mean
 from ddpmkit.training.state import TrainState
@@ -22,10 +27,19 @@ __all__ = ["UpdateResult", "UpdateStep", "autocast", "learning_rate"]
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """The authors' warm-up: lr * min(1, step / warmup_steps) at 0-based update ``step``."""
-    if config.warmup_steps == 0:
-        return config.lr
-    return config.lr * min(1.0, step / config.warmup_steps)
+    """The lr at 0-based update ``step``: the authors' warm-up lr * min(1, step / warmup_steps), then
+    ``lr_schedule``: constant, or from lr at ``warmup_steps`` to ``lr_min`` at ``steps`` with progress
+    p = (step - warmup) / (steps - warmup): linear lr_min + (lr - lr_min) (1 - p), cosine
+    lr_min + (lr - lr_min) (1 + cos(pi p)) / 2 (diffusers' ``get_*_schedule_with_warmup`` shapes)."""
+    c, w = config, config.warmup_steps
+    if step < w or c.lr_schedule is LrSchedule.CONSTANT:
+        return c.lr if w == 0 else c.lr * min(1.0, step / w)
+    p = min(1.0, (step - w) / max(1, c.steps - w))
+    if c.lr_schedule is LrSchedule.LINEAR:
+        return c.lr_min + (c.lr - c.lr_min) * (1.0 - p)
+    if c.lr_schedule is LrSchedule.COSINE:
+        return c.lr_min + (c.lr - c.lr_min) * 0.5 * (1.0 + math.cos(math.pi * p))
+    raise NotImplementedError(c.lr_schedule)
 
 
 def autocast(precision: Precision, device: torch.device) -> Any:
@@ -55,11 +69,10 @@ class UpdateStep:
         x0, t, noise = self.draw(x0.to(self.info.device, non_blocking=True))
         for group in s.opt.param_groups:
             group["lr"] = learning_rate(c, step)
-        loss = self.loss(x0, t, noise)
-        s.scaler.scale(loss).backward()
+        loss = self.accumulate(x0, t, noise)
         s.scaler.unscale_(s.opt)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(s.model.parameters(), c.grad_clip))
-        loss_value = float(all_reduce_mean(loss.detach().float(), self.info))
+        loss_value = float(all_reduce_mean(loss, self.info))
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             finite = self._update_or_undo()
@@ -83,6 +96,21 @@ class UpdateStep:
         if c.random_flip:
             x0 = horizontal_flip_where(x0, flip[lo:lo + b])
         return x0, t[lo:lo + b].to(dev), noise[lo:lo + b].to(dev)
+
+    def accumulate(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Backward of the batch mean loss as ``grad_accum`` micro-batches of b / N; the gradients add up
+        in ``.grad``. x0, noise: (b, C, H, W); t: (b,). Returns the batch mean loss, detached, float32."""
+        s, n = self.state, self.state.config.grad_accum
+        ddp = isinstance(self.net, DistributedDataParallel)
+        total = None
+        for i, (x, tt, e) in enumerate(zip(x0.chunk(n), t.chunk(n), noise.chunk(n), strict=True)):  # b/N each
+            with self.net.no_sync() if ddp and i < n - 1 else nullcontext():  # all-reduce once, at the last
+                loss = self.loss(x, tt, e)
+                if n > 1:  # not for N = 1: the same float ops as before grad_accum existed
+                    loss = loss / n
+                s.scaler.scale(loss).backward()
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+        return total
 
     def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The batch mean of the configured loss (L_simple, L_vlb or hybrid): a 0-dim tensor."""
