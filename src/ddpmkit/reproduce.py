@@ -68,8 +68,8 @@ class ReproduceSizes:
 
 
 SIZES: dict[str, ReproduceSizes] = {
-    # planned from the cost model below: ~75 min on an idle 2-core machine, two thirds of it training
-    # (not yet measured end to end; each run's REPORT.md lists its measured stage times)
+    # measured end to end on the 2-core machine: default 76 min (61% training), --quick 4 min
+    # (README, "What the paper found"); each run's REPORT.md lists its measured stage times
     "default": ReproduceSizes(name="default", smoke=False, steps=1200, num_timesteps=1000,
                               bpd_examples=100, bpd_batch=100, t_chunk=5, num_samples=200),
     "quick": ReproduceSizes(name="quick", smoke=True, steps=40, num_timesteps=1000, bpd_examples=8,
