@@ -293,3 +293,16 @@ def test_a_huge_num_timesteps_is_refused_before_the_schedule_is_built(monkeypatc
     monkeypatch.setattr(DiffusionConfig, "betas", built)
     with pytest.raises(ValueError, match=r"num_timesteps=1,000,000,000 needs at least ~\d.*GiB.*limit is 1,000,000"):
         DiffusionConfig(num_timesteps=10**9)
+
+
+def test_steps_below_the_checkpoint_says_there_is_nothing_to_train(tmp_path, tiny_npz, finished_run,
+                                                                   capsys):
+    run = _copy(finished_run, tmp_path)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    result, _ = _resume(run, tiny_npz, steps=2)
+    out = capsys.readouterr().out
+    assert "the checkpoint is at step 4, past --steps 2: nothing to train" in out
+    assert result.exit_code == 0 and result.step == 4
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert {k: v for k, v in after.items() if k.name != "config.json"} == \
+        {k: v for k, v in before.items() if k.name != "config.json"}  # weights, checkpoints untouched

@@ -192,6 +192,9 @@ def _start(run: _Run, resume: str | None) -> PendingRng | None:
     pending = None
     if start is not None:
         pending = restore(run.state, start, info, len(run.dataset), log=run.log.line, warn=run.log.warn)
+        if run.state.step > config.steps:  # nothing to train: say so rather than exit 0 in silence
+            run.log.line(f"the checkpoint is at step {run.state.step}, past --steps {config.steps}: "
+                         "nothing to train; the run stays as it is (pass a larger --steps to continue)")
     elif resume == "auto":
         run.log.line(f"no complete checkpoint in {run_dir}; starting from step 0")
     if info.is_main:
