@@ -306,3 +306,22 @@ def test_steps_below_the_checkpoint_says_there_is_nothing_to_train(tmp_path, tin
     after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     assert {k: v for k, v in after.items() if k.name != "config.json"} == \
         {k: v for k, v in before.items() if k.name != "config.json"}  # weights, checkpoints untouched
+
+
+def test_ctrl_c_while_torch_loads_is_one_line_and_exit_130(monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    import ddpmkit.cli as cli
+
+    # the console script's own import stays light: torch loads inside main(), under its handler
+    code = "import sys, ddpmkit.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["train"]) == 130
+    assert capsys.readouterr().err == "ddpm: interrupted\n"

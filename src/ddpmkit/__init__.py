@@ -1,25 +1,46 @@
 """ddpmkit: Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel, NeurIPS 2020).
 
-Public API re-exports only.
+Public API re-exports only, imported on first use (PEP 562): ``import ddpmkit.cli`` stays light,
+so ``ddpm --help`` is quick and a Ctrl-C while torch loads reaches the CLI's handler.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-# the DDPM math (issue 2); "X as X" marks an explicit re-export
-from ddpmkit.diffusion import DiffusionConfig as DiffusionConfig  # noqa: E402
-from ddpmkit.diffusion import GaussianDiffusion as GaussianDiffusion  # noqa: E402
-from ddpmkit.diffusion import LossType as LossType  # noqa: E402
-from ddpmkit.diffusion import MeanType as MeanType  # noqa: E402
-from ddpmkit.diffusion import VarType as VarType  # noqa: E402
-from ddpmkit.distributions import discretized_gaussian_log_likelihood as discretized_gaussian_log_likelihood  # noqa: E402,E501
-from ddpmkit.distributions import normal_kl as normal_kl  # noqa: E402
-from ddpmkit.models import LoadedModel as LoadedModel  # noqa: E402
-from ddpmkit.models import load_model as load_model  # noqa: E402
-from ddpmkit.models import load_unet as load_unet  # noqa: E402
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "DiffusionConfig": "ddpmkit.diffusion",
+    "GaussianDiffusion": "ddpmkit.diffusion",
+    "LossType": "ddpmkit.diffusion",
+    "MeanType": "ddpmkit.diffusion",
+    "VarType": "ddpmkit.diffusion",
+    "discretized_gaussian_log_likelihood": "ddpmkit.distributions",
+    "normal_kl": "ddpmkit.distributions",
+    "LoadedModel": "ddpmkit.models",
+    "load_model": "ddpmkit.models",
+    "load_unet": "ddpmkit.models",
+    "UNET_PRESETS": "ddpmkit.nn",
+    "UNet": "ddpmkit.nn",
+    "UNetConfig": "ddpmkit.nn",
+    "BETA_SCHEDULES": "ddpmkit.schedules",
+    "get_named_beta_schedule": "ddpmkit.schedules",
+}
 
-# the paper's U-Net (issue 3)
-from ddpmkit.nn import UNET_PRESETS as UNET_PRESETS  # noqa: E402
-from ddpmkit.nn import UNet as UNet  # noqa: E402
-from ddpmkit.nn import UNetConfig as UNetConfig  # noqa: E402
-from ddpmkit.schedules import BETA_SCHEDULES as BETA_SCHEDULES  # noqa: E402
-from ddpmkit.schedules import get_named_beta_schedule as get_named_beta_schedule  # noqa: E402
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ddpmkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -39,8 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # loads torch (ddpmkit itself imports lazily): Ctrl-C lands here
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("ddpm: interrupted", file=sys.stderr)
+        return 130
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0 if args.command is None else EXIT_USER_ERROR
