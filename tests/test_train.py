@@ -312,3 +312,20 @@ def test_a_model_folder_renamed_aside_by_a_kill_is_put_back(tmp_path, tiny_npz):
     got = load_file(tmp_path / "model" / "model.safetensors")
     assert all(torch.equal(got[k], v) for k, v in expected.items())
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".lock"]
+
+
+def test_training_steps_skip_the_t_range_check_that_public_calls_keep(tmp_path, tiny_npz, monkeypatch):
+    """The range check reads t back (torch.aminmax: a device sync per step on a GPU); the trainer
+    draws t in range itself, so its updates make no such call, while a public call still raises."""
+    from ddpmkit.diffusion import DiffusionConfig
+
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = train(tiny_config(tiny_npz, steps=3, checkpoint_every=100), tmp_path / "run", progress=False)
+    assert res.step == 3 and calls == []
+    d = DiffusionConfig(num_timesteps=10).build()
+    x0 = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 9\]"):
+        d.training_losses(lambda x, t: x, x0, torch.tensor([0, 10]))
+    assert calls == [1]

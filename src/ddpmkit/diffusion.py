@@ -279,14 +279,14 @@ class GaussianDiffusion:
                 f"{name} must have shape (B, C, ...) with >= {min_ndim} dims, got {tuple(x.shape)}"
             )
 
-    def _check_t(self, t: Any, batch: int) -> None:
+    def _check_t(self, t: Any, batch: int, *, check_range: bool = True) -> None:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"t must be a (B,) int64 torch.Tensor, got {type(t).__name__}")
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise ValueError(f"t must be an integer (int64) tensor, got dtype {t.dtype}")
         if t.shape != (batch,):
             raise ValueError(f"t must have shape (B,) = ({batch},), got {tuple(t.shape)}")
-        if batch:
+        if batch and check_range:  # the range check reads t back: a device sync on a GPU
             lo, hi = torch.aminmax(t)
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= self.num_timesteps:
@@ -300,9 +300,10 @@ class GaussianDiffusion:
         if y.shape != x.shape:
             raise ValueError(f"{name} must have the shape of {x_name} {tuple(x.shape)}, got {tuple(y.shape)}")
 
-    def _check_batch(self, x: Any, t: Any, name: str = "x", min_ndim: int = 1) -> None:
+    def _check_batch(self, x: Any, t: Any, name: str = "x", min_ndim: int = 1, *,
+                     check_range: bool = True) -> None:
         self._check_x(x, name, min_ndim)
-        self._check_t(t, x.shape[0])
+        self._check_t(t, x.shape[0], check_range=check_range)
 
     def _model_t(self, t: torch.Tensor) -> torch.Tensor:
         """The timesteps the model sees for this diffusion's indices t: (B,) -> (B,). Identity here;
@@ -571,6 +572,7 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
+        check_t_range: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Per-example losses at the timesteps t (Algorithm 1).
 
@@ -578,8 +580,10 @@ class GaussianDiffusion:
         tensors: ``loss`` (the objective), plus ``mse`` (L_simple, eq. 14) for mse/hybrid and ``vb``
         (L_{t-1} in bits/dim) for kl/rescaled_kl/hybrid. The hybrid loss is
         mse + hybrid_lambda * T * vb, with the model mean detached inside vb (Nichol & Dhariwal).
+        ``check_t_range=False`` skips reading t back to check its range (a device sync per call on
+        a GPU), for callers that drew t in range themselves, as the trainer does every step.
         """
-        self._check_batch(x0, t, "x0", min_ndim=2)
+        self._check_batch(x0, t, "x0", min_ndim=2, check_range=check_t_range)
         if noise is None:
             noise = draw_standard_normal(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         else:
