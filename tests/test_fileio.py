@@ -90,3 +90,26 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temp_file(tmp_path):
         fileio.atomic_write(path, fails)
     assert fileio.read_json_file(path) == {"old": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_a_conversion_cut_midway_leaves_no_output_folder_and_reruns(tmp_path, tiny_model_dir, monkeypatch):
+    from ddpmkit.convert import convert_to_diffusers
+    from ddpmkit.interop import diffusers as hf
+
+    real = hf._write_json
+
+    def fail_on_the_scheduler(path, data):
+        if path.name == "scheduler_config.json":  # after the weights and the U-Net config
+            raise OSError("disk full")
+        real(path, data)
+
+    monkeypatch.setattr(hf, "_write_json", fail_on_the_scheduler)
+    out = tmp_path / "pipe"
+    with pytest.raises(OSError, match="disk full"):
+        convert_to_diffusers(tiny_model_dir, out)
+    assert list(tmp_path.iterdir()) == []  # no half-written pipeline, no temporary folder
+    monkeypatch.setattr(hf, "_write_json", real)
+    convert_to_diffusers(tiny_model_dir, out)  # the rerun is not refused by leftovers
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors"]

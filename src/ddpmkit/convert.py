@@ -7,23 +7,25 @@ and above ``models`` (which resolves run directories), so nothing imports upward
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["convert_from_diffusers", "convert_from_tf", "convert_to_diffusers"]
-
-
-def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:
-    """``out_dir``, created; a ValueError if it exists and is not an empty folder."""
-    _check_out_dir(out_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _check_out_dir(out_dir: str | os.PathLike) -> None:
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output folder {out} exists and is not empty")
+
+
+def _write_output(out_dir: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """``write(folder)`` into ``out_dir`` (must not exist or be empty) as one atomic folder write."""
+    from ddpmkit.fileio import atomic_write_folder
+
+    _check_out_dir(out_dir)
+    atomic_write_folder(out_dir, write)
 
 
 def convert_from_diffusers(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
@@ -35,7 +37,7 @@ def convert_from_diffusers(src_dir: str | os.PathLike, out_dir: str | os.PathLik
     unet, diffusion, _ = load_diffusers(src_dir)
     if diffusion is None:
         diffusion = DiffusionConfig()
-    unet.save(_prepare_out_dir(out_dir), diffusion=diffusion.to_dict())
+    _write_output(out_dir, lambda tmp: unet.save(tmp, diffusion=diffusion.to_dict()))
 
 
 def convert_to_diffusers(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
@@ -44,8 +46,9 @@ def convert_to_diffusers(model_path: str | os.PathLike, out_dir: str | os.PathLi
     from ddpmkit.interop.diffusers import write_diffusers_folder
     from ddpmkit.models import load_model
 
+    _check_out_dir(out_dir)  # before the model is loaded
     loaded = load_model(model_path)
-    write_diffusers_folder(loaded.unet, loaded.diffusion, _prepare_out_dir(out_dir))
+    _write_output(out_dir, lambda tmp: write_diffusers_folder(loaded.unet, loaded.diffusion, tmp))
 
 
 def convert_from_tf(
@@ -60,4 +63,4 @@ def convert_from_tf(
 
     _check_out_dir(out_dir)  # before the checkpoint is read
     unet, diffusion = unet_from_tf(prefix, ema=ema, resolution=resolution)
-    unet.save(out_dir, diffusion=diffusion.to_dict())
+    _write_output(out_dir, lambda tmp: unet.save(tmp, diffusion=diffusion.to_dict()))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["RunLock", "append_line_synced", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir",
-           "read_json_file", "read_json_object"]
+__all__ = ["RunLock", "append_line_synced", "atomic_write", "atomic_write_bytes", "atomic_write_folder",
+           "atomic_write_json", "fsync_dir", "read_json_file", "read_json_object"]
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -43,6 +44,25 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def atomic_write_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` fills the folder ``.tmp-NAME-PID`` beside ``path``, which is then renamed onto
+    ``path`` (absent, or an empty folder): a cut or failed write leaves no partial folder at
+    ``path``, so a rerun just works. The temporary folder is removed on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if path.is_dir():
+            path.rmdir()  # only an empty folder can be replaced: rmdir refuses anything else
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_dir(path.parent)
 
 
