@@ -20,6 +20,18 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory) -> Path:
+    """The first 40 training digits as an npz data source (the trainer tests' tiny data set)."""
+    import numpy as np
+
+    from ddpmkit.data import load_digits_uint8
+
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, load_digits_uint8("train")[0][:40])
+    return path
+
+
+@pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved 8x8 one-channel U-Net (32 channels, one level) with T = TINY_T, its weights moved
     away from the near-zero output init so that samples differ."""

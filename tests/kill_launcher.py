@@ -2,8 +2,9 @@
 
 Runs ``ddpm train`` in this process with the file-system and step functions that a run's safety
 depends on wrapped (monkeypatched here, nothing in ddpmkit knows): every call is an event, appended
-to LOG as one line (its number and name) before it happens; the main process only. At event number KILL_AT this process
-sends itself SIGKILL, exactly as a crash or ``kill -9`` at that moment would. KILL_AT -1: never.
+to LOG as one line (its number and name) before it happens; the main process only. At event number
+KILL_AT this process sends itself SIGKILL, exactly as a crash or ``kill -9`` at that moment would.
+KILL_AT -1: never.
 ``--pause-after S``: once the metrics line of step S is written, idle until SIGTERM / SIGINT arrives
 (or a kill), so that a test can signal the run at a known step.
 """

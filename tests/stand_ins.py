@@ -27,3 +27,14 @@ class StandInFeatures(torch.nn.Module):
         x = x.expand(-1, 3, -1, -1).double() / 127.5 - 1.0
         pool = torch.tanh(self.conv(x)).mean(dim=(2, 3))  # (B, 12)
         return {"pool": pool, "logits": self.fc(pool) * self.logit_scale}
+
+
+def diffusers_ddpm_chain(sched, model, kept: list[int], shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """diffusers' DDPMScheduler run over the kept timesteps (custom timesteps, largest first) from
+    x_T ~ N(0, I) drawn from ``seed``, with the same generator for every step's noise."""
+    sched.set_timesteps(timesteps=kept[::-1])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    for t in sched.timesteps:
+        x = sched.step(model(x, torch.full((shape[0],), int(t))), t, x, generator=g).prev_sample
+    return x

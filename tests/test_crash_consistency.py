@@ -53,7 +53,8 @@ def kill_points(names: list[list[str]], count: int) -> list[int]:
     spread = {int(round(x)) for x in np.linspace(1, n, count)}
     def first(pred):
         return next(i + 1 for i, (kind, *arg) in enumerate(names) if pred(kind, arg[0] if arg else ""))
-    last_model = max(i + 1 for i, (kind, *arg) in enumerate(names) if kind == "replace" and "model" in arg[-1])
+    last_model = max(i + 1 for i, (kind, *arg) in enumerate(names)
+                     if kind == "replace" and "model" in arg[-1])
     special = {first(lambda k, a: k == "checkpoint-file"), first(lambda k, a: k == "rmtree" and "step-" in a),
                _mid_prune(names), last_model,
                first(lambda k, a: k == "rename" and "checkpoints" in a)}
@@ -97,7 +98,8 @@ def test_kill_points_cover_the_dangerous_moments(setup):
 def test_kill_at_the_worst_moments_then_resume_is_bit_identical(setup, which):
     root, over, names = setup
     points = kill_points(names, 0)
-    last_model = max(i + 1 for i, (kind, *arg) in enumerate(names) if kind == "replace" and "model" in arg[-1])
+    last_model = max(i + 1 for i, (kind, *arg) in enumerate(names)
+                     if kind == "replace" and "model" in arg[-1])
     _check_kill_and_resume(root, over, last_model if which == "final model write" else _mid_prune(names))
     assert points
 

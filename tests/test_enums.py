@@ -45,7 +45,8 @@ CALLERS = {
 def test_every_parser_refuses_with_the_one_message(name):
     with pytest.raises(ValueError) as e:
         CALLERS[name]()
-    message = str(e.value).split(": ", 1)[-1] if name == "--set enum" else str(e.value)  # "bad value ... for k: "
+    # "--set" prefixes "bad value ... for k: "
+    message = str(e.value).split(": ", 1)[-1] if name == "--set enum" else str(e.value)
     m = ONE_FORMAT.match(message)
     assert m, f"{name}: {message!r} is not in the one format"
     assert "x" not in m["names"].split(", ")
@@ -62,7 +63,8 @@ def test_sampling_parsers_use_it():
 
 
 def test_the_helper_lists_the_allowed_values_in_order_and_accepts_members_and_values():
-    assert str(unknown_choice("size", "x", ["tiny", "small"])) == "unknown size 'x'; choose one of tiny, small"
+    expected = "unknown size 'x'; choose one of tiny, small"
+    assert str(unknown_choice("size", "x", ["tiny", "small"])) == expected
     assert parse_enum(OnBadImage, "error", "on_bad_image") is OnBadImage.ERROR
     assert parse_enum(OnBadImage, OnBadImage.SKIP, "on_bad_image") is OnBadImage.SKIP
     with pytest.raises(ValueError, match=r"^unknown on_bad_image 'x'; choose one of skip, error$"):

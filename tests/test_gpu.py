@@ -25,7 +25,6 @@ import torch
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.config import apply_overrides, train_preset
-from ddpmkit.data import load_digits_uint8
 from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.nn import UNet, UNetConfig
 from ddpmkit.sampling import prepare_model, sample_ancestral, sample_generators
@@ -52,13 +51,6 @@ def exact_cuda_float32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, load_digits_uint8("train")[0][:NUM_IMAGES])
-    return path
 
 
 def overrides(npz: Path, **extra) -> dict[str, str]:

@@ -8,22 +8,13 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import tiny_config
 
 from ddpmkit import checkpoint as ckpt
-from ddpmkit.data import load_digits_uint8
 from ddpmkit.train import train
-
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, load_digits_uint8("train")[0][:40])
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +282,8 @@ def test_a_huge_num_timesteps_is_refused_before_the_schedule_is_built(monkeypatc
         raise AssertionError("the schedule was built before the size check")
 
     monkeypatch.setattr(DiffusionConfig, "betas", built)
-    with pytest.raises(ValueError, match=r"num_timesteps=1,000,000,000 needs at least ~\d.*GiB.*limit is 1,000,000"):
+    expected = r"num_timesteps=1,000,000,000 needs at least ~\d.*GiB.*limit is 1,000,000"
+    with pytest.raises(ValueError, match=expected):
         DiffusionConfig(num_timesteps=10**9)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from stand_ins import diffusers_ddpm_chain
 
 from ddpmkit.diffusion import DiffusionConfig, GaussianDiffusion, SpacedDiffusion
 from ddpmkit.sampling import (
@@ -119,12 +120,7 @@ def test_every_timestep_form_matches_diffusers_custom_timesteps(spec) -> None:
     ours = sample_ancestral(model, d, SHAPE, timesteps=spec, generator=torch.Generator().manual_seed(3))
     sched = DDPMScheduler(num_train_timesteps=T, beta_start=0.005, beta_end=0.4, beta_schedule="linear",
                           clip_sample=True, prediction_type="epsilon", variance_type="fixed_large")
-    sched.set_timesteps(timesteps=kept[::-1])
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(SHAPE, generator=g)
-    for t in sched.timesteps:
-        x = sched.step(model(x, torch.full((SHAPE[0],), int(t))), t, x, generator=g).prev_sample
-    torch.testing.assert_close(ours, x, atol=2e-5, rtol=0)
+    torch.testing.assert_close(ours, diffusers_ddpm_chain(sched, model, kept, SHAPE, 3), atol=2e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------- oracle models

@@ -26,13 +26,6 @@ from ddpmkit.train import EXIT_NONFINITE, batch_indices, epoch_permutation, lear
 NUM_IMAGES = 40  # the tiny data set: the first 40 training digits
 
 
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, load_digits_uint8("train")[0][:NUM_IMAGES])
-    return path
-
-
 def tiny_overrides(npz: Path, **extra) -> dict[str, str]:
     """A one-level ch-32 U-Net with dropout and flips on (both draw random numbers to restore)."""
     over = {"data": str(npz), "unet.ch": "32", "unet.ch_mult": "1", "unet.num_res_blocks": "1",

@@ -77,7 +77,8 @@ def test_mixed_sizes_ask_for_resolution_and_resize_only_when_asked(folders):
         _resolve("--data", str(folders["mixed"]))
     config, _ = _resolve("--data", str(folders["mixed"]), "--resolution", "32")
     assert (config.unet.resolution, config.unet.in_channels) == (32, 3)
-    with pytest.raises(ValueError, match="differ in size .* the digits preset trains 8x8 grayscale .*--resolution 8"):
+    expected = "differ in size .* the digits preset trains 8x8 grayscale .*--resolution 8"
+    with pytest.raises(ValueError, match=expected):
         _resolve("--preset", "digits", "--data", str(folders["mixed"]))
 
 

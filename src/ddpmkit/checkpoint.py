@@ -255,8 +255,8 @@ def load_checkpoint(path: str | Path, *, required: tuple[str, ...] = (STATE,),
     return Checkpoint(path=path, step=state["step"], tensors=tensors, state=state)
 
 
-def newest_loadable(run_dir: str | Path, *, required: tuple[str, ...] = (STATE,), state_keys: tuple[str, ...] = (),
-                    warn: Any = None) -> Checkpoint | None:
+def newest_loadable(run_dir: str | Path, *, required: tuple[str, ...] = (STATE,),
+                    state_keys: tuple[str, ...] = (), warn: Any = None) -> Checkpoint | None:
     """The newest checkpoint of a run that loads (manifest, sizes, SHA-256, required contents).
 
     Each newer one that does not is torn: ``warn(message naming the file)`` and the next older is tried.
@@ -264,7 +264,8 @@ def newest_loadable(run_dir: str | Path, *, required: tuple[str, ...] = (STATE,)
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return None
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+    found = sorted((int(m.group(1)), p) for p in root.iterdir()
+                   if (m := _STEP_DIR.match(p.name)) and p.is_dir())
     for _, path in reversed(found):
         try:
             return load_checkpoint(path, required=required, state_keys=state_keys)

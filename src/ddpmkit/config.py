@@ -315,7 +315,8 @@ def unet_for_data(resolution: int, channels: int, size: NetSize | str) -> UNetCo
     raise NotImplementedError(size)
 
 
-def config_for_data(data: str, resolution: int, channels: int, size: NetSize | str | None = None) -> TrainConfig:
+def config_for_data(data: str, resolution: int, channels: int,
+                    size: NetSize | str | None = None) -> TrainConfig:
     """The run ``ddpm train --data DATA`` makes without a preset (preset "custom").
 
     ``size`` None: paper from 32 px up, small below. The paper network gets the paper's CIFAR-10
@@ -555,6 +556,7 @@ def check_fits(unet: Any, num_timesteps: int, batch_size: int, *, training: bool
     if need > limit:
         what = "training" if training else "sampling"
         raise ValueError(f"{what} needs at least ~{need / _GIB:,.1f} GiB (U-Net ch={unet.ch}, ch_mult="
-                         f"{list(unet.ch_mult)}, num_res_blocks={unet.num_res_blocks}, resolution={unet.resolution}, "
-                         f"batch {batch_size}, T={num_timesteps}), more than the {limit / _GIB:,.1f} GiB of the "
+                         f"{list(unet.ch_mult)}, num_res_blocks={unet.num_res_blocks}, "
+                         f"resolution={unet.resolution}, batch {batch_size}, T={num_timesteps}), more than "
+                         f"the {limit / _GIB:,.1f} GiB of the "
                          "device; lower these sizes")

@@ -409,7 +409,8 @@ def p_sample_loop_progressive(
     _check_x_batch(diffusion, x, "x")
     from ddpmkit.logs import progress_bar
 
-    for t in progress_bar(iterable=range(t_start, -1, -1), disable=not progress, desc="sampling", unit="step", leave=False):
+    for t in progress_bar(iterable=range(t_start, -1, -1), disable=not progress, desc="sampling", unit="step",
+                          leave=False):
         with torch.inference_mode():
             z = draw_noise(x.shape, generator, device=x.device, dtype=x.dtype) if t > 0 else None
             p = _p_sample(model, diffusion, x, _t_batch(t, x), z, clip_denoised)

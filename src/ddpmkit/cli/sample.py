@@ -108,7 +108,8 @@ def auto_batch_size(unet_config: Any, n: int, device: Any) -> int:
 
     c = unet_config
     acts = [c.ch * m * (c.resolution // 2**i) ** 2 for i, m in enumerate(c.ch_mult)]
-    attn = max([(r * r) ** 2 for r in c.attn_resolutions] + [(c.resolution // 2 ** (len(c.ch_mult) - 1)) ** 4])
+    lowest = c.resolution // 2 ** (len(c.ch_mult) - 1)
+    attn = max([(r * r) ** 2 for r in c.attn_resolutions] + [lowest ** 4])
     per_image = 4 * ((c.num_res_blocks + 1) * sum(acts) + 8 * max(acts) + attn)
     if device.type == "cuda":
         bound = torch.cuda.mem_get_info(device)[0] // 2
@@ -174,7 +175,8 @@ def drop_torn_pngs(out_dir: Path, done: set[int], shape: tuple[int, int, int]) -
         if ok:
             good.add(i)
         else:
-            print(f"ddpm sample: {path} is unreadable or of the wrong size; drawing it again", file=sys.stderr)
+            print(f"ddpm sample: {path} is unreadable or of the wrong size; drawing it again",
+                  file=sys.stderr)
             path.unlink(missing_ok=True)
     return good
 

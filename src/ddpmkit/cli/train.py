@@ -163,7 +163,8 @@ def _config_for(args: argparse.Namespace):
     from ddpmkit.config import config_for_data, native_resolution
 
     shape = _source_shape(args.data)
-    res = args.resolution if args.resolution is not None else native_resolution(shape.description, shape.sizes)
+    res = (args.resolution if args.resolution is not None
+           else native_resolution(shape.description, shape.sizes))
     channels = args.channels if args.channels is not None else shape.channels
     return config_for_data(args.data, res, channels, args.net)
 

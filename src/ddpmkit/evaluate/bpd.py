@@ -95,7 +95,8 @@ def evaluate_bpd(
     done = _read_partial(path, header) if path is not None else []
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in [header, *done]).encode())  # drops a torn line
+        # rewriting the header and the complete records drops a torn last line
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in [header, *done]).encode())
     num_batches = math.ceil(total / batch_size)
     start_time = time.perf_counter()
     with progress_bar(total=total, initial=min(len(done) * batch_size, total), disable=not progress,

@@ -550,7 +550,8 @@ def write_diffusers_folder(unet: UNet, diffusion: DiffusionConfig, out_dir: str 
     check_finite(tensors, "U-Net being exported")
     (out / "unet").mkdir(parents=True, exist_ok=True)
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "unet" / SAFETENSORS_NAME, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+    weights = save_safetensors_bytes(tensors, metadata={"format": "pt"})
+    atomic_write_bytes(out / "unet" / SAFETENSORS_NAME, weights)
     _write_json(out / "unet" / UNET_CONFIG_NAME, diffusers_config_from_unet(unet.config))
     _write_json(out / "scheduler" / SCHEDULER_CONFIG_NAME, scheduler)
     _write_json(
