@@ -65,7 +65,8 @@ def test_bpd_equals_the_per_term_sums_of_calc_bpd_loop():
     # the same batches through calc_bpd_loop directly, with the documented per-batch generators
     totals, priors, vbs, mses = [], [], [], []
     for b, s in enumerate(range(0, 10, 4)):
-        g = torch.Generator().manual_seed(3 * 1_000_003 + b)
+        seed = int(np.random.SeedSequence([3, 4, b]).generate_state(1, dtype=np.uint64)[0]) >> 1
+        g = torch.Generator().manual_seed(seed)  # ddpmkit.seeds: (seed, Stream.BPD_BATCH = 4, b)
         out = d.calc_bpd_loop(model, x[s:s + 4], t_chunk=10, generator=g)
         totals.append(out["total_bpd"]), priors.append(out["prior_bpd"])
         vbs.append(out["vb"]), mses.append(out["x0_mse"])
@@ -161,6 +162,15 @@ def test_resume_from_a_partial_file_gives_the_uninterrupted_result(tmp_path):
     assert len(part.read_text().splitlines()) == 1 + 5
     with pytest.raises(ValueError, match="other settings"):
         evaluate_bpd(model, d, _Tensors(x), batch_size=3, seed=1, partial_path=part)
+    # a partial file of version 1 (its batches drew noise from seed * 1_000_003 + b, before
+    # ddpmkit.seeds) is refused, not continued with other noise
+    header = json.loads(lines[0])
+    assert header["version"] == 2
+    old = tmp_path / "v1.jsonl"
+    batches = part.read_text().splitlines()[1:3]
+    old.write_text("\n".join([json.dumps({**header, "version": 1}), *batches]) + "\n")
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate_bpd(model, d, _Tensors(x), batch_size=2, seed=1, partial_path=old)
 
 
 def test_bad_arguments():

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ddpmkit.data.convert import to_uint8_nhwc
 from ddpmkit.enums import parse_enum, unknown_choice
 from ddpmkit.fileio import atomic_write
+from ddpmkit.seeds import Stream, derive_seed, derived_generator
 
 __all__ = [
     "ChartBackend",
@@ -673,7 +674,7 @@ def interpolation_figure(
     rows = []
     for b in range(x0_a.shape[0]):
         for t in ts:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + b)  # the pair's encoder noise
+            g = derived_generator(seed, Stream.INTERPOLATION, b)  # the pair's encoder noise
             mix = interpolate(model, diffusion, x0_a[b : b + 1], x0_b[b : b + 1], t, lambdas, generator=g,
                               encoder=encoder, timesteps=timesteps)
             rows.append(torch.cat([x0_a[b : b + 1], mix[0].to(x0_a.device), x0_b[b : b + 1]]))
@@ -702,7 +703,7 @@ def shared_xt_figure(
     rows = []
     for k, t in enumerate(out["t"]):
         x_t = out["x_t"][k]  # (1, C, H, W)
-        gens = sample_generators(seed + 1 + k, range(num_samples))
+        gens = sample_generators(derive_seed(seed, Stream.SHARED_XT, k), range(num_samples))
         draws = sample_shared_xt(model, diffusion, x_t, t, num_samples, generator=gens)
         rows.append(torch.cat([x_t.clamp(-1, 1), draws]))
     return _rows(rows)

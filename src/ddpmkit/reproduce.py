@@ -295,12 +295,12 @@ def _eval_stage(run_dir: Path, sizes: ReproduceSizes, seed: int, out: Path, name
     from ddpmkit.evaluate.bpd import evaluate_bpd
     from ddpmkit.evaluate.digits_metric import digits_fd
     from ddpmkit.figures import images_to_uint8, save_image_grid
-    from ddpmkit.sampling import sample
+    from ddpmkit.sampling import sample, sample_generators
 
     unet, diffusion = _load(run_dir)
-    with torch.inference_mode():
+    with torch.inference_mode():  # one noise stream per sample, as `ddpm sample --seed` draws them
         x = sample(unet, diffusion, (sizes.num_samples, 1, 8, 8),
-                   generator=torch.Generator().manual_seed(seed))  # (N, 1, 8, 8)
+                   generator=sample_generators(seed, range(sizes.num_samples)))  # (N, 1, 8, 8)
         finite = bool(torch.isfinite(x).all())
         u8 = images_to_uint8(x.nan_to_num(0.0).clamp(-1, 1))  # (N, 8, 8, 1)
         (out / "samples").mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ import torch
 
 from ddpmkit.diffusion import GaussianDiffusion, SpacedDiffusion, draw_standard_normal
 from ddpmkit.enums import parse_enum
+from ddpmkit.seeds import Stream, check_nonneg_int, derive_seed
 
 __all__ = [
     "Callback",
@@ -82,18 +83,10 @@ class SamplerType(str, Enum):
 
 
 # ---------------------------------------------------------------------------------- noise
-def _check_nonneg_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return int(value)
-
-
 def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample ``index``'s noise stream: a 63-bit hash of (seed, index) (numpy's
-    ``SeedSequence``), so nearby seeds and indices give unrelated streams."""
-    seed, index = _check_nonneg_int(seed, "seed"), _check_nonneg_int(index, "index")
-    lo, hi = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32).tolist()
-    return ((hi << 32) | lo) & ((1 << 63) - 1)
+    """The seed of sample ``index``'s noise stream: ``derive_seed(seed, Stream.SAMPLES, index)``, a
+    63-bit hash, so nearby seeds and indices give unrelated streams (ddpmkit.seeds)."""
+    return derive_seed(check_nonneg_int(seed, "seed"), Stream.SAMPLES, check_nonneg_int(index, "index"))
 
 
 def sample_generators(seed: int, indices: Sequence[int] | range) -> list[torch.Generator]:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ddpmkit.fileio import append_line_synced, atomic_write_bytes
+from ddpmkit.seeds import Stream, derived_generator
 
 __all__ = ["evaluate_bpd", "rate_distortion_by_t", "rate_distortion_table", "table4_reverse_times"]
 
@@ -57,7 +58,7 @@ def _read_partial(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _run_batch(model: Any, diffusion: Any, x0: torch.Tensor, *, seed: int, batch: int,
                clip_denoised: bool, t_chunk: int | None) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + batch)  # CPU: the same noise on any device
+    g = derived_generator(seed, Stream.BPD_BATCH, batch)  # CPU: the same noise on any device
     out = diffusion.calc_bpd_loop(model, x0, clip_denoised=clip_denoised, t_chunk=t_chunk, generator=g)
     vb, x0_mse = out["vb"].double().cpu(), out["x0_mse"].double().cpu()  # (B, T) each
     return {
@@ -89,7 +90,7 @@ def evaluate_bpd(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     T = diffusion.num_timesteps
-    header = {"format": PARTIAL_FORMAT, "version": 1, "n": total, "batch_size": batch_size, "seed": seed,
+    header = {"format": PARTIAL_FORMAT, "version": 2, "n": total, "batch_size": batch_size, "seed": seed,
               "num_timesteps": T, "clip_denoised": clip_denoised, **(settings or {})}
     path = Path(partial_path) if partial_path is not None else None
     done = _read_partial(path, header) if path is not None else []

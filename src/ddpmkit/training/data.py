@@ -17,13 +17,9 @@ import torch
 
 from ddpmkit.config import TrainConfig
 from ddpmkit.distributed import DistInfo
+from ddpmkit.seeds import Stream, derived_generator, seed_sequence
 
-__all__ = ["batch_indices", "batch_stream", "derived_seed", "epoch_permutation"]
-
-
-def derived_seed(seed: int, stream: int) -> int:
-    """A 63-bit seed for the independent random stream number ``stream`` of run seed ``seed``."""
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+__all__ = ["batch_indices", "batch_stream", "epoch_permutation"]
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -33,7 +29,7 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return np.random.default_rng(seed_sequence(seed, epoch)).permutation(num_examples)
 
 
 def batch_indices(step: int, *, batch_size: int, num_examples: int, seed: int) -> np.ndarray:
@@ -106,6 +102,6 @@ def batch_stream(dataset: Any, config: TrainConfig, info: DistInfo, start: int) 
     loader = torch.utils.data.DataLoader(
         _Batches(dataset), sampler=sampler, batch_size=None, num_workers=config.num_workers,
         pin_memory=info.device.type == "cuda", prefetch_factor=4,
-        generator=torch.Generator().manual_seed(derived_seed(config.seed, 2)),  # not torch's global RNG
+        generator=derived_generator(config.seed, Stream.LOADER),  # not torch's global RNG
     )
     return _unwrap(iter(loader))

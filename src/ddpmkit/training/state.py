@@ -24,7 +24,7 @@ from ddpmkit.config import Precision, TrainConfig, changed_on_resume
 from ddpmkit.distributed import DistInfo, all_gather_objects, barrier
 from ddpmkit.fileio import read_json_object
 from ddpmkit.nn import UNet
-from ddpmkit.training.data import derived_seed
+from ddpmkit.seeds import Stream, derive_seed, derived_generator
 
 __all__ = ["CHECKPOINT_FILES", "STATE_KEYS", "PendingRng", "TrainState", "build_state", "capture",
            "ema_decay_at", "load_resumable", "newest_resumable", "prepare_run_dir", "publish_models",
@@ -74,13 +74,13 @@ def build_state(config: TrainConfig, info: DistInfo) -> TrainState:
     """Step 0: the same initial weights on every rank, the EMA at those weights, a fresh optimiser."""
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = UNet(config=config.unet).to(info.device)
-    torch.manual_seed(derived_seed(config.seed, 1000 + info.rank))  # dropout stream of this rank
+    torch.manual_seed(derive_seed(config.seed, Stream.DROPOUT + info.rank))  # dropout stream of this rank
     ema = AveragedModel(model, multi_avg_fn=_ema_avg_fn(config), use_buffers=True)
     ema.update_parameters(model)  # the EMA starts at the initial weights (TF's EMA)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.adam_betas,
                            eps=config.adam_eps, fused=True)  # fused: ~6x less CPU time than foreach
     scaler = torch.amp.GradScaler("cuda", enabled=config.precision is Precision.FP16)
-    generator = torch.Generator().manual_seed(derived_seed(config.seed, 1))
+    generator = derived_generator(config.seed, Stream.TRAINING_NOISE)
     return TrainState(config=config, model=model, ema=ema, opt=opt, scaler=scaler, generator=generator)
 
 
@@ -141,7 +141,7 @@ class PendingRng:
     def apply(self, s: TrainState, info: DistInfo) -> None:
         ckpt.restore_rng_state(self.tensors, self.meta, s.generator)
         if not self.same_world and info.rank > 0:  # new ranks: fresh dropout streams, same shared generator
-            torch.manual_seed(derived_seed(s.config.seed, 1000 + info.rank + 7919 * self.step))
+            torch.manual_seed(derive_seed(s.config.seed, Stream.DROPOUT + info.rank, self.step))
 
 
 def restore(s: TrainState, c: ckpt.Checkpoint, info: DistInfo, num_examples: int, *, log: Log,
