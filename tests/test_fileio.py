@@ -4,6 +4,7 @@ metrics.jsonl's truncation, the diffusers export, images, charts, JSON results) 
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temp_file(tmp_path):
 
     with pytest.raises(OSError, match="disk full"):
         fileio.atomic_write(path, fails)
-    assert fileio.read_json_file(path) == {"old": 1}
+    assert fileio.read_json_object(path) == {"old": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
 
 
@@ -113,3 +114,44 @@ def test_a_conversion_cut_midway_leaves_no_output_folder_and_reruns(tmp_path, ti
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_read_json_lines_marks_torn_lines_and_reads_no_file_as_empty(tmp_path):
+    path = tmp_path / "m.jsonl"
+    assert fileio.read_json_lines(path) == []
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "lo\n\xff\xfe\n[3]\n')
+    got = fileio.read_json_lines(path)
+    assert [v for _, v in got] == [{"step": 1}, None, None, [3]]
+    assert got[1][0] == '{"step": 2, "lo'
+
+
+def test_read_json_object_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="a.json: file not found"):
+        fileio.read_json_object(tmp_path / "a.json")
+    (tmp_path / "a.json").write_bytes(b"\xff{")
+    with pytest.raises(ValueError, match="a.json: not valid JSON"):
+        fileio.read_json_object(tmp_path / "a.json")
+    (tmp_path / "a.json").write_text("[1]")
+    with pytest.raises(ValueError, match="a.json: expected a JSON object, got list"):
+        fileio.read_json_object(tmp_path / "a.json")
+
+
+def test_json_files_are_read_only_through_fileio():
+    """Issue 12 point 2: one home for JSON I/O. Outside fileio.py no module parses a file's text
+    with json.load / json.loads, or writes one with json.dump (only fileio's atomic writers)."""
+    src = Path(ddpmkit.__file__).parent
+    offenders = []
+    for path in src.rglob("*.py"):
+        if path.name == "fileio.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and getattr(node.func.value, "id", None) == "json"):
+                continue
+            if node.func.attr in ("load", "dump"):
+                offenders.append(f"{path.relative_to(src)}:{node.lineno}: json.{node.func.attr}")
+            elif node.func.attr == "loads" and any(
+                    isinstance(n, ast.Attribute) and n.attr in ("read_text", "read_bytes")
+                    for a in node.args for n in ast.walk(a)):
+                offenders.append(f"{path.relative_to(src)}:{node.lineno}: json.loads of a file")
+    assert not offenders, offenders

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ddpmkit.fileio import fsync_dir, read_json_file
+from ddpmkit.fileio import fsync_dir, read_json_object
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -181,10 +181,10 @@ def manifest_problem(path: str | Path, *, required: tuple[str, ...] = (STATE,)) 
     """
     path = Path(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_bytes())
-    except (OSError, ValueError) as e:
-        return f"{path / MANIFEST}: unreadable ({e})"
-    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        manifest = read_json_object(path / MANIFEST)
+    except (OSError, ValueError) as e:  # the message names the file
+        return str(e)
+    if manifest.get("format") != CHECKPOINT_FORMAT:
         return f"{path / MANIFEST}: not a {CHECKPOINT_FORMAT} manifest"
     files = manifest.get("files")
     if not isinstance(files, dict):
@@ -235,7 +235,7 @@ def load_checkpoint(path: str | Path, *, required: tuple[str, ...] = (STATE,),
     problem = manifest_problem(path, required=tuple({STATE, *required}))
     if problem is not None:
         raise ValueError(f"{path} is not a complete ddpmkit checkpoint: {problem}")
-    manifest = json.loads((path / MANIFEST).read_bytes())
+    manifest = read_json_object(path / MANIFEST)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     state: Any = None
     for name, entry in manifest["files"].items():
@@ -339,7 +339,4 @@ def read_state(path: str | Path) -> dict[str, Any]:
     problem = manifest_problem(path)
     if problem is not None:
         raise ValueError(f"{path} is not a complete ddpmkit checkpoint: {problem}")
-    state = read_json_file(path / STATE)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path / STATE}: not a JSON object")
-    return state
+    return read_json_object(path / STATE)

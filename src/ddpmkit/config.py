@@ -17,7 +17,6 @@ the paper's CIFAR-10 recipe are listed at every start.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -27,6 +26,7 @@ from typing import Any
 from ddpmkit.data.sources import OnBadImage
 from ddpmkit.diffusion import DiffusionConfig, VarType
 from ddpmkit.enums import parse_enum, unknown_choice
+from ddpmkit.fileio import atomic_write_json, read_json_object
 from ddpmkit.nn import UNET_PRESETS, UNetConfig
 
 __all__ = [
@@ -482,8 +482,6 @@ def changed_on_resume(saved: TrainConfig, requested: TrainConfig) -> list[str]:
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:
     """Write ``config.to_dict()`` as indented JSON, atomically (fsync + rename)."""
-    from ddpmkit.fileio import atomic_write_json
-
     path = Path(path)
     atomic_write_json(path, config.to_dict())
     return path
@@ -491,16 +489,7 @@ def save_config(config: TrainConfig, path: str | Path) -> Path:
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read a JSON file written by ``save_config`` (or a subset of its keys)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a JSON object")
-    return config_from_partial_dict(d)
+    return config_from_partial_dict(read_json_object(path))
 
 
 def config_from_partial_dict(d: dict[str, Any]) -> TrainConfig:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = ["RunLock", "append_line_synced", "atomic_write", "atomic_write_bytes", "atomic_write_folder",
-           "atomic_write_json", "fsync_dir", "read_json_file", "read_json_object"]
+           "atomic_write_json", "fsync_dir", "read_json_lines", "read_json_object"]
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -84,14 +84,6 @@ def append_line_synced(path: str | Path, line: str) -> None:
         os.fsync(f.fileno())
 
 
-def read_json_file(path: str | Path) -> Any:
-    """``json.load`` of ``path``; an unreadable or invalid file is a ValueError naming it."""
-    try:
-        return json.loads(Path(path).read_bytes())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e})") from None
-
-
 def read_json_object(path: str | Path) -> dict[str, Any]:
     """A JSON object from ``path``: FileNotFoundError if there is no file, a ValueError naming the
     file if it is not valid JSON or not an object."""
@@ -99,12 +91,30 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_bytes())
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read JSON ({err})") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_json_lines(path: str | Path) -> list[tuple[str, Any]]:
+    """(line, value) for every line of a JSON-lines file (metrics.jsonl, a bits/dim partial file),
+    [] if there is none. A line torn by an interruption or a full disk reads as value None (ddpmkit
+    never writes a bare null); each caller decides what a torn line means for it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_bytes().decode(errors="replace").splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            out.append((line, None))
+    return out
 
 
 class RunLock:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpmkit.fileio import append_line_synced, atomic_write_bytes
+from ddpmkit.fileio import append_line_synced, atomic_write_bytes, read_json_lines
 from ddpmkit.seeds import Stream, derived_generator
 
 __all__ = ["evaluate_bpd", "rate_distortion_by_t", "rate_distortion_table", "table4_reverse_times"]
@@ -39,20 +39,16 @@ def _read_partial(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
     """The finished batches of a partial file made with ``header``'s settings ([] if none)."""
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
-    try:
-        old = json.loads(lines[0]) if lines else None
-    except json.JSONDecodeError:
-        old = None
+    lines = read_json_lines(path)
+    old = lines[0][1] if lines else None
     if old != header:
         raise ValueError(f"{path} holds a bits/dim evaluation with other settings ({old}); expected "
                          f"{header}. Delete it or choose another --out")
     batches = []
-    for line in lines[1:]:
-        try:
-            batches.append(json.loads(line))
-        except json.JSONDecodeError:
+    for _, record in lines[1:]:
+        if record is None:
             break  # a line cut short by an interruption: that batch is redone
+        batches.append(record)
     return batches
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ddpmkit.fileio import atomic_write_bytes, read_json_object
+from ddpmkit.fileio import atomic_write_bytes, read_json_lines, read_json_object
 
 __all__ = ["PAPER", "build_report"]
 
@@ -63,15 +63,8 @@ def _dataset_kind(config: dict[str, Any]) -> str:
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by an interruption
-    return [r for r in records if isinstance(r, dict) and "step" in r]
+    # a line cut short by an interruption reads as None and is skipped
+    return [r for _, r in read_json_lines(path) if isinstance(r, dict) and "step" in r]
 
 
 def _find_evals(run: Path) -> dict[str, dict[str, Any]]:
@@ -79,10 +72,10 @@ def _find_evals(run: Path) -> dict[str, dict[str, Any]]:
     found: dict[str, tuple[float, dict[str, Any]]] = {}
     for path in [*run.glob("eval_*.json"), *run.glob("*/eval_*.json")]:
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            data = read_json_object(path)
+        except (OSError, ValueError):
             continue
-        kind = data.get("kind") if isinstance(data, dict) else None
+        kind = data.get("kind")
         if kind in ("bpd", "fid", "digits"):
             mtime = path.stat().st_mtime
             if kind not in found or mtime > found[kind][0]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ddpmkit.config import Tracker, TrainConfig, deviations_from_paper
 from ddpmkit.distributed import DistInfo
-from ddpmkit.fileio import append_line_synced, atomic_write_bytes
+from ddpmkit.fileio import append_line_synced, atomic_write_bytes, read_json_lines
 
 __all__ = ["LOGGER_NAME", "TrainLog", "check_tracker", "truncate_metrics"]
 
@@ -199,12 +199,8 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = []
-    for number, line in enumerate(path.read_bytes().decode(errors="replace").splitlines(), start=1):
-        try:
-            record = json.loads(line)
-            record_step = record["step"] if isinstance(record, dict) else None
-        except ValueError:
-            record_step = None
+    for number, (line, record) in enumerate(read_json_lines(path), start=1):
+        record_step = record.get("step") if isinstance(record, dict) else None
         if type(record_step) is not int:
             warnings.warn(f"{path} line {number}: torn or invalid record dropped: {line[:80]!r}",
                           RuntimeWarning, stacklevel=2)
