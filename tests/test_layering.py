@@ -91,3 +91,19 @@ def test_no_import_cycle():
 def test_the_checker_sees_an_upward_import_and_a_cycle():
     assert "ddpmkit.diffusion" in imports("ddpmkit.sampling")
     assert _cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b", "a"]]
+
+
+def test_the_trainer_is_split_into_short_functions():
+    """Issue 12 point 3: no function of the trainer (train.py, training/) over 60 lines, the loop
+    (train._loop) at most 100."""
+    long = []
+    for m, path in MODULES.items():
+        if m != "ddpmkit.train" and not m.startswith("ddpmkit.training"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > (100 if (m, node.name) == ("ddpmkit.train", "_loop") else 60):
+                    long.append(f"{m}.{node.name}: {n} lines")
+    assert not long, long
+    assert "ddpmkit.training.step" in MODULES and "ddpmkit.training.state" in MODULES
