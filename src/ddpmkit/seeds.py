@@ -9,6 +9,9 @@ GPU gets the numbers of a straight CPU run).
 
 The first key names the stream (``Stream``). Training keeps the keys it always had, so runs made by
 earlier versions resume with the same streams; the epoch's data order is keyed by the epoch alone.
+A seed that feeds one stream of its own is used as it is, never combined with anything: the
+initial weights (``torch.manual_seed(seed)``), the digits classifier's recipe, a figure's pick of
+images and its single bits/dim pass. tests/test_seeds.py refuses any other derivation in the source.
 """
 
 from __future__ import annotations
