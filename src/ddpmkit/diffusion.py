@@ -50,6 +50,11 @@ class VarType(str, Enum):
     LEARNED = "learned"  # the network outputs log sigma_t^2 directly
     LEARNED_RANGE = "learned_range"  # v in [-1, 1] interpolates log beta-tilde_t .. log beta_t
 
+    @property
+    def is_learned(self) -> bool:
+        """The network outputs the variance too (2 * C channels)."""
+        return self in (VarType.LEARNED, VarType.LEARNED_RANGE)
+
 
 class LossType(str, Enum):
     """The training objective."""
@@ -58,6 +63,11 @@ class LossType(str, Enum):
     KL = "kl"  # the true bound: L_{t-1} (eq. 5) in bits/dim at the sampled t
     RESCALED_KL = "rescaled_kl"  # T * L_{t-1}: an unbiased one-sample estimate of sum_t L_t
     HYBRID = "hybrid"  # L_simple + lambda * T * L_{t-1} with stop-gradient on the mean
+
+    @property
+    def is_vb(self) -> bool:
+        """The objective is the bound term alone (improved-diffusion's ``LossType.is_vb``)."""
+        return self in (LossType.KL, LossType.RESCALED_KL)
 
 
 
@@ -248,7 +258,7 @@ class GaussianDiffusion:
         elif self.var_type is VarType.FIXED_SMALL:
             self.model_variance_fixed = self.posterior_variance
             self.model_log_variance_fixed = self.posterior_log_variance_clipped
-        elif self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE):
+        elif self.var_type.is_learned:
             self.model_variance_fixed = self.model_log_variance_fixed = None
         else:
             raise NotImplementedError(self.var_type)
@@ -414,7 +424,7 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ reverse process p_theta
     def model_output_channels(self, in_channels: int) -> int:
         """Channels the network must output: 2 C for learned variances (mean part, variance part), else C."""
-        if self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE):
+        if self.var_type.is_learned:
             return 2 * in_channels
         if self.var_type in (VarType.FIXED_LARGE, VarType.FIXED_SMALL):
             return in_channels
@@ -590,7 +600,7 @@ class GaussianDiffusion:
             self._check_like(noise, x0, "noise", "x0")
         x_t = self._q_sample(x0, t, noise)
         terms: dict[str, torch.Tensor] = {}
-        if self.loss_type in (LossType.KL, LossType.RESCALED_KL):
+        if self.loss_type.is_vb:
             model_output = self._model_output(model, x_t, t)
             p = self._p_mean_variance(model_output, x_t, t, clip_denoised=False)
             terms["vb"] = self._vb_terms_bpd(p, x0, x_t, t)
@@ -599,7 +609,7 @@ class GaussianDiffusion:
             return terms
         if self.loss_type not in (LossType.MSE, LossType.HYBRID):
             raise NotImplementedError(self.loss_type)
-        learned = self.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)
+        learned = self.var_type.is_learned
         if self.loss_type is LossType.MSE and learned:
             raise ValueError(
                 f"loss_type 'mse' trains no variance, but var_type is {self.var_type.value!r}; "

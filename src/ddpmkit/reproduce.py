@@ -134,7 +134,7 @@ def digits_split() -> tuple[np.ndarray, np.ndarray]:
 
 def variant_config(variant: Variant, sizes: ReproduceSizes, seed: int) -> TrainConfig:
     """The digits preset with this variant's parameterization, variance and loss; nothing else changes."""
-    learned = variant.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)
+    learned = variant.var_type.is_learned
     over: dict[str, Any] = {"steps": sizes.steps, "seed": seed, "diffusion.mean_type": variant.mean_type,
                             "diffusion.var_type": variant.var_type, "diffusion.loss_type": variant.loss_type,
                             "diffusion.num_timesteps": sizes.num_timesteps, "unet.learned_variance": learned,

@@ -345,7 +345,7 @@ def diffusion_config_from_scheduler(
             source, "prediction_type", cfg["prediction_type"], " or ".join(map(repr, _PREDICTION_TO_OURS))
         )
     var_type = _VARIANCE_TO_OURS[cfg["variance_type"]]
-    learned = var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)
+    learned = var_type.is_learned
     return DiffusionConfig(
         schedule=schedule,
         num_timesteps=T,
@@ -525,7 +525,7 @@ def load_diffusers(path: str | Path) -> tuple[UNet, DiffusionConfig | None, Path
     diffusion = None
     if scheduler_path is not None:
         diffusion = diffusion_config_from_scheduler(read_json(scheduler_path), source=str(scheduler_path))
-    learned = diffusion is not None and diffusion.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)
+    learned = diffusion is not None and diffusion.var_type.is_learned
     config_path = unet_dir / UNET_CONFIG_NAME
     unet_config = read_json(config_path)
     unet_config_from_diffusers(unet_config, learned_variance=learned, source=str(config_path))  # fail early
@@ -541,7 +541,7 @@ def write_diffusers_folder(unet: UNet, diffusion: DiffusionConfig, out_dir: str 
     ``out_dir``/scheduler/scheduler_config.json and model_index.json (a DDPMPipeline)."""
     out = Path(out_dir)
     scheduler = scheduler_config_from_diffusion(diffusion)  # raises before anything is written
-    if unet.config.learned_variance != (diffusion.var_type in (VarType.LEARNED, VarType.LEARNED_RANGE)):
+    if unet.config.learned_variance != diffusion.var_type.is_learned:
         raise ValueError(
             f"the U-Net's learned_variance={unet.config.learned_variance} does not match the diffusion's "
             f"var_type {diffusion.var_type.value!r}"
