@@ -1,0 +1,131 @@
+"""DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the probability-flow ODE.
+
+In the data-prediction form, with alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and the
+half log-SNR lambda_t = log(alpha_t / sigma_t), the ODE's exact solution from t to s < t is
+
+    x_s = (sigma_s / sigma_t) x_t + sigma_s int_{lambda_t}^{lambda_s} e^lambda x0_theta(x_lambda) d lambda.
+
+Holding x0_theta constant over the step gives the first-order update (DDIM with eta = 0); the 2M
+update replaces it by a linear extrapolation through the previous step's data prediction:
+
+    h = lambda_s - lambda_t,  r = h_prev / h,
+    D = (1 + 1 / (2r)) x0_t - 1 / (2r) x0_prev,
+    x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D.
+
+The model is called only at the chain's integer timesteps (as diffusers' multistep scheduler does
+for a discrete-time model), once per step; the first step and the last (to x_0, lambda = +inf)
+are first order, so S timesteps cost S model calls. docs/math.md derives the update; on Gaussian
+data tests/test_dpm_solver.py checks its error against the exact ODE map at second order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ddpmkit.checks import check_int
+from ddpmkit.diffusion import GaussianDiffusion, Model
+from ddpmkit.sampling import Callback, Generators, Timesteps, _run, _t_batch, _x_start, parse_timesteps
+
+__all__ = [
+    "dpm_solver_2m_update",
+    "half_log_snr",
+    "logsnr_uniform_timesteps",
+    "sample_dpm_solver",
+    "time_uniform_timesteps",
+]
+
+
+def half_log_snr(abar: float) -> float:
+    """lambda = log(alpha / sigma) = log(abar / (1 - abar)) / 2."""
+    return 0.5 * (math.log(abar) - math.log1p(-abar))
+
+
+def dpm_solver_2m_update(x_t: torch.Tensor, x0_t: torch.Tensor, x0_prev: torch.Tensor | None, *,
+                         abar_t: float, abar_s: float, h_prev: float | None) -> torch.Tensor:
+    """One DPM-Solver++ step x_t -> x_s (s < t): second order through ``x0_prev`` (the data
+    prediction one step earlier, h_prev its lambda step), first order when it is None.
+    x_t, x0_t, x0_prev: (B, C, ...) -> x_s of that shape."""
+    # 1. the step in lambda, and the ODE's linear part
+    alpha_s, sigma_s, sigma_t = math.sqrt(abar_s), math.sqrt(1.0 - abar_s), math.sqrt(1.0 - abar_t)
+    h = half_log_snr(abar_s) - half_log_snr(abar_t)
+    # 2. the data prediction over the step: constant (first order) or extrapolated (2M)
+    if x0_prev is None or h_prev is None:
+        d = x0_t
+    else:
+        r = h_prev / h
+        d = (1.0 + 0.5 / r) * x0_t - (0.5 / r) * x0_prev
+    # 3. exponential integrator: x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D
+    return (sigma_s / sigma_t) * x_t - alpha_s * math.expm1(-h) * d
+
+
+def time_uniform_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The S model timesteps of S + 1 points evenly spread over [0, T-1] in t, rounded, without
+    the last point 0 (diffusers' "linspace" spacing; the final step goes from the smallest to x_0).
+    Increasing, distinct."""
+    T = check_int(num_timesteps, "num_timesteps", low=2)
+    S = check_int(steps, "steps", low=1, high=T - 1, hint=f"(the model's T = {T})")
+    return _distinct(np.round(np.linspace(0, T - 1, S + 1))[1:].astype(np.int64).tolist(), T)
+
+
+def logsnr_uniform_timesteps(alphas_cumprod: Sequence[float] | torch.Tensor, steps: int) -> list[int]:
+    """The S model timesteps of S + 1 points evenly spread in the half log-SNR lambda between
+    timestep T-1 and 0 (Lu et al.'s logSNR-uniform choice), each the nearest integer timestep,
+    without the last point 0. Increasing, distinct: a timestep taken twice moves to the next free one."""
+    abar = np.asarray(torch.as_tensor(alphas_cumprod, dtype=torch.float64))
+    T = abar.shape[0]
+    S = check_int(steps, "steps", low=1, high=T - 1, hint=f"(the model's T = {T})")
+    lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # (T,), decreasing in t
+    targets = np.linspace(lam[0], lam[-1], S + 1)[1:]  # (S,), increasing in t
+    return _distinct([int(np.argmin(np.abs(lam - v))) for v in targets], T)
+
+
+def _distinct(ks: list[int], T: int) -> list[int]:
+    """Sorted, then each moved up past its predecessor and down below T - (later ones)."""
+    ks = sorted(max(k, 1) for k in ks)
+    for i in range(1, len(ks)):
+        ks[i] = max(ks[i], ks[i - 1] + 1)
+    for i in range(len(ks) - 1, -1, -1):
+        ks[i] = min(ks[i], T - len(ks) + i)
+    return ks
+
+
+@torch.inference_mode()
+def sample_dpm_solver(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    *,
+    timesteps: Timesteps = None,
+    generator: Generators = None,
+    clip_denoised: bool = True,
+    x_T: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) over the kept ``timesteps`` (default: 20 logSNR-uniform ones), one model
+    call each; x_T from ``generator`` as every sampler draws it, then no noise. The contract of
+    ``sample_ancestral``. shape: (B, C, H, W) -> x_0 of that shape."""
+    if timesteps is None:
+        timesteps = logsnr_uniform_timesteps(diffusion.alphas_cumprod, min(20, diffusion.num_timesteps))
+    kept = parse_timesteps(diffusion.num_timesteps, timesteps)
+    x = _x_start(shape, x_T, generator, device)
+    abar = [float(a) for a in diffusion.alphas_cumprod]
+    history: list[tuple[torch.Tensor, float]] = []  # (x0 prediction, its lambda step) one step back
+
+    def step(i: int, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = kept[i]
+        x0_t = diffusion.p_mean_variance(model, x_t, _t_batch(t, x_t), clip_denoised)["pred_x0"]
+        if i == 0:  # to x_0 (lambda = +inf): the first-order step lands on the data prediction
+            return x0_t, x0_t
+        abar_s = abar[kept[i - 1]]
+        x0_prev, h_prev = history[-1] if history else (None, None)
+        x_s = dpm_solver_2m_update(x_t, x0_t, x0_prev, abar_t=abar[t], abar_s=abar_s, h_prev=h_prev)
+        history[:] = [(x0_t, half_log_snr(abar_s) - half_log_snr(abar[t]))]
+        return x_s, x0_t
+
+    return _run(step, x, kept, callback, progress, "dpm-solver++")
