@@ -38,7 +38,8 @@ def gaussian_eps(d):
 
 
 def flow_map(d, x: torch.Tensor, k_from: int, k_to: int) -> torch.Tensor:
-    """The probability-flow ODE of Gaussian data keeps (x_k - sqrt(abar_k) M) / sqrt(abar_k S2 + 1 - abar_k)."""
+    """The probability-flow ODE of Gaussian data keeps (x_k - sqrt(abar_k) M) / sqrt(abar_k S2 + 1 - abar_k)
+    constant: x at ``k_from`` mapped to ``k_to``."""
     a, b = d.alphas_cumprod[k_from], d.alphas_cumprod[k_to]
     z = (x - a.sqrt() * M) / (a * S2 + 1 - a).sqrt()
     return b.sqrt() * M + (b * S2 + 1 - b).sqrt() * z
@@ -92,7 +93,7 @@ def test_error_against_the_exact_flow_shrinks_at_second_order(diffusion, grid):
 
 def test_the_last_step_lands_on_the_data_prediction(diffusion):
     """From the smallest kept timestep k_0 the first-order step to x_0 (lambda = +inf) returns
-    E[x_0 | x_{k_0}], which for Gaussian data is M + sqrt(abar) S2 / (abar S2 + 1 - abar) (x - sqrt(abar) M)."""
+    E[x_0 | x_{k_0}], for Gaussian data M + sqrt(abar) S2 / (abar S2 + 1 - abar) (x - sqrt(abar) M)."""
     x_T = x_T_draw(50)
     seen = {}
     kept = logsnr_uniform_timesteps(diffusion.alphas_cumprod, 10)
