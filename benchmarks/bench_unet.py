@@ -260,7 +260,7 @@ def prepare_sampling(b: Bench, opts: Options) -> None:
     bf16 autocast, torch.compile, CUDA graphs), the same wrapper for every system."""
     b.model.eval()
     if opts.device.type == "cuda":
-        from ddpmkit.sampling import prepare_model
+        from ddpmkit.accel import prepare_model
 
         b.sample_fn = prepare_model(
             b.model,

@@ -15,9 +15,11 @@ import time
 
 import torch
 
+from ddpmkit.chains import ddim_invert
 from ddpmkit.data.sources import load_digits_uint8
 from ddpmkit.models import load_model
-from ddpmkit.sampling import ddim_invert, parse_timesteps, sample_ddim
+from ddpmkit.respace import parse_timesteps
+from ddpmkit.sampling import sample_ddim
 
 
 def main() -> None:

@@ -193,7 +193,7 @@ def part_train(args: argparse.Namespace, sz: dict[str, Any], name: str) -> dict[
 
 
 def _sampling_model(args: argparse.Namespace, sz: dict[str, Any], name: str) -> Any:
-    from ddpmkit.sampling import prepare_model
+    from ddpmkit.accel import prepare_model
 
     net = diffusers_unet(sz, dropout=0.0) if "diffusers" in name else ddpmkit_unet(sz, dropout=0.0)
     graphs = name.endswith("graphs") and args.device.startswith("cuda")

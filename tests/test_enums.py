@@ -53,7 +53,8 @@ def test_every_parser_refuses_with_the_one_message(name):
 
 
 def test_sampling_parsers_use_it():
-    from ddpmkit.sampling import _parse_encoder, sample
+    from ddpmkit.chains import _parse_encoder
+    from ddpmkit.sampling import sample
 
     for call in (lambda: _parse_encoder("x"),
                  lambda: sample(lambda a, b: a, _diffusion(), (1, 1, 2, 2), sampler="x", steps=1)):

@@ -24,10 +24,12 @@ import pytest
 import torch
 
 from ddpmkit import checkpoint as ckpt
+from ddpmkit.accel import prepare_model
 from ddpmkit.config import apply_overrides, train_preset
 from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.nn import UNet, UNetConfig
-from ddpmkit.sampling import prepare_model, sample_ancestral, sample_generators
+from ddpmkit.sampling import sample_ancestral
+from ddpmkit.seeds import sample_generators
 from ddpmkit.train import train
 
 HAS_CUDA = torch.cuda.is_available()

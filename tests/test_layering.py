@@ -10,7 +10,8 @@ from pathlib import Path
 import ddpmkit
 
 SRC = Path(ddpmkit.__file__).parent
-MATH = {"ddpmkit.schedules", "ddpmkit.distributions", "ddpmkit.diffusion", "ddpmkit.sampling"}
+MATH = {"ddpmkit.schedules", "ddpmkit.distributions", "ddpmkit.diffusion", "ddpmkit.respace",
+        "ddpmkit.sampling", "ddpmkit.chains"}
 ABOVE_INTEROP = ("ddpmkit.models", "ddpmkit.convert", "ddpmkit.train", "ddpmkit.training",
                  "ddpmkit.evaluate", "ddpmkit.cli", "ddpmkit.figures", "ddpmkit.reproduce", "ddpmkit.config",
                  "ddpmkit.checkpoint")
@@ -107,3 +108,37 @@ def test_the_trainer_is_split_into_short_functions():
                     long.append(f"{m}.{node.name}: {n} lines")
     assert not long, long
     assert "ddpmkit.training.step" in MODULES and "ddpmkit.training.state" in MODULES
+
+
+def test_accel_imports_torch_only():
+    """Issue 22: the speed wrappers know neither the math nor the network."""
+    assert imports("ddpmkit.accel") == set()
+    tree = ast.parse(MODULES["ddpmkit.accel"].read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert roots <= {"__future__", "collections", "typing", "torch"}, roots
+
+
+def test_the_samplers_and_chains_call_only_public_methods_of_the_diffusion():
+    """Issue 22 / DESIGN.md point 8: one public API; no ``diffusion._...`` outside ddpmkit.diffusion."""
+    private = []
+    for m in ("ddpmkit.sampling", "ddpmkit.chains"):
+        for node in ast.walk(ast.parse(MODULES[m].read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                    and not node.attr.startswith("__") and isinstance(node.value, ast.Name)
+                    and node.value.id in ("diffusion", "chain")):
+                private.append(f"{m}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not private, private
+
+
+def test_the_math_is_split_into_short_functions():
+    """Issue 22: no function of the math modules over 60 lines."""
+    long = []
+    for m in ("ddpmkit.diffusion", "ddpmkit.respace", "ddpmkit.sampling", "ddpmkit.chains", "ddpmkit.accel",
+              "ddpmkit.seeds"):
+        for node in ast.walk(ast.parse(MODULES[m].read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    long.append(f"{m}.{node.name}: {n} lines")
+    assert not long, long

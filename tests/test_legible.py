@@ -65,11 +65,11 @@ def test_labels_sit_over_every_column_and_beside_every_row():
 
 
 def test_progressive_labels_name_the_chain_timesteps_in_order():
-    from ddpmkit.sampling import sample_progressive
+    from ddpmkit.chains import sample_progressive
 
     diffusion = DiffusionConfig(num_timesteps=T, beta_start=0.01, beta_end=0.4).build()
     out = sample_progressive(lambda x, t: torch.zeros_like(x), diffusion, (1, 1, 4, 4),
-                             snapshot_ts=__import__("ddpmkit.sampling").sampling.space_timesteps(T, 3),
+                             snapshot_ts=__import__("ddpmkit.respace").respace.space_timesteps(T, 3),
                              generator=torch.Generator().manual_seed(0))
     cols, rows = progressive_labels(T, 3)
     assert cols == [f"t = {int(t)}" for t in out["t"]] and cols[0] == f"t = {T - 1}" and cols[-1] == "t = 0"
@@ -151,6 +151,7 @@ def test_every_figure_is_labelled_and_wide(model_dir, tmp_path, kind, extra, col
 
 
 def test_figure_labels_match_the_figures_layout():
+    from ddpmkit.chains import sample_progressive
     from ddpmkit.figures import (
         interpolation_figure,
         interpolation_labels,
@@ -159,7 +160,6 @@ def test_figure_labels_match_the_figures_layout():
         shared_xt_figure,
         shared_xt_labels,
     )
-    from ddpmkit.sampling import sample_progressive
 
     diffusion = DiffusionConfig(num_timesteps=T, beta_start=0.01, beta_end=0.4).build()
     eps = lambda x, t: torch.zeros_like(x)  # noqa: E731

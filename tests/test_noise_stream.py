@@ -1,6 +1,6 @@
 """One noise stream: a CPU generator gives the same eps whatever device the model is on.
 
-``diffusion.draw_standard_normal`` draws in float32 on the generator's device, then moves; the
+``seeds.draw_standard_normal`` draws in float32 on the generator's device, then moves; the
 bound (``calc_bpd_loop``), the training loss and ``evaluate_bpd`` (``ddpm eval bpd``) draw through
 it, and ``evaluate_bpd`` seeds a CPU generator. The "meta" device stands in for a GPU: a tensor
 there has a device but no data, and a CPU generator cannot draw on it directly.
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmkit.diffusion import DiffusionConfig, draw_standard_normal
+from ddpmkit.diffusion import DiffusionConfig
+from ddpmkit.seeds import draw_standard_normal, sample_generators
 
 
 def test_draw_is_the_cpu_stream_in_float32_moved_to_the_device():
@@ -81,12 +82,13 @@ def test_calc_bpd_loop_gives_the_cpu_numbers_on_cuda():
 
 
 def test_one_noise_helper_for_the_samplers_and_the_losses():
-    """Issue 12: the samplers' draw_noise is the diffusion's draw_standard_normal, not a copy."""
-    from ddpmkit import sampling
+    """Issue 12: the samplers, the chains and the losses draw with seeds.draw_standard_normal, not a copy."""
+    from ddpmkit import chains, diffusion, sampling
 
-    assert sampling.draw_noise is draw_standard_normal
-    gens = sampling.sample_generators(3, range(2))
+    assert sampling.draw_standard_normal is chains.draw_standard_normal is draw_standard_normal
+    assert diffusion.draw_standard_normal is draw_standard_normal
+    gens = sample_generators(3, range(2))
     z = draw_standard_normal((2, 3), gens, device=torch.device("cpu"), dtype=torch.float64)
     for b in range(2):
-        want = torch.randn((3,), generator=sampling.sample_generators(3, [b])[0], dtype=torch.float32)
+        want = torch.randn((3,), generator=sample_generators(3, [b])[0], dtype=torch.float32)
         assert torch.equal(z[b], want.double())

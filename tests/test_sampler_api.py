@@ -11,21 +11,17 @@ import torch
 from diffusers import DDPMScheduler
 from stand_ins import diffusers_ddpm_chain
 
-from ddpmkit.diffusion import DiffusionConfig, GaussianDiffusion, SpacedDiffusion
-from ddpmkit.sampling import (
-    ddim_invert,
-    ddim_mean_variance,
-    ddim_step,
+from ddpmkit.chains import ddim_invert
+from ddpmkit.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpmkit.respace import (
+    SpacedDiffusion,
     improved_diffusion_timesteps,
-    p_sample,
     parse_timesteps,
     respace_diffusion,
-    sample,
-    sample_ancestral,
-    sample_ddim,
-    sample_generators,
     space_timesteps,
 )
+from ddpmkit.sampling import ddim_mean_variance, ddim_step, p_sample, sample, sample_ancestral, sample_ddim
+from ddpmkit.seeds import sample_generators
 
 SHAPE = (4, 2, 4, 4)
 

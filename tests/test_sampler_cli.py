@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 from stand_ins import TINY_T
 
+from ddpmkit.chains import interpolate
 from ddpmkit.cli import main
-from ddpmkit.sampling import interpolate, sample, sample_generators
+from ddpmkit.sampling import sample
+from ddpmkit.seeds import sample_generators
 
 T = TINY_T
 
@@ -76,8 +78,9 @@ def test_interpolation_figure_with_ddim_encoding(model_dir, tmp_path) -> None:
 def test_ddim_interpolation_endpoints_reconstruct_through_inversion(model_dir) -> None:
     """lambda = 0 and 1 decode ddim_invert(x0_a) and ddim_invert(x0_b): with all steps kept up to t
     these are the round trips; the middle mixes them."""
+    from ddpmkit.chains import ddim_invert
     from ddpmkit.models import load_model
-    from ddpmkit.sampling import ddim_invert, sample_ddim
+    from ddpmkit.sampling import sample_ddim
 
     loaded = load_model(str(model_dir))
     net, d = loaded.unet.eval(), loaded.diffusion.build()

@@ -1,5 +1,6 @@
 """Samplers: noise streams, Algorithm 2 / respaced / DDIM against diffusers' schedulers and closed
-forms, the toy Gaussian whose optimal denoiser is known, and the figures' chains."""
+forms, the toy Gaussian whose optimal denoiser is known, and the speed wrappers (the figures' chains:
+tests/test_chains.py)."""
 
 from __future__ import annotations
 
@@ -11,25 +12,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from stand_ins import diffusers_ddpm_chain
 
+from ddpmkit.accel import prepare_model
 from ddpmkit.diffusion import DiffusionConfig, GaussianDiffusion
-from ddpmkit.sampling import (
-    ddim_mean_variance,
-    draw_noise,
-    interpolate,
-    prepare_model,
-    reconstruct,
-    respace_diffusion,
-    sample,
-    sample_ancestral,
-    sample_ddim,
-    sample_from_xt,
-    sample_generators,
-    sample_progressive,
-    sample_respaced,
-    sample_seed,
-    sample_shared_xt,
-    space_timesteps,
-)
+from ddpmkit.respace import respace_diffusion, space_timesteps
+from ddpmkit.sampling import ddim_mean_variance, sample, sample_ancestral, sample_ddim
+from ddpmkit.seeds import draw_standard_normal, sample_generators, sample_seed
 
 T_SMALL = 20
 SHAPE = (8, 2, 4, 4)
@@ -87,14 +74,16 @@ def test_sample_seeds_are_stable_and_distinct() -> None:
 
 
 def test_per_sample_noise_does_not_depend_on_the_batch() -> None:
-    z8 = draw_noise((8, 3, 2, 2), sample_generators(5, range(8)), device="cpu", dtype=torch.float32)
-    z1 = torch.cat([draw_noise((1, 3, 2, 2), sample_generators(5, [i]), device="cpu", dtype=torch.float32)
-                    for i in range(8)])
+    z8 = draw_standard_normal((8, 3, 2, 2), sample_generators(5, range(8)), device="cpu", dtype=torch.float32)
+    z1 = torch.cat([
+        draw_standard_normal((1, 3, 2, 2), sample_generators(5, [i]), device="cpu", dtype=torch.float32)
+        for i in range(8)
+    ])
     assert torch.equal(z8, z1)
     ref = torch.randn((3, 2, 2), generator=torch.Generator().manual_seed(sample_seed(5, 6)))
     assert torch.equal(z8[6], ref)
     with pytest.raises(ValueError, match="one generator per sample"):
-        draw_noise((3, 2), sample_generators(0, range(2)), device="cpu", dtype=torch.float32)
+        draw_standard_normal((3, 2), sample_generators(0, range(2)), device="cpu", dtype=torch.float32)
 
 
 def test_same_seed_same_samples_other_seed_other_samples() -> None:
@@ -154,7 +143,7 @@ def test_respaced_ddpm_matches_diffusers_custom_timesteps(var_type: str) -> None
     d, model = make_diffusion(var_type), ToyEps(T)
     kept = space_timesteps(T, S)
     assert kept == [0, 4, 8, 11, 15, 19]
-    ours = sample_respaced(model, d, SHAPE, steps=S, generator=torch.Generator().manual_seed(3))
+    ours = sample_ancestral(model, d, SHAPE, timesteps=S, generator=torch.Generator().manual_seed(3))
     sched = DDPMScheduler(**_diffusers_config(d, T), variance_type=var_type.replace("fixed", "fixed_"))
     torch.testing.assert_close(ours, diffusers_ddpm_chain(sched, model, kept, SHAPE, 3), atol=2e-5, rtol=0)
 
@@ -250,7 +239,7 @@ def test_space_timesteps_and_respaced_coefficients() -> None:
 def test_respaced_with_all_steps_is_algorithm_2() -> None:
     d, model = make_diffusion(), ToyEps(T_SMALL)
     a = sample_ancestral(model, d, SHAPE, generator=sample_generators(1, range(8)))
-    b = sample_respaced(model, d, SHAPE, steps=T_SMALL, generator=sample_generators(1, range(8)))
+    b = sample_ancestral(model, d, SHAPE, timesteps=T_SMALL, generator=sample_generators(1, range(8)))
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
@@ -321,57 +310,6 @@ def test_algorithm_2_reproduces_a_gaussian_with_its_optimal_denoiser(
     assert ((x.var(0) / s2 - 1).abs() < 5 * se_var / s2 + discretisation_tol).all()
 
 
-# ---------------------------------------------------------------------------------- figures' chains
-def test_progressive_snapshots_and_final_sample() -> None:
-    d, model = make_diffusion(), ToyEps(T_SMALL)
-    gens = sample_generators(0, range(8))
-    out = sample_progressive(model, d, SHAPE, snapshot_ts=[0, 10, 19], generator=gens)
-    assert out["t"] == [19, 10, 0]
-    assert out["x_t"].shape == out["pred_x0"].shape == (3, *SHAPE)
-    x_T = draw_noise(SHAPE, sample_generators(0, range(8)), device="cpu", dtype=torch.float32)
-    assert torch.equal(out["x_t"][0], x_T)
-    ref = sample_ancestral(model, d, SHAPE, generator=sample_generators(0, range(8)))
-    assert torch.equal(out["sample"], ref)
-    torch.testing.assert_close(out["pred_x0"][-1], out["sample"])  # x_0 = the prediction at t = 0
-    with pytest.raises(ValueError, match=r"snapshot t must be an int in \[0, 19\]"):
-        sample_progressive(model, d, SHAPE, snapshot_ts=[20])
-
-
-def test_interpolation_shares_noise_across_lambdas() -> None:
-    d, model = make_diffusion(), ToyEps(T_SMALL)
-    g = torch.Generator().manual_seed(0)
-    a = torch.rand(2, 2, 4, 4, generator=g) * 2 - 1
-    b = torch.rand(2, 2, 4, 4, generator=g) * 2 - 1
-    same = interpolate(model, d, a, a, 10, [0.0, 0.3, 1.0], generator=torch.Generator().manual_seed(1))
-    assert same.shape == (2, 3, 2, 4, 4)
-    torch.testing.assert_close(same[:, 1], same[:, 0], atol=1e-5, rtol=0)  # (1-l) x + l x = x
-    torch.testing.assert_close(same[:, 2], same[:, 0], atol=1e-5, rtol=0)
-    mix = interpolate(model, d, a, b, 10, [0.0, 0.5, 1.0], generator=torch.Generator().manual_seed(1))
-    assert (mix[:, 0] - mix[:, 2]).abs().max() > 0.1
-    # lambda = 0 decodes x_t = q(a) with the encoder noise shared with b: check the encoding
-    g1 = torch.Generator().manual_seed(1)
-    noise = torch.randn(a.shape, generator=g1)
-    x_t = d.q_sample(a, torch.full((2,), 10), noise)
-    chain = sample_generators(int(torch.randint(0, 2**62, (1,), generator=g1)), range(2))
-    torch.testing.assert_close(mix[:, 0], sample_from_xt(model, d, x_t, 10, generator=chain))
-
-
-def test_shared_xt_and_reconstruction() -> None:
-    d, model = make_diffusion(), ToyEps(T_SMALL)
-    x_t = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    draws = sample_shared_xt(model, d, x_t, 12, 5, generator=sample_generators(0, range(5)))
-    assert draws.shape == (5, 2, 4, 4) and (draws[0] - draws[1]).abs().max() > 1e-3
-    last = sample_shared_xt(model, d, x_t, 0, 3, generator=sample_generators(0, range(3)))
-    assert torch.equal(last[0], last[1])  # from t = 0 the step adds no noise
-    with pytest.raises(ValueError, match="batch of one"):
-        sample_shared_xt(model, d, x_t.repeat(2, 1, 1, 1), 3, 2)
-    x0 = torch.rand(3, 2, 4, 4, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    enc, rec = reconstruct(model, d, x0, 5, generator=torch.Generator().manual_seed(3))
-    assert enc.shape == rec.shape == x0.shape
-    enc2, rec2 = reconstruct(model, d, x0, 5, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(rec, rec2) and torch.equal(enc, enc2)
-
-
 # ---------------------------------------------------------------------------------- speed options
 def test_prepare_model_default_path_keeps_the_numbers(tiny_unet: torch.nn.Module) -> None:
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -384,22 +322,3 @@ def test_prepare_model_default_path_keeps_the_numbers(tiny_unet: torch.nn.Module
     torch.testing.assert_close(fast, ref, atol=0.05, rtol=0.05)
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         prepare_model(tiny_unet, device="cpu", cuda_graphs=True)
-
-
-def test_p_sample_loop_progressive_is_algorithm_2_step_by_step():
-    """Issue 12 point 4 (dead code made live): the progressive loop yields t = T-1 .. 0 and its last
-    sample is sample_ancestral's x_0 for the same noise streams."""
-    from ddpmkit.sampling import p_sample_loop_progressive
-
-    diffusion = DiffusionConfig(num_timesteps=6).build()
-    model = lambda x, t: 0.1 * x  # noqa: E731 - a toy eps model
-    shape = (3, 1, 2, 2)
-    want = sample_ancestral(model, diffusion, shape, generator=sample_generators(4, range(3)))
-    gens = sample_generators(4, range(3))
-    x_T = draw_noise(shape, gens, device="cpu", dtype=torch.float32)
-    steps = list(p_sample_loop_progressive(model, diffusion, x_T, generator=gens))
-    assert [s["t"] for s in steps] == [5, 4, 3, 2, 1, 0]
-    assert torch.equal(steps[0]["x_t"], x_T)
-    for a, b in zip(steps, steps[1:], strict=False):
-        assert torch.equal(b["x_t"], a["sample"])
-    torch.testing.assert_close(steps[-1]["sample"], want, rtol=0, atol=0)

@@ -17,8 +17,7 @@ import torch
 import ddpmkit
 from ddpmkit.config import apply_overrides, train_preset
 from ddpmkit.distributed import DistInfo
-from ddpmkit.sampling import sample_seed
-from ddpmkit.seeds import Stream, derive_seed, derived_generator, seed_sequence
+from ddpmkit.seeds import Stream, derive_seed, derived_generator, sample_seed, seed_sequence
 
 SRC = Path(ddpmkit.__file__).parent
 DERIVERS = {"derive_seed", "sample_seed"}

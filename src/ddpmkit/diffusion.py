@@ -5,12 +5,17 @@ Equation numbers are the paper's (arXiv:2006.11239). Timesteps are 0-based: inde
 paper's t + 1. Shapes: x0, x_t: (B, C, H, W) (any (B, C, ...) works); t: (B,) int64 in [0, T).
 The model is any callable ``model(x_t, t) -> Tensor`` of shape (B, C_out, H, W), with
 C_out = ``model_output_channels(C)``. Derivations: docs/math.md.
+
+One public API: each public method validates its arguments and then computes. Its keyword
+``check=False`` is for a caller that has validated them once already (the samplers, the bound loop,
+the trainer, the methods here calling each other): it skips every check, the range check of t
+included, which reads t back (a device sync per call on a GPU). The model's output is always checked.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
@@ -20,14 +25,16 @@ import torch
 from ddpmkit.distributions import CDFType, discretized_gaussian_log_likelihood, normal_kl
 from ddpmkit.enums import parse_enum, unknown_choice
 from ddpmkit.schedules import BETA_SCHEDULES, get_named_beta_schedule
+from ddpmkit.seeds import draw_standard_normal
 
 __all__ = [
     "DiffusionConfig",
     "GaussianDiffusion",
     "LossType",
     "MeanType",
-    "SpacedDiffusion",
     "VarType",
+    "check_same_shape",
+    "check_tensor",
     "mean_flat",
 ]
 
@@ -72,40 +79,21 @@ class LossType(str, Enum):
 
 
 
-def draw_standard_normal(
-    shape: Sequence[int],
-    generator: torch.Generator | Sequence[torch.Generator] | None,
-    *,
-    device: torch.device | str,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """eps ~ N(0, I) of ``shape`` (B, ...) on ``device``: the one noise stream of ddpmkit (training
-    losses, bits/dim, every sampler).
-
-    ``generator``: None (the global RNG of ``device``), a generator (drawn in float32 on its device,
-    then moved, so a CPU generator gives the same numbers whatever device the model runs on), or B
-    generators (sample b drawn from generator b, on its device, in float32).
-    """
-    shape = tuple(shape)
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    if isinstance(generator, torch.Generator):
-        z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    else:
-        if len(generator) != shape[0]:
-            raise ValueError(f"expected one generator per sample ({shape[0]}), got {len(generator)}")
-        z = torch.stack(
-            [torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator]
-        )  # (B, ...)
-    return _to_device(z, device, dtype)
+def check_tensor(x: Any, name: str, *, min_ndim: int = 1) -> None:
+    """A ValueError unless x is a floating-point tensor of shape (B, C, ...) with >= min_ndim dims."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have shape (B, C, ...) with >= {min_ndim} dims, got {tuple(x.shape)}")
 
 
-def _to_device(z: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-    """Move CPU noise to ``device``; to a GPU through pinned memory, without waiting for it."""
-    device = torch.device(device)
-    if z.device.type == "cpu" and device.type == "cuda":
-        return z.pin_memory().to(device=device, non_blocking=True).to(dtype)
-    return z.to(device=device, dtype=dtype)
+def check_same_shape(y: Any, x: torch.Tensor, name: str, x_name: str) -> None:
+    """A ValueError unless y is a floating-point tensor of x's shape."""
+    check_tensor(y, name)
+    if y.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of {x_name} {tuple(x.shape)}, got {tuple(y.shape)}")
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -269,7 +257,7 @@ class GaussianDiffusion:
             f"var_type={self.var_type.value}, loss_type={self.loss_type.value})"
         )
 
-    # ------------------------------------------------------------------ helpers and validation
+    # ------------------------------------------------------------------ extraction and validation
     def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Coefficient ``name`` at t, cast to x's dtype/device: (B,) -> (B, 1, ..., 1)."""
         key = (name, x.device, x.dtype)
@@ -279,24 +267,14 @@ class GaussianDiffusion:
             self._cache[key] = arr
         return arr[t.to(x.device)].reshape(t.shape[0], *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
 
-    def _check_x(self, x: Any, name: str, min_ndim: int = 1) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.ndim < min_ndim:
-            raise ValueError(
-                f"{name} must have shape (B, C, ...) with >= {min_ndim} dims, got {tuple(x.shape)}"
-            )
-
-    def _check_t(self, t: Any, batch: int, *, check_range: bool = True) -> None:
+    def _check_t(self, t: Any, batch: int) -> None:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"t must be a (B,) int64 torch.Tensor, got {type(t).__name__}")
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise ValueError(f"t must be an integer (int64) tensor, got dtype {t.dtype}")
         if t.shape != (batch,):
             raise ValueError(f"t must have shape (B,) = ({batch},), got {tuple(t.shape)}")
-        if batch and check_range:  # the range check reads t back: a device sync on a GPU
+        if batch:  # the range check reads t back: a device sync on a GPU
             lo, hi = torch.aminmax(t)
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= self.num_timesteps:
@@ -305,19 +283,25 @@ class GaussianDiffusion:
                     f"got values in [{lo}, {hi}]"
                 )
 
-    def _check_like(self, y: Any, x: torch.Tensor, name: str, x_name: str) -> None:
-        self._check_x(y, name)
-        if y.shape != x.shape:
-            raise ValueError(f"{name} must have the shape of {x_name} {tuple(x.shape)}, got {tuple(y.shape)}")
+    def _check_batch(self, x: Any, t: Any, name: str = "x", min_ndim: int = 1) -> None:
+        check_tensor(x, name, min_ndim=min_ndim)
+        self._check_t(t, x.shape[0])
 
-    def _check_batch(self, x: Any, t: Any, name: str = "x", min_ndim: int = 1, *,
-                     check_range: bool = True) -> None:
-        self._check_x(x, name, min_ndim)
-        self._check_t(t, x.shape[0], check_range=check_range)
+    def _check_model_output(self, model_output: Any, x_t: torch.Tensor) -> None:
+        B, C = x_t.shape[:2]
+        expected = (B, self.model_output_channels(C), *x_t.shape[2:])
+        if not isinstance(model_output, torch.Tensor) or tuple(model_output.shape) != expected:
+            got = tuple(model_output.shape) if isinstance(model_output, torch.Tensor) else type(model_output)
+            raise ValueError(
+                f"model output must have shape {expected} for var_type {self.var_type.value!r}, got {got}"
+            )
+        if not model_output.is_floating_point():
+            raise ValueError(f"model output must be a floating-point tensor, got dtype {model_output.dtype}")
 
+    # ------------------------------------------------------------------ hooks of a respaced chain
     def _model_t(self, t: torch.Tensor) -> torch.Tensor:
         """The timesteps the model sees for this diffusion's indices t: (B,) -> (B,). Identity here;
-        a ``SpacedDiffusion`` maps index i to its kept timestep k_i."""
+        a ``respace.SpacedDiffusion`` maps index i to its kept timestep k_i."""
         return t
 
     def _model_output(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -325,6 +309,20 @@ class GaussianDiffusion:
         model_output = model(x_t, self._model_t(t))
         self._check_model_output(model_output, x_t)
         return model_output
+
+    def _x0_from_model_xprev(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x_0 implied by an x_prev model's output, the mean of x_{t-1} of the chain it was trained on."""
+        return self.predict_x0_from_xprev(x_t, t, out, check=False)
+
+    def _mean_from_model_xprev(
+        self, out: torch.Tensor, pred_x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """The reverse mean of an x_prev model: its output itself on the chain it was trained on."""
+        return out
+
+    def _xprev_target(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What an x_prev model is trained to output at t: mu-tilde_t(x_t, x_0), eq. (7)."""
+        return self.q_posterior_mean(x0, x_t, t, check=False)
 
     # ------------------------------------------------------------------ forward process q
     def q_mean_variance(
@@ -347,23 +345,33 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
+        check: bool = True,
     ) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps ~ N(0, I): a sample of eq. (4).
 
         x0: (B, ...); t: (B,); noise: x0's shape or None (drawn with ``generator``). Returns x_t.
         """
-        self._check_batch(x0, t, "x0")
+        if check:
+            self._check_batch(x0, t, "x0")
         if noise is None:
             noise = draw_standard_normal(x0.shape, generator, device=x0.device, dtype=x0.dtype)
-        else:
-            self._check_like(noise, x0, "noise", "x0")
-        return self._q_sample(x0, t, noise)
-
-    def _q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        elif check:
+            check_same_shape(noise, x0, "noise", "x0")
         return (
             self._extract("sqrt_alphas_cumprod", t, x0) * x0
             + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
         )
+
+    def q_posterior_mean(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *, check: bool = True
+    ) -> torch.Tensor:
+        """mu-tilde_t(x_t, x_0) = coef1 x_0 + coef2 x_t, eq. (7). x0, x_t: (B, ...); t: (B,)."""
+        if check:
+            self._check_batch(x_t, t, "x_t")
+            check_same_shape(x0, x_t, "x0", "x_t")
+        coef1 = self._extract("posterior_mean_coef1", t, x_t)
+        coef2 = self._extract("posterior_mean_coef2", t, x_t)
+        return coef1 * x0 + coef2 * x_t
 
     def q_posterior_mean_variance(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
@@ -372,51 +380,42 @@ class GaussianDiffusion:
 
         x0, x_t: (B, ...); t: (B,). Returns (mean, variance, log_variance_clipped), each of x_t's shape.
         """
-        self._check_batch(x_t, t, "x_t")
-        self._check_like(x0, x_t, "x0", "x_t")
-        mean = self._posterior_mean(x0, x_t, t)
+        mean = self.q_posterior_mean(x0, x_t, t)
         variance = self._extract("posterior_variance", t, x_t).expand_as(x_t)
         log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
-    def _posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        coef1 = self._extract("posterior_mean_coef1", t, x_t)
-        coef2 = self._extract("posterior_mean_coef2", t, x_t)
-        return coef1 * x0 + coef2 * x_t  # mu-tilde_t, eq. (7)
-
     # ------------------------------------------------------------------ reparameterizations
-    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def predict_x0_from_eps(
+        self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, *, check: bool = True
+    ) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), eq. (4) solved for x_0 (used in eq. 15)."""
-        self._check_batch(x_t, t, "x_t")
-        self._check_like(eps, x_t, "eps", "x_t")
-        return self._predict_x0_from_eps(x_t, t, eps)
-
-    def _predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        if check:
+            self._check_batch(x_t, t, "x_t")
+            check_same_shape(eps, x_t, "eps", "x_t")
         return (
             self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
             - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
-    def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def predict_eps_from_x0(
+        self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, *, check: bool = True
+    ) -> torch.Tensor:
         """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), the inverse of ``predict_x0_from_eps``."""
-        self._check_batch(x_t, t, "x_t")
-        self._check_like(x0, x_t, "x0", "x_t")
-        return self._predict_eps_from_x0(x_t, t, x0)
-
-    def _predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        if check:
+            self._check_batch(x_t, t, "x_t")
+            check_same_shape(x0, x_t, "x0", "x_t")
         return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._extract(
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
-    def predict_x0_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-        """x_0 from the posterior mean mu-tilde = coef1 x_0 + coef2 x_t (eq. 7) solved for x_0."""
-        self._check_batch(x_t, t, "x_t")
-        self._check_like(x_prev, x_t, "x_prev", "x_t")
-        return self._predict_x0_from_xprev(x_t, t, x_prev)
-
-    def _predict_x0_from_xprev(
-        self, x_t: torch.Tensor, t: torch.Tensor, x_prev: torch.Tensor
+    def predict_x0_from_xprev(
+        self, x_t: torch.Tensor, t: torch.Tensor, x_prev: torch.Tensor, *, check: bool = True
     ) -> torch.Tensor:
+        """x_0 from the posterior mean mu-tilde = coef1 x_0 + coef2 x_t (eq. 7) solved for x_0."""
+        if check:
+            self._check_batch(x_t, t, "x_t")
+            check_same_shape(x_prev, x_t, "x_prev", "x_t")
         return (x_prev - self._extract("posterior_mean_coef2", t, x_t) * x_t) / self._extract(
             "posterior_mean_coef1", t, x_t
         )
@@ -431,7 +430,8 @@ class GaussianDiffusion:
         raise NotImplementedError(self.var_type)
 
     def p_mean_variance(
-        self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
+        self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True, *,
+        check: bool = True,
     ) -> dict[str, torch.Tensor]:
         """p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I), eq. (1), (11).
 
@@ -439,26 +439,19 @@ class GaussianDiffusion:
         ``log_variance``, ``pred_x0`` (clipped to [-1, 1] when ``clip_denoised``), ``pred_eps``, and
         ``model_output`` (the raw network output, (B, C_out, ...)).
         """
-        self._check_batch(x_t, t, "x_t", min_ndim=2)
-        return self._p_mean_variance_model(model, x_t, t, clip_denoised)
-
-    def _p_mean_variance_model(
-        self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool
-    ) -> dict[str, torch.Tensor]:
-        """``p_mean_variance`` without the checks of x_t and t (the samplers check them once)."""
-        return self._p_mean_variance(self._model_output(model, x_t, t), x_t, t, clip_denoised)
+        if check:
+            self._check_batch(x_t, t, "x_t", min_ndim=2)
+        model_output = self._model_output(model, x_t, t)
+        return self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised, check=False)
 
     def p_mean_variance_from_output(
-        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+        *, check: bool = True,
     ) -> dict[str, torch.Tensor]:
         """``p_mean_variance`` for a network output already computed: (B, C_out, ...)."""
-        self._check_batch(x_t, t, "x_t", min_ndim=2)
-        self._check_model_output(model_output, x_t)
-        return self._p_mean_variance(model_output, x_t, t, clip_denoised)
-
-    def _p_mean_variance(
-        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool
-    ) -> dict[str, torch.Tensor]:
+        if check:
+            self._check_batch(x_t, t, "x_t", min_ndim=2)
+            self._check_model_output(model_output, x_t)
         out = model_output.to(x_t.dtype)
         mean_out, variance, log_variance = self._split_variance(out, x_t, t)
 
@@ -470,16 +463,16 @@ class GaussianDiffusion:
             mean = self._mean_from_model_xprev(mean_out, pred_x0, x_t, t)
         elif self.mean_type is MeanType.X0:
             pred_x0 = process_x0(mean_out)
-            mean = self._posterior_mean(pred_x0, x_t, t)
+            mean = self.q_posterior_mean(pred_x0, x_t, t, check=False)
         elif self.mean_type is MeanType.EPS:
-            pred_x0 = process_x0(self._predict_x0_from_eps(x_t, t, mean_out))
-            mean = self._posterior_mean(pred_x0, x_t, t)  # = eq. (11) when nothing is clipped
+            pred_x0 = process_x0(self.predict_x0_from_eps(x_t, t, mean_out, check=False))
+            mean = self.q_posterior_mean(pred_x0, x_t, t, check=False)  # = eq. (11) when nothing is clipped
         else:
             raise NotImplementedError(self.mean_type)
         if self.mean_type is MeanType.EPS and not clip_denoised:
             pred_eps = mean_out
         else:
-            pred_eps = self._predict_eps_from_x0(x_t, t, pred_x0)
+            pred_eps = self.predict_eps_from_x0(x_t, t, pred_x0, check=False)
         return {
             "mean": mean,
             "variance": variance,
@@ -488,31 +481,6 @@ class GaussianDiffusion:
             "pred_eps": pred_eps,
             "model_output": model_output,
         }
-
-    def _x0_from_model_xprev(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """x_0 implied by an x_prev model's output, the mean of x_{t-1} of the chain it was trained on."""
-        return self._predict_x0_from_xprev(x_t, t, out)
-
-    def _mean_from_model_xprev(
-        self, out: torch.Tensor, pred_x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        """The reverse mean of an x_prev model: its output itself on the chain it was trained on."""
-        return out
-
-    def _xprev_target(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What an x_prev model is trained to output at t: mu-tilde_t(x_t, x_0), eq. (7)."""
-        return self._posterior_mean(x0, x_t, t)
-
-    def _check_model_output(self, model_output: Any, x_t: torch.Tensor) -> None:
-        B, C = x_t.shape[:2]
-        expected = (B, self.model_output_channels(C), *x_t.shape[2:])
-        if not isinstance(model_output, torch.Tensor) or tuple(model_output.shape) != expected:
-            got = tuple(model_output.shape) if isinstance(model_output, torch.Tensor) else type(model_output)
-            raise ValueError(
-                f"model output must have shape {expected} for var_type {self.var_type.value!r}, got {got}"
-            )
-        if not model_output.is_floating_point():
-            raise ValueError(f"model output must be a floating-point tensor, got dtype {model_output.dtype}")
 
     def _split_variance(
         self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
@@ -537,21 +505,18 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ the bound, eq. (5)
     def vb_terms_bpd(
-        self, p: dict[str, torch.Tensor], x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+        self, p: dict[str, torch.Tensor], x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
+        check: bool = True,
     ) -> torch.Tensor:
         """One term of eq. (5) in bits/dim: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))
         for t > 0 (0-based), and the decoder L_0 = -log p_theta(x_0 | x_1) (eq. 13) at t = 0.
 
         p: the dict of ``p_mean_variance``; x0, x_t: (B, ...); t: (B,). Returns (B,).
         """
-        self._check_batch(x_t, t, "x_t")
-        self._check_like(x0, x_t, "x0", "x_t")
-        return self._vb_terms_bpd(p, x0, x_t, t)
-
-    def _vb_terms_bpd(
-        self, p: dict[str, torch.Tensor], x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        true_mean = self._posterior_mean(x0, x_t, t)
+        if check:
+            self._check_batch(x_t, t, "x_t")
+            check_same_shape(x0, x_t, "x0", "x_t")
+        true_mean = self.q_posterior_mean(x0, x_t, t, check=False)
         true_log_variance = self._extract("posterior_log_variance_clipped", t, x_t)
         kl = normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])
         kl = mean_flat(kl) / math.log(2.0)
@@ -567,13 +532,14 @@ class GaussianDiffusion:
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
         """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, eq. (5). x0: (B, ...) -> (B,)."""
-        self._check_x(x0, "x0")
+        check_tensor(x0, "x0")
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.int64, device=x0.device)
         mean = self._extract("sqrt_alphas_cumprod", t, x0) * x0
         log_variance = self._extract("log_one_minus_alphas_cumprod", t, x0)
         zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
         return mean_flat(normal_kl(mean, log_variance, zero, zero)) / math.log(2.0)
 
+    # ------------------------------------------------------------------ the objective (Algorithm 1)
     def training_losses(
         self,
         model: Model,
@@ -582,7 +548,7 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
-        check_t_range: bool = True,
+        check: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Per-example losses at the timesteps t (Algorithm 1).
 
@@ -590,34 +556,46 @@ class GaussianDiffusion:
         tensors: ``loss`` (the objective), plus ``mse`` (L_simple, eq. 14) for mse/hybrid and ``vb``
         (L_{t-1} in bits/dim) for kl/rescaled_kl/hybrid. The hybrid loss is
         mse + hybrid_lambda * T * vb, with the model mean detached inside vb (Nichol & Dhariwal).
-        ``check_t_range=False`` skips reading t back to check its range (a device sync per call on
-        a GPU), for callers that drew t in range themselves, as the trainer does every step.
+        The trainer passes ``check=False``: it drew t in range and the noise itself, every step.
         """
-        self._check_batch(x0, t, "x0", min_ndim=2, check_range=check_t_range)
+        if check:
+            self._check_batch(x0, t, "x0", min_ndim=2)
         if noise is None:
             noise = draw_standard_normal(x0.shape, generator, device=x0.device, dtype=x0.dtype)
-        else:
-            self._check_like(noise, x0, "noise", "x0")
-        x_t = self._q_sample(x0, t, noise)
+        elif check:
+            check_same_shape(noise, x0, "noise", "x0")
+        x_t = self.q_sample(x0, t, noise, check=False)
         terms: dict[str, torch.Tensor] = {}
         if self.loss_type.is_vb:
-            model_output = self._model_output(model, x_t, t)
-            p = self._p_mean_variance(model_output, x_t, t, clip_denoised=False)
-            terms["vb"] = self._vb_terms_bpd(p, x0, x_t, t)
+            terms["vb"] = self._vb_term(self._model_output(model, x_t, t), x0, x_t, t)
             scale = self.num_timesteps if self.loss_type is LossType.RESCALED_KL else 1.0
             terms["loss"] = terms["vb"] * scale
             return terms
         if self.loss_type not in (LossType.MSE, LossType.HYBRID):
             raise NotImplementedError(self.loss_type)
-        learned = self.var_type.is_learned
-        if self.loss_type is LossType.MSE and learned:
+        if self.loss_type is LossType.MSE and self.var_type.is_learned:
             raise ValueError(
                 f"loss_type 'mse' trains no variance, but var_type is {self.var_type.value!r}; "
                 "expected loss_type 'hybrid', 'kl' or 'rescaled_kl' (or a fixed var_type)"
             )
         model_output = self._model_output(model, x_t, t)
-        C = x0.shape[1]
-        mean_out = model_output[:, :C].to(x0.dtype)
+        terms["mse"] = self._simple_term(model_output, x0, x_t, t, noise)
+        terms["loss"] = terms["mse"]
+        if self.loss_type is LossType.HYBRID:
+            # stop-gradient on the mean: the bound term trains only the variance
+            C = x0.shape[1]
+            frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
+            terms["vb"] = self._vb_term(frozen, x0, x_t, t)
+            terms["loss"] = terms["mse"] + self.hybrid_lambda * self.num_timesteps * terms["vb"]
+        return terms
+
+    def _simple_term(
+        self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """L_simple, eq. (14): ||target - model||^2 per example (B,); the target is eps, x_0 or
+        mu-tilde_t(x_t, x_0) by the mean type."""
+        mean_out = model_output[:, :x0.shape[1]].to(x0.dtype)
         if self.mean_type is MeanType.EPS:
             target = noise
         elif self.mean_type is MeanType.X0:
@@ -626,16 +604,16 @@ class GaussianDiffusion:
             target = self._xprev_target(x0, x_t, t)
         else:
             raise NotImplementedError(self.mean_type)
-        terms["mse"] = mean_flat((target - mean_out) ** 2)
-        terms["loss"] = terms["mse"]
-        if self.loss_type is LossType.HYBRID:
-            # stop-gradient on the mean: the bound term trains only the variance
-            frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
-            p = self._p_mean_variance(frozen, x_t, t, clip_denoised=False)
-            terms["vb"] = self._vb_terms_bpd(p, x0, x_t, t)
-            terms["loss"] = terms["mse"] + self.hybrid_lambda * self.num_timesteps * terms["vb"]
-        return terms
+        return mean_flat((target - mean_out) ** 2)
 
+    def _vb_term(
+        self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """L_{t-1} of eq. (5) in bits/dim (B,) for a network output, x_0 unclipped."""
+        p = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised=False, check=False)
+        return self.vb_terms_bpd(p, x0, x_t, t, check=False)
+
+    # ------------------------------------------------------------------ the whole bound
     @torch.no_grad()
     def calc_bpd_loop(
         self,
@@ -658,118 +636,39 @@ class GaussianDiffusion:
         """
         from ddpmkit.logs import progress_bar
 
-        self._check_x(x0, "x0", min_ndim=2)
+        check_tensor(x0, "x0", min_ndim=2)
         if x0.numel() and not bool((x0.abs() <= 1.0 + 1e-5).all()):
             raise ValueError("x0 must be data scaled to [-1, 1] (the decoder, eq. 13, bins 256 levels there)")
         if t_chunk is None:
             t_chunk = 1
         if isinstance(t_chunk, bool) or not isinstance(t_chunk, int) or t_chunk < 1:
             raise ValueError(f"t_chunk must be a positive int or None, got {t_chunk!r}")
-        B, T = x0.shape[0], self.num_timesteps
-        vb, x0_mse, mse = [], [], []
+        T = self.num_timesteps
+        terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         with progress_bar(total=T, disable=not progress, desc="bits/dim", unit="t") as bar:
             for start in range(0, T, t_chunk):
                 k = min(t_chunk, T - start)
-                t = torch.arange(start, start + k, device=x0.device).repeat_interleave(B)  # (kB,)
-                x0_k = x0.repeat(k, *([1] * (x0.ndim - 1)))  # (kB, C, ...), timestep-major
-                noise = torch.cat(
-                    [draw_standard_normal(x0.shape, generator, device=x0.device, dtype=x0.dtype)
-                     for _ in range(k)]
-                )  # (kB, C, ...)
-                x_t = self._q_sample(x0_k, t, noise)
-                p = self._p_mean_variance_model(model, x_t, t, clip_denoised)
-                vb.append(self._vb_terms_bpd(p, x0_k, x_t, t).view(k, B))
-                x0_mse.append(mean_flat((p["pred_x0"] - x0_k) ** 2).view(k, B))
-                mse.append(mean_flat((p["pred_eps"] - noise) ** 2).view(k, B))
+                terms.append(self._bound_terms(model, x0, start, k, clip_denoised, generator))
                 bar.update(k)
-        vb_bt = torch.cat(vb).T  # (B, T)
+        vb, x0_mse, mse = (torch.cat(column).T for column in zip(*terms, strict=True))  # (B, T) each
         prior = self.prior_bpd(x0)
-        return {
-            "total_bpd": vb_bt.sum(dim=1) + prior,
-            "prior_bpd": prior,
-            "vb": vb_bt,
-            "x0_mse": torch.cat(x0_mse).T,
-            "mse": torch.cat(mse).T,
-        }
+        return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb, "x0_mse": x0_mse,
+                "mse": mse}
 
-
-class SpacedDiffusion(GaussianDiffusion):
-    """``base`` restricted to the increasing kept timesteps k_0 < ... < k_{S-1} (Nichol & Dhariwal,
-    Sec. 4; improved-diffusion's ``SpacedDiffusion``). Index i of this diffusion is the base's
-    timestep k_i: every method that calls the model (``p_mean_variance``, ``training_losses``,
-    ``calc_bpd_loop`` and the samplers) passes it k_i, so the model needs no wrapper.
-
-    Its betas are 1 - abar_{k_i} / abar_{k_{i-1}} (abar_{k_{-1}} = 1), so its alphas_cumprod are the
-    base's at the kept steps; fixed variances are beta or beta-tilde of this chain and
-    ``learned_range`` interpolates this chain's bounds (as improved-diffusion). Eps and x_0 models
-    are read as on the base. An x_prev model's output is the mean of x_{k_i - 1} of the *base*
-    chain, so it is converted through the base's one-step posterior to x_0 and the mean is then
-    this chain's posterior mean at that x_0 (docs/math.md, "Respacing"). A raw ``learned``
-    log-variance is a one-step sigma^2 of the base chain and has no meaning for a jump of several
-    steps: it is refused unless every step is kept.
-
-    Attributes: base, timesteps (tuple of the S kept base timesteps), timestep_map ((S,) int64).
-    """
-
-    def __init__(self, *, base: GaussianDiffusion, timesteps: Sequence[int]) -> None:
-        ks = _check_kept_timesteps(timesteps, base.num_timesteps)
-        if isinstance(base, SpacedDiffusion):  # respacing a respaced chain: compose the maps
-            ks = [base.timesteps[k] for k in ks]
-            base = base.base
-        T = base.num_timesteps
-        if base.var_type is VarType.LEARNED and len(ks) != T:
-            raise ValueError(
-                f"var_type 'learned' predicts the one-step log sigma^2 of the {T}-step chain, which "
-                f"does not apply to a respaced chain of {len(ks)} steps; sample with all {T} steps, "
-                "with DDIM (which ignores the variance), or train with var_type 'learned_range'"
-            )
-        abar = base.alphas_cumprod[ks]  # (S,) float64
-        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-        super().__init__(
-            betas=1.0 - abar / abar_prev,
-            mean_type=base.mean_type,
-            var_type=base.var_type,
-            loss_type=base.loss_type,
-            hybrid_lambda=base.hybrid_lambda,
-            decoder_cdf=base.decoder_cdf,
-        )
-        self.base = base
-        self.timesteps = tuple(ks)
-        self.timestep_map = torch.tensor(ks, dtype=torch.int64)
-
-    def __repr__(self) -> str:
-        return f"SpacedDiffusion(S={self.num_timesteps} of {self.base!r})"
-
-    def _model_t(self, t: torch.Tensor) -> torch.Tensor:
-        key = ("timestep_map", t.device, torch.int64)
-        table = self._cache.get(key)
-        if table is None:
-            table = self._cache[key] = self.timestep_map.to(t.device)
-        return table[t]
-
-    def _x0_from_model_xprev(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self.base._predict_x0_from_xprev(x_t, self._model_t(t), out)  # the base's eq. (7)
-
-    def _mean_from_model_xprev(
-        self, out: torch.Tensor, pred_x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        return self._posterior_mean(pred_x0, x_t, t)  # the jump k_i -> k_{i-1}
-
-    def _xprev_target(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.base._posterior_mean(x0, x_t, self._model_t(t))
-
-
-def _check_kept_timesteps(timesteps: Any, T: int) -> list[int]:
-    """``timesteps`` as a list of >= 2 increasing ints in [0, T - 1], or a ValueError."""
-    try:
-        ks = [int(k) for k in timesteps]
-        ok = all(float(k) == int(k) for k in timesteps)
-    except (TypeError, ValueError):
-        ks, ok = [], False
-    increasing = all(b > a for a, b in zip(ks, ks[1:], strict=False))
-    if not ok or len(ks) < 2 or not increasing or ks[0] < 0 or ks[-1] >= T:
-        raise ValueError(
-            f"timesteps must be at least 2 increasing ints in [0, {T - 1}], got {list(timesteps)!r}"
-            if isinstance(timesteps, Sequence) else f"timesteps must be a sequence of ints, got {timesteps!r}"
-        )
-    return ks
+    def _bound_terms(
+        self, model: Model, x0: torch.Tensor, start: int, k: int, clip_denoised: bool,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L_t, x0 error, eps error) at t = start .. start + k - 1 in one model call: (k, B) each."""
+        B = x0.shape[0]
+        t = torch.arange(start, start + k, device=x0.device).repeat_interleave(B)  # (kB,)
+        x0_k = x0.repeat(k, *([1] * (x0.ndim - 1)))  # (kB, C, ...), timestep-major
+        noise = torch.cat(
+            [draw_standard_normal(x0.shape, generator, device=x0.device, dtype=x0.dtype) for _ in range(k)]
+        )  # (kB, C, ...)
+        x_t = self.q_sample(x0_k, t, noise, check=False)
+        p = self.p_mean_variance(model, x_t, t, clip_denoised, check=False)
+        vb = self.vb_terms_bpd(p, x0_k, x_t, t, check=False).view(k, B)
+        x0_mse = mean_flat((p["pred_x0"] - x0_k) ** 2).view(k, B)
+        mse = mean_flat((p["pred_eps"] - noise) ** 2).view(k, B)
+        return vb, x0_mse, mse

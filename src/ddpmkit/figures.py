@@ -575,7 +575,9 @@ def progressive_figure(
     """Fig. 6: for each of shape[0] samples, the chain's x_t (row 1) and predicted x_0 (row 2) at
     ``num_snapshots`` timesteps evenly spaced from T - 1 to 0 (left to right). ``show``: "both",
     "x0" or "xt". shape: (B, C, H, W). Returns (uint8 grid images, columns)."""
-    from ddpmkit.sampling import sample_generators, sample_progressive, space_timesteps
+    from ddpmkit.chains import sample_progressive
+    from ddpmkit.respace import space_timesteps
+    from ddpmkit.seeds import sample_generators
 
     if show not in ("both", "x0", "xt"):
         raise unknown_choice("show", show, ("both", "x0", "xt"))
@@ -601,7 +603,7 @@ def progressive_labels(num_timesteps: int, num_snapshots: int, show: str = "both
     """Column labels ("t = 999", ..., "t = 0"; the paper's "t = 1000", ..., "t = 1" when
     ``one_based``) and row labels ("x_t", "pred x_0") of ``progressive_figure``'s grid, for
     ``save_image_grid(..., col_labels=, row_labels=)``."""
-    from ddpmkit.sampling import space_timesteps
+    from ddpmkit.respace import space_timesteps
 
     ts = sorted(set(space_timesteps(num_timesteps, num_snapshots)), reverse=True)
     rows = {"both": ["x_t", "pred x_0"], "xt": ["x_t"], "x0": ["pred x_0"]}[show]
@@ -639,7 +641,8 @@ def reconstruction_figure(
 ) -> tuple[np.ndarray, int]:
     """Reconstructions through the stochastic encoder q (Sec. 4.3): for each image of x0 (B, C, H, W)
     a row [x_0, then for each t in ``ts``: x_t, x_0 decoded from x_t]. Returns (grid images, cols)."""
-    from ddpmkit.sampling import reconstruct, sample_generators
+    from ddpmkit.chains import reconstruct
+    from ddpmkit.seeds import sample_generators
 
     rows = []
     for b in range(x0.shape[0]):
@@ -665,8 +668,8 @@ def interpolation_figure(
 ) -> tuple[np.ndarray, int]:
     """Fig. 8-9: for each pair (x0_a[b], x0_b[b]) and each t in ``ts``, a row [source a, the
     decoded interpolations for lambda = 0, 1/(L-1), ..., 1, source b]. ``encoder`` "q" (the paper)
-    or "ddim" (deterministic, over ``timesteps``; ``sampling.interpolate``). Returns (grid images, cols)."""
-    from ddpmkit.sampling import interpolate
+    or "ddim" (deterministic, over ``timesteps``; ``chains.interpolate``). Returns (grid images, cols)."""
+    from ddpmkit.chains import interpolate
 
     if isinstance(num_lambdas, bool) or not isinstance(num_lambdas, int) or num_lambdas < 2:
         raise ValueError(f"num_lambdas must be an int >= 2, got {num_lambdas!r}")
@@ -693,7 +696,8 @@ def shared_xt_figure(
 ) -> tuple[np.ndarray, int]:
     """Fig. 7: one chain from x_T is stopped at each t in ``ts``; each row shows that x_t and then
     ``num_samples`` draws of x_0 ~ p_theta(x_0 | x_t) that share it. shape: (1, C, H, W)."""
-    from ddpmkit.sampling import sample_generators, sample_progressive, sample_shared_xt
+    from ddpmkit.chains import sample_progressive, sample_shared_xt
+    from ddpmkit.seeds import sample_generators
 
     if tuple(shape)[0] != 1:
         raise ValueError(f"shape must be (1, C, H, W): one chain, got {tuple(shape)}")

@@ -295,7 +295,8 @@ def _eval_stage(run_dir: Path, sizes: ReproduceSizes, seed: int, out: Path, name
     from ddpmkit.evaluate.bpd import evaluate_bpd
     from ddpmkit.evaluate.digits_metric import digits_fd
     from ddpmkit.figures import images_to_uint8, save_image_grid
-    from ddpmkit.sampling import sample, sample_generators
+    from ddpmkit.sampling import sample
+    from ddpmkit.seeds import sample_generators
 
     unet, diffusion = _load(run_dir)
     with torch.inference_mode():  # one noise stream per sample, as `ddpm sample --seed` draws them
@@ -344,6 +345,7 @@ def _nn_stage(samples_npz: Path, out: Path, panel_rows: int = 8, k: int = 3) -> 
 
 def _figures_stage(run_dir: Path, sizes: ReproduceSizes, seed: int, out: Path) -> dict[str, Any]:
     """Sec. 4.3 progressive lossy reconstructions and Fig. 6 progressive generation (L_simple)."""
+    from ddpmkit.chains import reconstruct
     from ddpmkit.figures import (
         progressive_figure,
         progressive_labels,
@@ -351,7 +353,6 @@ def _figures_stage(run_dir: Path, sizes: ReproduceSizes, seed: int, out: Path) -
         reconstruction_labels,
         save_image_grid,
     )
-    from ddpmkit.sampling import reconstruct
 
     unet, diffusion = _load(run_dir)
     T = diffusion.num_timesteps

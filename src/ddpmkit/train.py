@@ -253,7 +253,8 @@ def _loop(run: _Run, stop: _StopFlag, pending: PendingRng | None) -> int:
 def _sample_grid(run: _Run) -> Path | None:
     """A grid from the EMA weights with the same noise every time, written by rank 0 (others wait)."""
     from ddpmkit.figures import save_image_grid
-    from ddpmkit.sampling import sample_ancestral, sample_generators
+    from ddpmkit.sampling import sample_ancestral
+    from ddpmkit.seeds import sample_generators
 
     c, path, n = run.config, None, run.config.num_samples
     if run.info.is_main and n > 0:

@@ -118,7 +118,7 @@ def _timesteps(args: argparse.Namespace, T: int) -> list[int]:
 
 
 def _spec(text: str | None, encode: str) -> Any:
-    from ddpmkit.sampling import timesteps_from_text
+    from ddpmkit.respace import timesteps_from_text
 
     if text is not None and encode != "ddim":
         raise ValueError("--timesteps applies to --encode ddim only")
@@ -127,8 +127,8 @@ def _spec(text: str | None, encode: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from ddpmkit import figures
+    from ddpmkit.accel import prepare_model
     from ddpmkit.models import load_model
-    from ddpmkit.sampling import prepare_model
 
     if getattr(args, "n", 1) < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")

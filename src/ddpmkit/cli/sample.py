@@ -193,18 +193,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, out_dir: Path) -> int:
+    from ddpmkit.accel import prepare_model
     from ddpmkit.config import check_fits
     from ddpmkit.figures import save_image
     from ddpmkit.logs import progress_bar
     from ddpmkit.models import load_model
-    from ddpmkit.sampling import (
-        parse_timesteps,
-        prepare_model,
-        sample,
-        sample_generators,
-        space_timesteps,
-        timesteps_from_text,
-    )
+    from ddpmkit.respace import parse_timesteps, space_timesteps, timesteps_from_text
+    from ddpmkit.sampling import sample
+    from ddpmkit.seeds import sample_generators
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, ema=args.ema)

@@ -115,8 +115,8 @@ class UpdateStep:
     def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The batch mean of the configured loss (L_simple, L_vlb or hybrid): a 0-dim tensor."""
         with autocast(self.state.config.precision, self.info.device):
-            # t is drawn in range by ``draw``: no per-step range check (a device sync on a GPU)
-            return self.diffusion.training_losses(self.net, x0, t, noise, check_t_range=False)["loss"].mean()
+            # t and noise come from ``draw``: no per-step checks (t's range check is a device sync on a GPU)
+            return self.diffusion.training_losses(self.net, x0, t, noise, check=False)["loss"].mean()
 
     def _update_tensors(self) -> list[torch.Tensor]:
         """Everything one optimiser step writes: the parameters, then the optimiser's state tensors."""

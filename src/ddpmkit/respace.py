@@ -1,0 +1,230 @@
+"""Timestep specs (a count, improved-diffusion's "ddimN" / "10,15,20", a list) and the spaced diffusion.
+
+A sampler keeps timesteps k_0 < ... < k_{S-1} of the base chain (0-based). ``parse_timesteps``
+reads every form a user gives and is the one check of them (``check_steps``: a count;
+``check_timestep``: one index). ``SpacedDiffusion`` is the DDPM chain on the kept steps (Nichol &
+Dhariwal Sec. 4, improved-diffusion's ``respace.py``; docs/math.md Sec. 10); it calls the model with
+the kept timesteps itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddpmkit.checks import check_int
+from ddpmkit.diffusion import GaussianDiffusion, VarType
+
+__all__ = [
+    "SpacedDiffusion",
+    "Timesteps",
+    "chain_on",
+    "check_steps",
+    "check_timestep",
+    "improved_diffusion_timesteps",
+    "parse_timesteps",
+    "respace_diffusion",
+    "space_timesteps",
+    "timesteps_from_text",
+]
+
+Timesteps = int | str | Sequence[int] | None
+
+
+# ---------------------------------------------------------------------------------- timestep specs
+def check_steps(num_timesteps: int, steps: Any, *, low: int = 1, hint: str = "") -> int:
+    """The one check of a step count S: an int in [low, T] (``hint`` default: the model's T)."""
+    T = num_timesteps
+    return check_int(steps, "steps", low=low, high=T, hint=hint or f"(the model's T = {T})")
+
+
+def check_timestep(num_timesteps: int, t: Any, name: str = "t") -> int:
+    """The one check of a single 0-based timestep index: an int in [0, T - 1]."""
+    return check_int(t, name, low=0, high=num_timesteps - 1, hint="(0-based timestep)")
+
+
+def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """``steps`` timesteps evenly strided over [0, T-1], both ends included, increasing:
+    round(i (T - 1) / (S - 1)) for i = 0..S-1, Python's round (ties to even) of the exact ratio
+    (all T when S = T; [T - 1] when S = 1). This is the rounding of a count; improved-diffusion's
+    string "S" (``improved_diffusion_timesteps``) accumulates the stride instead and can differ
+    by one step at ties."""
+    T = num_timesteps
+    steps = check_steps(T, steps)
+    if steps == 1:
+        return [T - 1]
+    kept = [round(i * (T - 1) / (steps - 1)) for i in range(steps)]
+    assert len(set(kept)) == steps, kept
+    return kept
+
+
+def improved_diffusion_timesteps(num_timesteps: int, spec: str) -> list[int]:
+    """improved-diffusion's ``space_timesteps(T, spec)`` (Nichol & Dhariwal's
+    ``--timestep_respacing``), sorted: "ddimN" is range(0, T, stride) for the smallest stride that
+    gives N steps; "a,b,c" splits [0, T) into equal sections (the first T mod n one longer) and
+    takes a, b, c steps in them, each at start + round(j stride) with stride = (size - 1) /
+    (count - 1) accumulated in floating point (their arithmetic and Python's round, ties included)."""
+    T = num_timesteps
+    text = spec.strip()
+    if text.startswith("ddim"):
+        n = text[len("ddim"):]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"timesteps {spec!r}: expected 'ddimN' with N a positive int")
+        for stride in range(1, T):
+            if len(range(0, T, stride)) == int(n):
+                return list(range(0, T, stride))
+        raise ValueError(f"timesteps {spec!r}: no integer stride gives exactly {n} of T = {T} steps")
+    parts = text.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise ValueError(
+            f"timesteps {spec!r}: expected 'ddimN' or comma-separated section counts like '10,15,20'"
+        )
+    counts = [int(p) for p in parts]
+    size_per, extra = divmod(T, len(counts))
+    start, kept = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if not 1 <= count <= size:
+            raise ValueError(f"timesteps {spec!r}: section {i} has {size} steps, cannot take {count}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            kept.append(start + round(cur))
+            cur += stride
+        start += size
+    return sorted(set(kept))
+
+
+def parse_timesteps(num_timesteps: int, timesteps: Timesteps) -> list[int]:
+    """The kept timesteps, increasing, from what the user gives: None (all T), a count S
+    (``space_timesteps``), an improved-diffusion string ("ddim50", "10,15,20":
+    ``improved_diffusion_timesteps``), or an explicit sequence of distinct 0-based timesteps
+    (any order, as diffusers' ``timesteps=[...]``)."""
+    T = num_timesteps
+    if timesteps is None:
+        return list(range(T))
+    if isinstance(timesteps, str):
+        return improved_diffusion_timesteps(T, timesteps)
+    if isinstance(timesteps, (int, np.integer)) and not isinstance(timesteps, bool):
+        return space_timesteps(T, int(timesteps))
+    if isinstance(timesteps, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(timesteps, bool):
+        ks = [k.item() if hasattr(k, "item") else k for k in timesteps]
+        if ks and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < T for k in ks) and (
+            len(set(ks)) == len(ks)
+        ):
+            return sorted(ks)
+        raise ValueError(f"a timestep list must hold distinct ints in [0, {T - 1}], got {list(timesteps)!r}")
+    raise ValueError(f"timesteps must be None, a count, a string like 'ddim50' or a list, got {timesteps!r}")
+
+
+def timesteps_from_text(text: str) -> Timesteps:
+    """A command line's timesteps: "list:0,250,999" is an explicit list; anything else is
+    improved-diffusion's string ("ddim50", "10,15,20", "50"). See ``parse_timesteps``."""
+    if text.startswith("list:"):
+        try:
+            return [int(k) for k in text[len("list:"):].split(",")]
+        except ValueError:
+            raise ValueError(f"timesteps {text!r}: expected 'list:' and comma-separated ints") from None
+    return text
+
+
+def _check_kept_timesteps(timesteps: Any, T: int) -> list[int]:
+    """``timesteps`` as a list of >= 2 increasing ints in [0, T - 1], or a ValueError."""
+    try:
+        ks = [int(k) for k in timesteps]
+        ok = all(float(k) == int(k) for k in timesteps)
+    except (TypeError, ValueError):
+        ks, ok = [], False
+    increasing = all(b > a for a, b in zip(ks, ks[1:], strict=False))
+    if not ok or len(ks) < 2 or not increasing or ks[0] < 0 or ks[-1] >= T:
+        raise ValueError(
+            f"timesteps must be at least 2 increasing ints in [0, {T - 1}], got {list(timesteps)!r}"
+            if isinstance(timesteps, Sequence) else f"timesteps must be a sequence of ints, got {timesteps!r}"
+        )
+    return ks
+
+
+# ---------------------------------------------------------------------------------- the spaced chain
+class SpacedDiffusion(GaussianDiffusion):
+    """``base`` restricted to the increasing kept timesteps k_0 < ... < k_{S-1} (Nichol & Dhariwal,
+    Sec. 4; improved-diffusion's ``SpacedDiffusion``). Index i of this diffusion is the base's
+    timestep k_i: every method that calls the model (``p_mean_variance``, ``training_losses``,
+    ``calc_bpd_loop`` and the samplers) passes it k_i, so the model needs no wrapper.
+
+    Its betas are 1 - abar_{k_i} / abar_{k_{i-1}} (abar_{k_{-1}} = 1), so its alphas_cumprod are the
+    base's at the kept steps; fixed variances are beta or beta-tilde of this chain and
+    ``learned_range`` interpolates this chain's bounds (as improved-diffusion). Eps and x_0 models
+    are read as on the base. An x_prev model's output is the mean of x_{k_i - 1} of the *base*
+    chain, so it is converted through the base's one-step posterior to x_0 and the mean is then
+    this chain's posterior mean at that x_0 (docs/math.md, "Respacing"). A raw ``learned``
+    log-variance is a one-step sigma^2 of the base chain and has no meaning for a jump of several
+    steps: it is refused unless every step is kept.
+
+    Attributes: base, timesteps (tuple of the S kept base timesteps), timestep_map ((S,) int64).
+    """
+
+    def __init__(self, *, base: GaussianDiffusion, timesteps: Sequence[int]) -> None:
+        ks = _check_kept_timesteps(timesteps, base.num_timesteps)
+        if isinstance(base, SpacedDiffusion):  # respacing a respaced chain: compose the maps
+            ks = [base.timesteps[k] for k in ks]
+            base = base.base
+        T = base.num_timesteps
+        if base.var_type is VarType.LEARNED and len(ks) != T:
+            raise ValueError(
+                f"var_type 'learned' predicts the one-step log sigma^2 of the {T}-step chain, which "
+                f"does not apply to a respaced chain of {len(ks)} steps; sample with all {T} steps, "
+                "with DDIM (which ignores the variance), or train with var_type 'learned_range'"
+            )
+        abar = base.alphas_cumprod[ks]  # (S,) float64
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        super().__init__(
+            betas=1.0 - abar / abar_prev,
+            mean_type=base.mean_type,
+            var_type=base.var_type,
+            loss_type=base.loss_type,
+            hybrid_lambda=base.hybrid_lambda,
+            decoder_cdf=base.decoder_cdf,
+        )
+        self.base = base
+        self.timesteps = tuple(ks)
+        self.timestep_map = torch.tensor(ks, dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        return f"SpacedDiffusion(S={self.num_timesteps} of {self.base!r})"
+
+    # the hooks of GaussianDiffusion: the model sees k_i, an x_prev model is read on the base chain
+    def _model_t(self, t: torch.Tensor) -> torch.Tensor:
+        key = ("timestep_map", t.device, torch.int64)
+        table = self._cache.get(key)
+        if table is None:
+            table = self._cache[key] = self.timestep_map.to(t.device)
+        return table[t]
+
+    def _x0_from_model_xprev(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.base.predict_x0_from_xprev(x_t, self._model_t(t), out, check=False)  # the base's eq. (7)
+
+    def _mean_from_model_xprev(
+        self, out: torch.Tensor, pred_x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        return self.q_posterior_mean(pred_x0, x_t, t, check=False)  # the jump k_i -> k_{i-1}
+
+    def _xprev_target(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.base.q_posterior_mean(x0, x_t, self._model_t(t), check=False)
+
+
+def respace_diffusion(diffusion: GaussianDiffusion, timesteps: Timesteps) -> SpacedDiffusion:
+    """``SpacedDiffusion`` on the kept ``timesteps`` (any form ``parse_timesteps`` takes): a public
+    diffusion that calls the model with the original timesteps itself."""
+    return SpacedDiffusion(base=diffusion, timesteps=parse_timesteps(diffusion.num_timesteps, timesteps))
+
+
+def chain_on(diffusion: GaussianDiffusion, kept: list[int]) -> GaussianDiffusion:
+    """The diffusion whose index i is kept[i]: itself for 0, 1, ..., t, else the spaced one."""
+    if kept == list(range(len(kept))):
+        return diffusion
+    if len(kept) < 2:
+        raise ValueError(f"the ddpm sampler needs at least 2 timesteps, got {kept}")
+    return SpacedDiffusion(base=diffusion, timesteps=kept)
