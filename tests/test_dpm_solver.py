@@ -8,9 +8,10 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
+from ddpmkit.chains import ddim_invert
 from ddpmkit.diffusion import DiffusionConfig
-from ddpmkit.dpm_solver import logsnr_uniform_timesteps, sample_dpm_solver, time_uniform_timesteps
-from ddpmkit.sampling import ddim_invert, sample_ddim
+from ddpmkit.dpm_solver import logsnr_uniform_timesteps, time_uniform_timesteps
+from ddpmkit.sampling import sample_ddim, sample_dpm_solver
 
 T = 1000
 M = torch.tensor([0.3, -0.2], dtype=torch.float64)

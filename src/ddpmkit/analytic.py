@@ -29,9 +29,13 @@ import numpy as np
 import torch
 
 from ddpmkit.checks import check_float, check_int
+from ddpmkit.diffusion import GaussianDiffusion
+from ddpmkit.respace import chain_on
 
 __all__ = [
     "GammaEstimate",
+    "analytic_chain",
+    "chain_variance",
     "chain_alphas_cumprod",
     "estimate_gamma",
     "lambda_squared",
@@ -77,6 +81,25 @@ def optimal_variance(abar_t: np.ndarray, abar_s: np.ndarray, lambda2: np.ndarray
     snr_inv = (1.0 - abar_t) / abar_t
     cov = np.clip(snr_inv * (1.0 - gamma), 0.0, np.minimum(snr_inv, half**2))
     return lambda2 + x0_coefficient(abar_t, abar_s, lambda2) ** 2 * cov
+
+
+def chain_variance(diffusion: GaussianDiffusion, kept: Sequence[int], gamma: np.ndarray, *,
+                   eta: float = 1.0) -> np.ndarray:
+    """sigma*^2 of each step of the chain over ``kept`` (step i: k_i -> k_{i-1}, step 0: -> x_0) for
+    DDIM's eta (1: DDPM's posterior), from Gamma (T,) of ``diffusion``'s timesteps. (S,) float64."""
+    gamma = np.asarray(gamma.mean if isinstance(gamma, GammaEstimate) else gamma, dtype=np.float64)
+    if gamma.shape != (diffusion.num_timesteps,) or not np.isfinite(gamma).all():
+        raise ValueError(f"gamma must be ({diffusion.num_timesteps},) finite values, got shape {gamma.shape}")
+    abar_t, abar_s = chain_alphas_cumprod(diffusion.alphas_cumprod, kept)
+    lam2 = lambda_squared(abar_t, abar_s, eta)
+    return optimal_variance(abar_t, abar_s, lam2, gamma[np.asarray(list(kept))])
+
+
+def analytic_chain(diffusion: GaussianDiffusion, kept: list[int], gamma: np.ndarray) -> GaussianDiffusion:
+    """The (respaced) DDPM chain over ``kept`` with Analytic-DPM's variance (eta = 1): ancestral
+    sampling and the bound through it are Analytic-DDPM's."""
+    chain = chain_on(diffusion, kept)
+    return chain.with_fixed_variance(torch.from_numpy(chain_variance(diffusion, kept, gamma, eta=1.0)))
 
 
 @dataclass(frozen=True, kw_only=True)

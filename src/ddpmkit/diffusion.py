@@ -14,6 +14,7 @@ included, which reads t back (a device sync per call on a GPU). The model's outp
 
 from __future__ import annotations
 
+import copy as _copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -37,6 +38,8 @@ __all__ = [
     "check_tensor",
     "mean_flat",
 ]
+
+VARIANCE_FLOOR = 1e-20  # the smallest sigma^2 whose log a fixed variance takes
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -250,6 +253,26 @@ class GaussianDiffusion:
             self.model_variance_fixed = self.model_log_variance_fixed = None
         else:
             raise NotImplementedError(self.var_type)
+
+    def with_fixed_variance(self, variance: torch.Tensor) -> GaussianDiffusion:
+        """A copy whose reverse variance sigma_t^2 is ``variance`` ((T,) float64, >= 0) in place of
+        beta_t or beta-tilde_t: what Analytic-DPM's optimal variance is (``ddpmkit.analytic``). The
+        log is floored at VARIANCE_FLOOR, so a zero variance stays finite in the decoder."""
+        if self.var_type.is_learned:
+            raise ValueError(
+                f"var_type {self.var_type.value!r}: the network gives the variance; only a model with a "
+                "fixed variance (fixedlarge, fixedsmall) can take another fixed one"
+            )
+        var = torch.as_tensor(variance, dtype=torch.float64)
+        if var.shape != (self.num_timesteps,) or not bool(torch.isfinite(var).all()) or bool((var < 0).any()):
+            raise ValueError(
+                f"variance must be ({self.num_timesteps},) finite and >= 0, got shape {tuple(var.shape)}"
+            )
+        copy = _copy.copy(self)
+        copy._cache = {}
+        copy.model_variance_fixed = var
+        copy.model_log_variance_fixed = torch.log(var.clamp_min(VARIANCE_FLOOR))
+        return copy
 
     def __repr__(self) -> str:
         return (

@@ -27,14 +27,11 @@ import numpy as np
 import torch
 
 from ddpmkit.checks import check_int
-from ddpmkit.diffusion import GaussianDiffusion, Model
-from ddpmkit.sampling import Callback, Generators, Timesteps, _run, _t_batch, _x_start, parse_timesteps
 
 __all__ = [
     "dpm_solver_2m_update",
     "half_log_snr",
     "logsnr_uniform_timesteps",
-    "sample_dpm_solver",
     "time_uniform_timesteps",
 ]
 
@@ -92,40 +89,3 @@ def _distinct(ks: list[int], T: int) -> list[int]:
         ks[i] = min(ks[i], T - len(ks) + i)
     return ks
 
-
-@torch.inference_mode()
-def sample_dpm_solver(
-    model: Model,
-    diffusion: GaussianDiffusion,
-    shape: Sequence[int],
-    *,
-    timesteps: Timesteps = None,
-    generator: Generators = None,
-    clip_denoised: bool = True,
-    x_T: torch.Tensor | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """DPM-Solver++(2M) over the kept ``timesteps`` (default: 20 logSNR-uniform ones), one model
-    call each; x_T from ``generator`` as every sampler draws it, then no noise. The contract of
-    ``sample_ancestral``. shape: (B, C, H, W) -> x_0 of that shape."""
-    if timesteps is None:
-        timesteps = logsnr_uniform_timesteps(diffusion.alphas_cumprod, min(20, diffusion.num_timesteps))
-    kept = parse_timesteps(diffusion.num_timesteps, timesteps)
-    x = _x_start(shape, x_T, generator, device)
-    abar = [float(a) for a in diffusion.alphas_cumprod]
-    history: list[tuple[torch.Tensor, float]] = []  # (x0 prediction, its lambda step) one step back
-
-    def step(i: int, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = kept[i]
-        x0_t = diffusion.p_mean_variance(model, x_t, _t_batch(t, x_t), clip_denoised)["pred_x0"]
-        if i == 0:  # to x_0 (lambda = +inf): the first-order step lands on the data prediction
-            return x0_t, x0_t
-        abar_s = abar[kept[i - 1]]
-        x0_prev, h_prev = history[-1] if history else (None, None)
-        x_s = dpm_solver_2m_update(x_t, x0_t, x0_prev, abar_t=abar[t], abar_s=abar_s, h_prev=h_prev)
-        history[:] = [(x0_t, half_log_snr(abar_s) - half_log_snr(abar[t]))]
-        return x_s, x0_t
-
-    return _run(step, x, kept, callback, progress, "dpm-solver++")

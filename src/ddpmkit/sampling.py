@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
+from ddpmkit.analytic import analytic_chain, chain_variance
 from ddpmkit.checks import check_float
 from ddpmkit.diffusion import GaussianDiffusion, Model, check_same_shape, check_tensor
+from ddpmkit.dpm_solver import dpm_solver_2m_update, half_log_snr, logsnr_uniform_timesteps
 from ddpmkit.enums import parse_enum
 from ddpmkit.respace import Timesteps, chain_on, check_steps, check_timestep, parse_timesteps
 from ddpmkit.seeds import Generators, draw_standard_normal
@@ -46,8 +48,11 @@ __all__ = [
     "ddim_step",
     "p_sample",
     "sample",
+    "sample_analytic_ddim",
+    "sample_analytic_ddpm",
     "sample_ancestral",
     "sample_ddim",
+    "sample_dpm_solver",
     "t_batch",
 ]
 
@@ -57,16 +62,24 @@ class SamplerType(str, Enum):
 
     DDPM = "ddpm"  # Algorithm 2 (all T steps), or respaced on S strided steps
     DDIM = "ddim"  # Song et al. eq. (12) with eta
+    ANALYTIC_DDPM = "analytic-ddpm"  # respaced DDPM with Analytic-DPM's optimal variance (Bao et al.)
+    ANALYTIC_DDIM = "analytic-ddim"  # DDIM's mean with Analytic-DPM's optimal variance
+    DPM_SOLVER = "dpm-solver++"  # DPM-Solver++(2M) on the probability-flow ODE (Lu et al.)
 
     @property
     def min_steps(self) -> int:
         """The fewest strided steps it runs: a respaced chain has at least two."""
-        return 2 if self is SamplerType.DDPM else 1
+        return 2 if self in (SamplerType.DDPM, SamplerType.ANALYTIC_DDPM) else 1
 
     @property
     def takes_eta(self) -> bool:
-        """It has DDIM's eta (the contract's one option)."""
-        return self is SamplerType.DDIM
+        """It has DDIM's eta."""
+        return self in (SamplerType.DDIM, SamplerType.ANALYTIC_DDIM)
+
+    @property
+    def needs_gamma(self) -> bool:
+        """It needs Analytic-DPM's statistic Gamma_t of the model (``analytic.estimate_gamma``)."""
+        return self in (SamplerType.ANALYTIC_DDPM, SamplerType.ANALYTIC_DDIM)
 
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], Any]
@@ -187,6 +200,13 @@ def sample_ancestral(
     kept = parse_timesteps(diffusion.num_timesteps, timesteps)
     x = _x_start(shape, x_T, generator, device)
     chain = chain_on(diffusion, kept)  # index i of the chain is timestep kept[i]
+    return _ancestral_loop(model, chain, x, kept, generator, clip_denoised, callback, progress, "sampling")
+
+
+def _ancestral_loop(model: Model, chain: GaussianDiffusion, x: torch.Tensor, kept: list[int],
+                    generator: Generators, clip_denoised: bool, callback: Callback | None, progress: bool,
+                    desc: str) -> torch.Tensor:
+    """Algorithm 2 over ``chain``, whose index i is timestep kept[i], from x = x_T."""
 
     def step(i: int, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # z ~ N(0, I) if t > 1, else z = 0 (Algorithm 2, line 3)
@@ -194,7 +214,32 @@ def sample_ancestral(
         p = p_sample(model, chain, x_t, t_batch(i, x_t), noise=z, clip_denoised=clip_denoised, check=False)
         return p["sample"], p["pred_x0"]
 
-    return _run(step, x, kept, callback, progress, "sampling")
+    return _run(step, x, kept, callback, progress, desc)
+
+
+@torch.inference_mode()
+def sample_analytic_ddpm(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    *,
+    timesteps: Timesteps = None,
+    gamma: Any,
+    generator: Generators = None,
+    clip_denoised: bool = True,
+    x_T: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Analytic-DDPM (Bao et al. 2022): ``sample_ancestral``'s chain with sigma^2 the optimal
+    variance of the jump k_i -> k_{i-1} (``analytic.chain_variance``, eta = 1) from ``gamma`` ((T,)
+    Gamma_t or an ``analytic.GammaEstimate``). The contract of ``sample_ancestral``."""
+    kept = parse_timesteps(diffusion.num_timesteps, timesteps)
+    x = _x_start(shape, x_T, generator, device)
+    chain = analytic_chain(diffusion, kept, gamma)
+    return _ancestral_loop(model, chain, x, kept, generator, clip_denoised, callback, progress,
+                           "analytic-ddpm")
 
 
 # ---------------------------------------------------------------------------------- DDIM
@@ -206,6 +251,7 @@ def ddim_mean_variance(
     pred_x0: torch.Tensor,
     pred_eps: torch.Tensor,
     eta: float,
+    variance: float | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One DDIM step from timestep t to t_prev < t (t_prev = -1: to x_0, abar = 1), Song et al. eq. (12):
 
@@ -214,6 +260,7 @@ def ddim_mean_variance(
 
     x_t, pred_x0, pred_eps: (B, C, ...). Returns (mean of x_t's shape, sigma^2 as a float).
     With t_prev = t - 1 and eta = 1, sigma^2 = beta-tilde_t and the mean is mu-tilde_t(x_t, pred_x0).
+    ``variance``: the sigma^2 returned in place of eta's (Analytic-DDIM); the mean keeps eta's.
     """
     if not -1 <= t_prev < t < diffusion.num_timesteps:
         raise ValueError(f"expected -1 <= t_prev < t < {diffusion.num_timesteps}, got t={t}, t_prev={t_prev}")
@@ -222,7 +269,7 @@ def ddim_mean_variance(
     abar_prev = float(diffusion.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
     var = eta**2 * (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
     coef_eps = math.sqrt(max(1.0 - abar_prev - var, 0.0))
-    return math.sqrt(abar_prev) * pred_x0 + coef_eps * pred_eps, var
+    return math.sqrt(abar_prev) * pred_x0 + coef_eps * pred_eps, var if variance is None else float(variance)
 
 
 def ddim_step(
@@ -235,12 +282,13 @@ def ddim_step(
     eta: float = 0.0,
     noise: Noise = None,
     clip_denoised: bool = True,
+    variance: float | None = None,
     check: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One DDIM step x_t -> x_{t_prev} (Song et al. eq. 12; t_prev = -1 lands on x_0): the model's
     pred_x0 (clipped when ``clip_denoised``) and the eps it implies give the mean of
     ``ddim_mean_variance``; sigma z is added when sigma > 0 (``noise`` z, or a function drawing
-    it, is then required).
+    it, is then required). ``variance``: sigma^2 in place of eta's (``ddim_mean_variance``).
 
     x_t: (B, C, ...); t, t_prev: ints. Returns {"sample": x_{t_prev}, "pred_x0", "pred_eps"}, x_t's shape.
     """
@@ -255,7 +303,7 @@ def ddim_step(
     # 1. the predicted x_0 and the eps it implies ("predicted x_0" of eq. 12)
     p = diffusion.p_mean_variance(model, x_t, t_batch(t, x_t), clip_denoised, check=False)
     # 2. sigma_t(eta)^2 and the mean of x_{t_prev}, eq. (16) and (12)
-    mean, var = ddim_mean_variance(diffusion, x_t, t, t_prev, p["pred_x0"], p["pred_eps"], eta)
+    mean, var = ddim_mean_variance(diffusion, x_t, t, t_prev, p["pred_x0"], p["pred_eps"], eta, variance)
     out = {"sample": mean, "pred_x0": p["pred_x0"], "pred_eps": p["pred_eps"]}
     # 3. x_{t_prev} = mean + sigma_t z, only where sigma_t > 0
     if var > 0:
@@ -288,23 +336,104 @@ def sample_ddim(
     kept = parse_timesteps(diffusion.num_timesteps, timesteps)
     eta = check_float(eta, "eta", low=0)
     x = _x_start(shape, x_T, generator, device)
+    return _ddim_loop(model, diffusion, x, kept, eta, None, generator, clip_denoised, callback, progress,
+                      "ddim")
+
+
+def _ddim_loop(model: Model, diffusion: GaussianDiffusion, x: torch.Tensor, kept: list[int], eta: float,
+               variances: Sequence[float] | None, generator: Generators, clip_denoised: bool,
+               callback: Callback | None, progress: bool, desc: str) -> torch.Tensor:
+    """DDIM steps over ``kept`` from x = x_T; ``variances[i]``: step i's sigma^2 in place of eta's."""
     prevs = [-1, *kept[:-1]]  # t_prev of position i; -1 lands on x_0
 
     def step(i: int, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def noise() -> torch.Tensor:  # drawn after the model, and only when sigma_t > 0
             return draw_standard_normal(x_t.shape, generator, device=x_t.device, dtype=x_t.dtype)
 
+        var = None if variances is None else variances[i]
         out = ddim_step(model, diffusion, x_t, kept[i], prevs[i], eta=eta, noise=noise,
-                        clip_denoised=clip_denoised, check=False)
+                        clip_denoised=clip_denoised, variance=var, check=False)
         return out["sample"], out["pred_x0"]
 
-    return _run(step, x, kept, callback, progress, "ddim")
+    return _run(step, x, kept, callback, progress, desc)
+
+
+@torch.inference_mode()
+def sample_analytic_ddim(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    *,
+    timesteps: Timesteps = None,
+    eta: float = 0.0,
+    gamma: Any,
+    generator: Generators = None,
+    clip_denoised: bool = True,
+    x_T: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Analytic-DDIM (Bao et al. 2022): DDIM's mean for ``eta`` (0: Song et al.'s deterministic
+    mean) with the optimal variance of that kernel family (``analytic.chain_variance``) from
+    ``gamma``; no noise on the last step, to x_0. The contract of ``sample_ancestral``."""
+    kept = parse_timesteps(diffusion.num_timesteps, timesteps)
+    eta = check_float(eta, "eta", low=0)
+    variances = chain_variance(diffusion, kept, gamma, eta=eta).tolist()
+    variances[0] = 0.0  # the step to x_0 returns its mean, as Algorithm 2's last step does
+    x = _x_start(shape, x_T, generator, device)
+    return _ddim_loop(model, diffusion, x, kept, eta, variances, generator, clip_denoised, callback, progress,
+                      "analytic-ddim")
+
+
+# ---------------------------------------------------------------------------------- DPM-Solver++
+@torch.inference_mode()
+def sample_dpm_solver(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    *,
+    timesteps: Timesteps = None,
+    generator: Generators = None,
+    clip_denoised: bool = True,
+    x_T: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, ``dpm_solver``) over the kept ``timesteps`` (default 20
+    logSNR-uniform ones), one model call each, the last step to x_0 first order (it lands on
+    pred_x0); x_T drawn as every sampler draws it, then no noise. The contract of
+    ``sample_ancestral``. shape: (B, C, H, W) -> x_0 of that shape."""
+    T = diffusion.num_timesteps
+    kept = logsnr_uniform_timesteps(diffusion.alphas_cumprod, min(20, T - 1)) if timesteps is None else (
+        parse_timesteps(T, timesteps))
+    x = _x_start(shape, x_T, generator, device)
+    abar = [float(a) for a in diffusion.alphas_cumprod[kept]]
+    last: list[tuple[torch.Tensor, float]] = []  # the previous step's (pred_x0, lambda step)
+
+    def step(i: int, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # 1. the data prediction at k_i (the model's pred_x0, clipped when clip_denoised)
+        p = diffusion.p_mean_variance(model, x_t, t_batch(kept[i], x_t), clip_denoised, check=False)
+        x0_t = p["pred_x0"]
+        if i == 0:  # 2. to x_0 (lambda = +inf): the first-order step lands on the data prediction
+            return x0_t, x0_t
+        # 3. the 2M update to k_{i-1} through the previous data prediction (first order at the start)
+        x0_prev, h_prev = last[0] if last else (None, None)
+        x_s = dpm_solver_2m_update(x_t, x0_t, x0_prev, abar_t=abar[i], abar_s=abar[i - 1], h_prev=h_prev)
+        last[:] = [(x0_t, half_log_snr(abar[i - 1]) - half_log_snr(abar[i]))]
+        return x_s, x0_t
+
+    return _run(step, x, kept, callback, progress, "dpm-solver++")
 
 
 # ---------------------------------------------------------------------------------- the registry
 SAMPLERS: dict[SamplerType, Callable[..., torch.Tensor]] = {
     SamplerType.DDPM: sample_ancestral,
     SamplerType.DDIM: sample_ddim,
+    SamplerType.ANALYTIC_DDPM: sample_analytic_ddpm,
+    SamplerType.ANALYTIC_DDIM: sample_analytic_ddim,
+    SamplerType.DPM_SOLVER: sample_dpm_solver,
 }
 
 
@@ -317,6 +446,7 @@ def sample(
     steps: int | None = None,
     timesteps: Timesteps = None,
     eta: float = 0.0,
+    gamma: Any = None,
     generator: Generators = None,
     clip_denoised: bool = True,
     device: torch.device | str | None = None,
@@ -336,5 +466,10 @@ def sample(
     run = SAMPLERS[sampler]
     if sampler.takes_eta:
         run = functools.partial(run, eta=eta)
+    if sampler.needs_gamma:
+        if gamma is None:
+            raise ValueError(f"the {sampler.value} sampler needs gamma, Analytic-DPM's Gamma_t of the model "
+                             "(ddpmkit.analytic.estimate_gamma)")
+        run = functools.partial(run, gamma=gamma)
     return run(model, diffusion, shape, timesteps=timesteps, generator=generator, clip_denoised=clip_denoised,
                device=device, progress=progress, callback=callback)
