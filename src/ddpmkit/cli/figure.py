@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ddpmkit.cli.sample import add_speed_arguments, resolve_device
+from ddpmkit.cli.args import add_speed_arguments
 
 KINDS = ("progressive", "interpolate", "reconstruct", "shared-xt", "rate-distortion")
 
@@ -127,6 +127,7 @@ def _spec(text: str | None, encode: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from ddpmkit import figures
+    from ddpmkit.distributed import resolve_device
     from ddpmkit.models import load_model
     from ddpmkit.sampling import prepare_model
 

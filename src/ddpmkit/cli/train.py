@@ -2,7 +2,7 @@
 
 With no arguments it trains the ``digits`` preset on scikit-learn's 8x8 digits into runs/digits
 and ends by writing a sample grid. ``--data FOLDER|NPZ`` without a preset builds a network for the
-data's own size and channels (``config.config_for_data``) into runs/NAME; a preset or config whose
+data's own size and channels (``training.fit.config_for_data``) into runs/NAME; a preset or config whose
 image size differs from the data's is refused unless ``--resolution``/``--channels`` ask for the
 images to be resized/converted; so is a run without data (the digits, 8x8 grayscale) whose
 network is another size, e.g. ``--preset cifar10`` alone (``check_default_data``). Settings
@@ -19,7 +19,8 @@ import json
 import os
 from pathlib import Path
 
-from ddpmkit.config import LrSchedule, NetSize, Precision, Tracker
+from ddpmkit.config import LrSchedule, Precision, Tracker
+from ddpmkit.training.fit import NetSize
 
 # explicit flag -> config key
 _FLAGS = {
@@ -160,7 +161,7 @@ def _is_custom_data(data: str | None) -> bool:
 
 def _config_for(args: argparse.Namespace):
     """The network and recipe for ``--data`` without a preset: the data's own size unless overridden."""
-    from ddpmkit.config import config_for_data, native_resolution
+    from ddpmkit.training.fit import config_for_data, native_resolution
 
     shape = _source_shape(args.data)
     res = (args.resolution if args.resolution is not None
@@ -177,7 +178,7 @@ def _origin(args: argparse.Namespace, base) -> str:
 
 def _check_data(config, args: argparse.Namespace, *, what: str) -> None:
     """The data must have the network's size and channels, unless --resolution/--channels resize it."""
-    from ddpmkit.config import check_data_fits
+    from ddpmkit.training.fit import check_data_fits
 
     if config.data is None:
         return
