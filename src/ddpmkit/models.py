@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from ddpmkit.diffusion import DiffusionConfig
-from ddpmkit.nn import UNet
-from ddpmkit.nn.folder import CONFIG_NAME, is_model_folder, read_model_folder
+from ddpmkit.nn import UNet, read_model_folder
+from ddpmkit.nn.folder import CONFIG_NAME, is_model_folder
 
 __all__ = ["LoadedModel", "load_model", "load_unet", "resolve_model_path", "weights_sha256"]
 
