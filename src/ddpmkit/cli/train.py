@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from ddpmkit.config import LrSchedule, Precision, Tracker
+from ddpmkit.data.sources import OnBadImage
 from ddpmkit.training.fit import NetSize
 
 # explicit flag -> config key
@@ -62,6 +63,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "checkpoint in RUN (start fresh if none); or a checkpoint folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (repeatable); see --print-config for the keys")
+    _add_recipe_flags(p)
+    _add_bookkeeping_flags(p)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run)
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """The optimisation recipe's flags (each sets one config key)."""
     p.add_argument("--steps", type=int, help="total optimiser steps")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int, help="global batch (split over ranks)")
@@ -80,6 +91,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--logger", choices=[m.value for m in Tracker],
                    help="also log metrics, sample grids and the config to TensorBoard or Weights & Biases "
                    "(default none)")
+
+
+def _add_bookkeeping_flags(p: argparse.ArgumentParser) -> None:
+    """Checkpoints, precision, sample grids, logging and the data loader (each sets one config key)."""
     p.add_argument("--checkpoint-every", type=int, metavar="N")
     p.add_argument("--keep-last", type=int, metavar="K", help="checkpoints kept")
     p.add_argument("--max-nonfinite", type=int, metavar="N",
@@ -90,11 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, metavar="N", help="metrics.jsonl line every N steps")
     p.add_argument("--num-workers", type=int, metavar="N", help="data loader worker processes")
     p.add_argument("--num-threads", type=int, metavar="N", help="torch CPU threads (0: torch's default)")
-    p.add_argument("--on-bad-image", choices=["skip", "error"])
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(func=run)
+    p.add_argument("--on-bad-image", choices=[m.value for m in OnBadImage])
 
 
 def resolve_config(args: argparse.Namespace):
