@@ -197,15 +197,14 @@ def sample_folder(
         check_int(batch_size, "batch_size", low=1)
     check_int(start_index, "start_index", low=0)
     check_int(seed, "seed", low=0)
-    if eta is not None:
-        if sampler is not SamplerType.DDIM:
-            raise ValueError("eta applies to the ddim sampler only")
-        check_float(eta, "eta", low=0)
+    if eta is not None and sampler is not SamplerType.DDIM:
+        raise ValueError("eta applies to the ddim sampler only")
+    eta = 0.0 if eta is None else check_float(eta, "eta", low=0)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--output-dir {out_dir}: exists and is not a folder")
     req = _Request(model=str(model), out_dir=out_dir, wanted=range(start_index, start_index + n),
-                   sampler=sampler, steps=steps, timesteps=timesteps, eta=0.0 if eta is None else float(eta),
+                   sampler=sampler, steps=steps, timesteps=timesteps, eta=eta,
                    seed=seed, batch_size=batch_size, ema=ema, clip_denoised=clip_denoised, device=device,
                    speed={"compile": compile, "bf16": bf16, "cuda_graphs": cuda_graphs})
     with RunLock(out_dir):  # one sampler per folder; an unwritable folder fails here, before any work
