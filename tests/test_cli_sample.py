@@ -106,13 +106,15 @@ def test_sample_from_a_diffusers_folder_matches_our_folder(model_dir, tmp_path) 
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--n", "0"], "--n must be >= 1"),
-        (["--n", "2", "--steps", str(T + 1)], f"--steps must be <= T = {T}"),
-        (["--n", "2", "--sampler", "plms"], "unknown --sampler 'plms'"),
-        (["--n", "2", "--eta", "0.5"], "--eta applies to --sampler ddim only"),
-        (["--n", "2", "--start-index", "-1"], "--start-index must be >= 0"),
-        (["--n", "2", "--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--n", "2", "--sampler", "ddpm", "--steps", "1"], "--steps must be in"),
+        (["--n", "0"], "n must be a positive int, got 0"),
+        (["--n", "2", "--steps", str(T + 1)],
+         f"steps must be an int in [2, {T}] for the ddpm sampler, got {T + 1}"),
+        (["--n", "2", "--sampler", "plms"], "unknown sampler 'plms'; choose one of ddpm, ddim"),
+        (["--n", "2", "--eta", "0.5"], "eta applies to the ddim sampler only"),
+        (["--n", "2", "--start-index", "-1"], "start_index must be an int >= 0, got -1"),
+        (["--n", "2", "--batch-size", "0"], "batch_size must be a positive int, got 0"),
+        (["--n", "2", "--sampler", "ddpm", "--steps", "1"],
+         f"steps must be an int in [2, {T}] for the ddpm sampler, got 1"),
     ],
 )
 def test_sample_bad_arguments_exit_2(model_dir, tmp_path, capsys, extra, message) -> None:

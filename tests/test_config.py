@@ -9,7 +9,6 @@ import pytest
 
 from ddpmkit.config import (
     TRAIN_PRESETS,
-    BadImagePolicy,
     Precision,
     TrainConfig,
     apply_overrides,
@@ -21,6 +20,7 @@ from ddpmkit.config import (
     save_config,
     train_preset,
 )
+from ddpmkit.data import OnBadImage
 from ddpmkit.diffusion import LossType, MeanType, VarType
 
 
@@ -103,7 +103,7 @@ def test_overrides_parse_to_the_fields_types():
     ]))
     assert c.unet.ch_mult == (1, 2) and c.unet.attn_resolutions == ()
     assert c.random_flip is False and c.batch_size == 32 and c.adam_betas == (0.5, 0.9)
-    assert c.diffusion.mean_type is MeanType.X0 and c.on_bad_image is BadImagePolicy.ERROR
+    assert c.diffusion.mean_type is MeanType.X0 and c.on_bad_image is OnBadImage.ERROR
     assert c.data is None
     # typed values pass through
     assert apply_overrides(c, {"steps": 12, "precision": Precision.BF16}).steps == 12

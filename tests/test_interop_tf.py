@@ -435,8 +435,7 @@ def tiny_prefix(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("ema", [True, False])
 def test_converted_model_equals_a_direct_name_mapping(tiny_prefix, tmp_path, ema):
-    from ddpmkit.nn import UNet, UNetConfig
-    from ddpmkit.nn.folder import read_model_folder
+    from ddpmkit.nn import UNet, UNetConfig, read_model_folder
 
     convert_from_tf(tiny_prefix, tmp_path / "out", ema=ema)
     unet, diffusion = read_model_folder(tmp_path / "out")
@@ -471,7 +470,7 @@ def test_converted_model_matches_diffusers_unet2dmodel_on_the_same_weights(tiny_
     dict strictly and computes the same output as our converted U-Net."""
     from diffusers import UNet2DModel
 
-    from ddpmkit.nn.folder import read_model_folder
+    from ddpmkit.nn import read_model_folder
 
     reader = TFCheckpointReader(tiny_prefix)
     variables = read_tf_unet_variables(reader, ema=True)
@@ -524,7 +523,7 @@ def test_ema_only_export_converts(tmp_path):
     write_tf_bundle(
         tmp_path / "ema_only", {k: v for k, v in full.items() if k.endswith("ExponentialMovingAverage")}
     )
-    from ddpmkit.nn.folder import read_model_folder
+    from ddpmkit.nn import read_model_folder
 
     convert_from_tf(tmp_path / "ema_only", tmp_path / "out")
     unet, _ = read_model_folder(tmp_path / "out")
@@ -544,7 +543,7 @@ def test_256_layout_gets_fixedsmall(tmp_path):
 
 def test_cli_convert_from_tf_end_to_end(tiny_prefix, tmp_path, capsys):
     from ddpmkit.cli import main
-    from ddpmkit.nn.folder import read_model_folder
+    from ddpmkit.nn import read_model_folder
 
     assert main(["convert", "--from-tf", str(tiny_prefix), "--out", str(tmp_path / "m")]) == 0
     unet, diffusion = read_model_folder(tmp_path / "m")
@@ -601,7 +600,7 @@ def test_tf_saver_checkpoint_reads_back_exactly(tmp_path):
         np.testing.assert_array_equal(got, value, err_msg=name)
 
     convert_from_tf(prefix, tmp_path / "out")
-    from ddpmkit.nn.folder import read_model_folder
+    from ddpmkit.nn import read_model_folder
 
     unet, _ = read_model_folder(tmp_path / "out")
     ema_conv_in = values["model/conv_in/W/ExponentialMovingAverage"].transpose(3, 2, 0, 1)
@@ -635,7 +634,7 @@ def test_learned_variance_and_resolution_override(tmp_path):
     """out_channels = 2 x in_channels is a learned-variance net; `resolution` overrides the
     inferred image size (and with it the attention resolution)."""
     write_tf_bundle(tmp_path / "lv", tiny_checkpoint_tensors(out_ch=6))
-    from ddpmkit.nn.folder import read_model_folder
+    from ddpmkit.nn import read_model_folder
 
     convert_from_tf(tmp_path / "lv", tmp_path / "out", resolution=64)
     unet, diffusion = read_model_folder(tmp_path / "out")

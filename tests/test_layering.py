@@ -89,6 +89,13 @@ def test_no_import_cycle():
     assert _cycles(units) == []
 
 
+def test_no_import_cycle_between_modules_lazy_imports_included():
+    """Issue 22: e.g. nn.folder <-> nn.unet, once closed by a lazy import inside a function."""
+    graph = {m: {i for i in imports(m) if not m.startswith(i + ".")} - {"ddpmkit"} for m in MODULES
+             if m != "ddpmkit"}
+    assert _cycles(graph) == []
+
+
 def test_the_checker_sees_an_upward_import_and_a_cycle():
     assert "ddpmkit.diffusion" in imports("ddpmkit.sampling")
     assert _cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b", "a"]]

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from ddpmkit.cli import main
-from ddpmkit.cli.sample import auto_batch_size
 from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.figures import image_grid, label_grid, progressive_labels, save_image_grid
 from ddpmkit.nn import UNET_PRESETS, UNet, UNetConfig
+from ddpmkit.training.fit import auto_batch_size
 
 T = 6
 

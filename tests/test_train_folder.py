@@ -15,9 +15,10 @@ from PIL import Image
 
 from ddpmkit.cli import build_parser, main
 from ddpmkit.cli.train import resolve_config
-from ddpmkit.config import train_preset, unet_for_data
+from ddpmkit.config import train_preset
 from ddpmkit.data import open_source
 from ddpmkit.nn import UNET_PRESETS, UNet
+from ddpmkit.training.fit import unet_for_data
 
 CIFAR10_PARAMS = 35_746_307  # the authors' run_cifar.py network (the paper: 35.7M)
 

@@ -17,7 +17,6 @@ the paper's CIFAR-10 recipe are listed at every start.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -33,24 +32,18 @@ __all__ = [
     "PAPER_RECIPE_FIELDS",
     "RESUME_MUTABLE_FIELDS",
     "TRAIN_PRESETS",
-    "BadImagePolicy",
     "LrSchedule",
-    "NetSize",
     "Precision",
     "Tracker",
     "TrainConfig",
     "apply_overrides",
     "changed_on_resume",
-    "check_data_fits",
-    "config_for_data",
     "config_from_partial_dict",
     "deviations_from_paper",
     "load_config",
-    "native_resolution",
     "parse_overrides",
     "save_config",
     "train_preset",
-    "unet_for_data",
 ]
 
 
@@ -60,16 +53,6 @@ class Precision(str, Enum):
     FP32 = "fp32"  # the paper's
     BF16 = "bf16"  # torch.autocast(bfloat16); GPU only
     FP16 = "fp16"  # torch.autocast(float16) + GradScaler; GPU only
-
-
-class NetSize(str, Enum):
-    """The network ``config_for_data`` builds for a data set without a preset."""
-
-    PAPER = "paper"  # the paper's family: CIFAR-10's U-Net at 32 px, CelebA-HQ/LSUN's at 256 px
-    SMALL = "small"  # the CPU variant of the digits preset: ch 64, one res block a level, no attention
-
-
-BadImagePolicy = OnBadImage  # the config's name for the data sources' enum (one enum, two names)
 
 
 class LrSchedule(str, Enum):
@@ -99,7 +82,7 @@ class TrainConfig:
     # data
     data: str | None = None  # a source for ddpmkit.data.open_source; None = the digits
     random_flip: bool = True
-    on_bad_image: BadImagePolicy = BadImagePolicy.SKIP
+    on_bad_image: OnBadImage = OnBadImage.SKIP
     num_workers: int = 0
     num_threads: int = 0  # torch intra-op CPU threads; 0 = torch's default
     # optimisation (the paper's recipe)
@@ -132,7 +115,7 @@ class TrainConfig:
     logger: Tracker = Tracker.NONE
 
     def __post_init__(self) -> None:
-        for name, cls in (("precision", Precision), ("on_bad_image", BadImagePolicy),
+        for name, cls in (("precision", Precision), ("on_bad_image", OnBadImage),
                           ("lr_schedule", LrSchedule), ("logger", Tracker)):
             object.__setattr__(self, name, parse_enum(cls, getattr(self, name), name))
         object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
@@ -277,104 +260,6 @@ def train_preset(name: str) -> TrainConfig:
     return TRAIN_PRESETS[name]()
 
 
-# ----------------------------------------------------------------------------- training on any data
-
-
-def _num_levels(resolution: int, cap: int) -> int:
-    """Levels R, R/2, ... while the next one is a whole number >= 4; at most ``cap``."""
-    levels, r = 1, resolution
-    while r % 2 == 0 and r // 2 >= 4 and levels < cap:
-        levels, r = levels + 1, r // 2
-    return levels
-
-
-def unet_for_data(resolution: int, channels: int, size: NetSize | str) -> UNetConfig:
-    """A U-Net for ``channels``-channel ``resolution``-px images (see ``NetSize``).
-
-    paper: 32 px is exactly the CIFAR-10 network (35.7M parameters) and 256 px the CelebA-HQ /
-    LSUN one; other sizes keep ch 128 and 2 res blocks, halve down to 4 px (at most 6 levels) with
-    multipliers (1, 2, 2, 2) up to 32 px and (1, 1, 2, 2, 4, 4) above, attention at the level
-    nearest 16 px, dropout 0.1 up to 32 px (CIFAR-10's) and 0 above (the 256 px models').
-    small: the digits preset's network at any size: ch 64 at every level, levels down to 4 px,
-    one res block per level, attention only in the middle block, no dropout (8 px: 1.08M).
-    """
-    size = NetSize(size)
-    io = {"in_channels": channels, "out_channels": channels}
-    if size is NetSize.SMALL:
-        levels = _num_levels(resolution, cap=6)
-        return dataclasses.replace(UNET_PRESETS["digits"], resolution=resolution, ch_mult=(1,) * levels, **io)
-    if size is NetSize.PAPER:
-        if resolution in (32, 256):
-            return dataclasses.replace(UNET_PRESETS["cifar10" if resolution == 32 else "celebahq256"], **io)
-        levels = _num_levels(resolution, cap=6)
-        mult = ((1, 2, 2, 2, 2, 2) if resolution <= 32 else (1, 1, 2, 2, 4, 4))[:levels]
-        res = [resolution // 2**i for i in range(levels)]
-        attn = min(res, key=lambda r: (abs(r - 16), -r))
-        return UNetConfig(resolution=resolution, ch=128, ch_mult=mult, num_res_blocks=2,
-                          attn_resolutions=(attn,), dropout=0.1 if resolution <= 32 else 0.0, **io)
-    raise NotImplementedError(size)
-
-
-def config_for_data(data: str, resolution: int, channels: int,
-                    size: NetSize | str | None = None) -> TrainConfig:
-    """The run ``ddpm train --data DATA`` makes without a preset (preset "custom").
-
-    ``size`` None: paper from 32 px up, small below. The paper network gets the paper's CIFAR-10
-    recipe (800k steps); the small one the digits recipe (lr 1e-3, 200 warm-up steps, EMA 0.998,
-    1500 steps of 128, one CPU thread), with random flips kept on.
-    """
-    size = NetSize(size) if size is not None else (NetSize.PAPER if resolution >= 32 else NetSize.SMALL)
-    unet = unet_for_data(resolution, channels, size)
-    if size is NetSize.PAPER:
-        return TrainConfig(preset="custom", unet=unet, data=data)
-    if size is NetSize.SMALL:
-        return dataclasses.replace(_digits(), preset="custom", unet=unet, data=data, random_flip=True)
-    raise NotImplementedError(size)
-
-
-def _describe(resolution: int, channels: int) -> str:
-    return f"{resolution}x{resolution} {'RGB' if channels == 3 else 'grayscale'}"
-
-
-def _sizes_text(sizes: tuple[tuple[int, int], ...]) -> str:
-    shown = ", ".join(f"{w}x{h}" for w, h in sizes[:4])
-    return shown + (f" and {len(sizes) - 4} more sizes" if len(sizes) > 4 else "")
-
-
-def native_resolution(description: str, sizes: tuple[tuple[int, int], ...]) -> int:
-    """The one square, even side of ``sizes``; else a ValueError asking for --resolution."""
-    if len(sizes) > 1:
-        raise ValueError(f"the images of {description} differ in size ({_sizes_text(sizes)}); pass "
-                         "--resolution N to center-crop and resize every image to NxN")
-    (w, h), = sizes
-    if w != h or w % 2 or w < 4:
-        near = max(8, round(min(w, h) / 8) * 8)
-        raise ValueError(f"the images of {description} are {w}x{h}, not a square of even side that a "
-                         f"U-Net can halve; pass --resolution N (e.g. --resolution {near}) to center-crop "
-                         "and resize them")
-    return w
-
-
-def check_data_fits(config: TrainConfig, description: str, sizes: tuple[tuple[int, int], ...],
-                    channels: int, *, what: str, drop: str = "--preset") -> None:
-    """Refuse a run whose network's image size differs from the data's (nothing is resized silently).
-
-    ``what`` names where the network came from (e.g. "the digits preset"), ``drop`` the flag that
-    chose it; the message names both sizes and the flags that fix it.
-    """
-    res, ch = config.unet.resolution, config.unet.in_channels
-    if len(sizes) > 1:
-        raise ValueError(f"the images of {description} differ in size ({_sizes_text(sizes)}) and {what} "
-                         f"trains {_describe(res, ch)} images; pass --resolution {res} to center-crop "
-                         "and resize every image to that size")
-    (w, h), = sizes
-    if (w, h, channels) != (res, res, ch):
-        data = f"{w}x{h} {'RGB' if channels == 3 else 'grayscale'}"
-        raise ValueError(f"{description} holds {data} images but {what} trains {_describe(res, ch)} "
-                         f"ones; train without {drop} to build a network for the data, or pass "
-                         f"--resolution {res} --channels {ch} to resize and convert the images")
-
-
 def _parse_value(text: str, current: Any, key: str) -> Any:
     """``text`` converted to the type of the field's current value."""
     low = text.strip().lower()
@@ -503,49 +388,3 @@ def config_from_partial_dict(d: dict[str, Any]) -> TrainConfig:
         else:
             base[key] = value
     return TrainConfig.from_dict(base)
-
-
-# ---------------------------------------------------------------------------------- size bounds
-_GIB = 2**30
-
-
-def _unet_sizes(unet: Any) -> tuple[float, float]:
-    """(parameters, activations per image) of a U-Net, from its config alone (no allocation).
-
-    Per level i (channels c = ch * ch_mult[i], side R / 2^i): 2 * num_res_blocks + 1 residual blocks
-    of two 3x3 convolutions (18 c^2 weights), and about 8 saved tensors of c * side^2 values each.
-    Both are deliberately rough lower estimates: only what clearly cannot fit is refused.
-    """
-    blocks = 2 * unet.num_res_blocks + 1
-    params = acts = 0.0
-    for i, mult in enumerate(unet.ch_mult):
-        c, side = float(unet.ch) * mult, float(unet.resolution) / 2**i
-        params += blocks * 18 * c * c
-        acts += blocks * 8 * c * side * side
-    return params, acts
-
-
-def memory_limit(device: Any = None) -> int:
-    """Bytes of memory of ``device``: the GPU's total memory, else this machine's physical memory."""
-    import torch
-
-    if device is not None and torch.device(device).type == "cuda":
-        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def check_fits(unet: Any, num_timesteps: int, batch_size: int, *, training: bool, device: Any = None) -> None:
-    """Refuse sizes that cannot fit in memory, before anything is allocated: a ValueError (one line)
-    naming the estimate and the limit. Training keeps weights, gradients, two Adam moments and the
-    EMA (5 copies) and the activations for backward; sampling one copy and transient activations."""
-    params, acts = _unet_sizes(unet)
-    copies, act_factor = (5, 1.0) if training else (1, 0.25)
-    need = 4 * (copies * params + act_factor * batch_size * acts) + 8 * 16 * float(num_timesteps)
-    limit = memory_limit(device)
-    if need > limit:
-        what = "training" if training else "sampling"
-        raise ValueError(f"{what} needs at least ~{need / _GIB:,.1f} GiB (U-Net ch={unet.ch}, ch_mult="
-                         f"{list(unet.ch_mult)}, num_res_blocks={unet.num_res_blocks}, "
-                         f"resolution={unet.resolution}, batch {batch_size}, T={num_timesteps}), more than "
-                         f"the {limit / _GIB:,.1f} GiB of the "
-                         "device; lower these sizes")

@@ -3,6 +3,7 @@
 Launched by ``torchrun`` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), a
 process joins a group over NCCL when it trains on CUDA and over gloo on the CPU. Without those
 variables everything here degrades to a single process and no collective is called.
+``resolve_device`` is the one reading of a user's device name (every command and the trainer).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "all_gather_objects", "all_reduce_max", "all_reduce_mean", "barrier",
-           "init_distributed", "shutdown_distributed"]
+           "init_distributed", "resolve_device", "shutdown_distributed"]
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,24 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _resolve_device(device: str | None, local_rank: int) -> torch.device:
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device a user names: None or "auto" is CUDA when available, else the CPU. A name
+    torch does not know, or CUDA where there is none, is a ValueError (one line)."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; expected cpu")
+    return dev
+
+
+def _rank_device(device: str | torch.device | None, local_rank: int) -> torch.device:
+    """``resolve_device``, on this rank's GPU (cuda:LOCAL_RANK) when no index is named; CPU or CUDA only."""
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but CUDA is not available; use --device cpu")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -54,7 +66,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _resolve_device(device, local_rank)
+    dev = _rank_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world,

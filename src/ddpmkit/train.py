@@ -37,12 +37,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpmkit import checkpoint as ckpt
-from ddpmkit.config import Precision, TrainConfig, check_fits, save_config
+from ddpmkit.config import Precision, TrainConfig, save_config
 from ddpmkit.data.convert import to_uint8_nhwc
 from ddpmkit.distributed import DistInfo, all_reduce_max, barrier, init_distributed, shutdown_distributed
 from ddpmkit.fileio import RunLock
 from ddpmkit.nn import UNet
 from ddpmkit.training.data import batch_indices, batch_stream, epoch_permutation
+from ddpmkit.training.fit import check_fits
 from ddpmkit.training.log import TrainLog, check_tracker
 from ddpmkit.training.state import (
     PendingRng,

@@ -101,8 +101,8 @@ def _positive(name: str, value: int | None) -> None:
 def run_bpd(args: argparse.Namespace) -> int:
     import torch
 
-    from ddpmkit.cli.sample import resolve_device
     from ddpmkit.data import open_source
+    from ddpmkit.distributed import resolve_device
     from ddpmkit.evaluate.bpd import evaluate_bpd, rate_distortion_table
     from ddpmkit.models import load_model
 
@@ -140,7 +140,7 @@ def run_bpd(args: argparse.Namespace) -> int:
 
 
 def run_fid(args: argparse.Namespace) -> int:
-    from ddpmkit.cli.sample import resolve_device
+    from ddpmkit.distributed import resolve_device
     from ddpmkit.evaluate.fid import FewSamplesWarning, compute_fid
 
     _positive("batch-size", args.batch_size)

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ddpmkit.cli.sample import add_speed_arguments, resolve_device
+from ddpmkit.cli.args import add_speed_arguments
 
 KINDS = ("progressive", "interpolate", "reconstruct", "shared-xt", "rate-distortion")
 
@@ -128,6 +128,7 @@ def _spec(text: str | None, encode: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     from ddpmkit import figures
     from ddpmkit.accel import prepare_model
+    from ddpmkit.distributed import resolve_device
     from ddpmkit.models import load_model
 
     if getattr(args, "n", 1) < 1:

@@ -2,7 +2,7 @@
 
 With no arguments it trains the ``digits`` preset on scikit-learn's 8x8 digits into runs/digits
 and ends by writing a sample grid. ``--data FOLDER|NPZ`` without a preset builds a network for the
-data's own size and channels (``config.config_for_data``) into runs/NAME; a preset or config whose
+data's own size and channels (``training.fit.config_for_data``) into runs/NAME; a preset or config whose
 image size differs from the data's is refused unless ``--resolution``/``--channels`` ask for the
 images to be resized/converted; so is a run without data (the digits, 8x8 grayscale) whose
 network is another size, e.g. ``--preset cifar10`` alone (``check_default_data``). Settings
@@ -19,7 +19,9 @@ import json
 import os
 from pathlib import Path
 
-from ddpmkit.config import LrSchedule, NetSize, Precision, Tracker
+from ddpmkit.config import LrSchedule, Precision, Tracker
+from ddpmkit.data.sources import OnBadImage
+from ddpmkit.training.fit import NetSize
 
 # explicit flag -> config key
 _FLAGS = {
@@ -61,6 +63,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "checkpoint in RUN (start fresh if none); or a checkpoint folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (repeatable); see --print-config for the keys")
+    _add_recipe_flags(p)
+    _add_bookkeeping_flags(p)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run)
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """The optimisation recipe's flags (each sets one config key)."""
     p.add_argument("--steps", type=int, help="total optimiser steps")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int, help="global batch (split over ranks)")
@@ -79,6 +91,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--logger", choices=[m.value for m in Tracker],
                    help="also log metrics, sample grids and the config to TensorBoard or Weights & Biases "
                    "(default none)")
+
+
+def _add_bookkeeping_flags(p: argparse.ArgumentParser) -> None:
+    """Checkpoints, precision, sample grids, logging and the data loader (each sets one config key)."""
     p.add_argument("--checkpoint-every", type=int, metavar="N")
     p.add_argument("--keep-last", type=int, metavar="K", help="checkpoints kept")
     p.add_argument("--max-nonfinite", type=int, metavar="N",
@@ -89,11 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, metavar="N", help="metrics.jsonl line every N steps")
     p.add_argument("--num-workers", type=int, metavar="N", help="data loader worker processes")
     p.add_argument("--num-threads", type=int, metavar="N", help="torch CPU threads (0: torch's default)")
-    p.add_argument("--on-bad-image", choices=["skip", "error"])
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(func=run)
+    p.add_argument("--on-bad-image", choices=[m.value for m in OnBadImage])
 
 
 def resolve_config(args: argparse.Namespace):
@@ -160,7 +172,7 @@ def _is_custom_data(data: str | None) -> bool:
 
 def _config_for(args: argparse.Namespace):
     """The network and recipe for ``--data`` without a preset: the data's own size unless overridden."""
-    from ddpmkit.config import config_for_data, native_resolution
+    from ddpmkit.training.fit import config_for_data, native_resolution
 
     shape = _source_shape(args.data)
     res = (args.resolution if args.resolution is not None
@@ -177,7 +189,7 @@ def _origin(args: argparse.Namespace, base) -> str:
 
 def _check_data(config, args: argparse.Namespace, *, what: str) -> None:
     """The data must have the network's size and channels, unless --resolution/--channels resize it."""
-    from ddpmkit.config import check_data_fits
+    from ddpmkit.training.fit import check_data_fits
 
     if config.data is None:
         return

@@ -72,8 +72,8 @@ class Split(str, Enum):
 
 
 class OnBadImage(str, Enum):
-    """What a corrupt image file does: skipped with a warning naming it, or an error before step 1.
-    ``config.BadImagePolicy`` is this enum."""
+    """What a corrupt image file does: skipped with a warning naming it, or an error before step 1
+    (``TrainConfig.on_bad_image``)."""
 
     SKIP = "skip"  # warn, count, and use the next readable file (deterministic)
     ERROR = "error"  # check every file up front; raise before training starts

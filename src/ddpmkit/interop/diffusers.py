@@ -157,6 +157,43 @@ def unet_config_from_diffusers(
     variance_type is "learned" or "learned_range"); our out_channels is then half of diffusers'.
     Raises ValueError naming the first field our U-Net cannot express, or an unknown field.
     """
+    cfg = _unet2d_fields(config, source)
+    ch, channels = _block_channels(cfg, source)
+    levels = len(channels)
+    if cfg["time_embedding_dim"] not in (None, 4 * ch):
+        raise _unsupported(source, "time_embedding_dim", cfg["time_embedding_dim"], f"None or {4 * ch}")
+    attn = _level_attention(cfg, levels, source)
+    head_dim = cfg["attention_head_dim"]
+    attn_channels = {channels[i] for i in range(levels) if attn[i]} | {channels[-1]}
+    if head_dim is not None and attn_channels != {head_dim}:
+        raise _unsupported(
+            source,
+            "attention_head_dim",
+            head_dim,
+            f"None (one head per attention layer) or {sorted(attn_channels)}",
+        )
+    size = _sample_size(cfg, source)
+    out_channels = cfg["out_channels"]
+    if learned_variance and (not isinstance(out_channels, int) or out_channels % 2):
+        raise _unsupported(source, "out_channels", out_channels, "an even count (mean and variance halves)")
+    try:
+        return UNetConfig(
+            resolution=size,
+            in_channels=cfg["in_channels"],
+            out_channels=out_channels // 2 if learned_variance else out_channels,
+            ch=ch,
+            ch_mult=tuple(c // ch for c in channels),
+            num_res_blocks=cfg["layers_per_block"],
+            attn_resolutions=tuple(size // 2**i for i in range(levels) if attn[i]),
+            dropout=cfg["dropout"],
+            learned_variance=learned_variance,
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def _unet2d_fields(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """The UNet2DModel config with diffusers' defaults filled in; fields fixed in our U-Net checked."""
     if not isinstance(config, dict):
         raise ValueError(f"{source}: expected a JSON object")
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
@@ -178,6 +215,11 @@ def unet_config_from_diffusers(
         ("class_embed_type", (None,)), ("num_class_embeds", (None,)),
     ):  # fmt: skip
         _check_equal(cfg, field, allowed, source)
+    return cfg
+
+
+def _block_channels(cfg: dict[str, Any], source: str) -> tuple[int, list[int]]:
+    """(ch, the channels of each level): block_out_channels, positive multiples of the first."""
     channels = cfg["block_out_channels"]
     if (
         not isinstance(channels, (list, tuple)) or not channels
@@ -187,41 +229,17 @@ def unet_config_from_diffusers(
         raise _unsupported(
             source, "block_out_channels", channels, "positive multiples of the first entry (ch)"
         )
-    ch, levels = channels[0], len(channels)
-    if cfg["time_embedding_dim"] not in (None, 4 * ch):
-        raise _unsupported(source, "time_embedding_dim", cfg["time_embedding_dim"], f"None or {4 * ch}")
-    attn = _level_attention(cfg, levels, source)
-    head_dim = cfg["attention_head_dim"]
-    attn_channels = {channels[i] for i in range(levels) if attn[i]} | {channels[-1]}
-    if head_dim is not None and attn_channels != {head_dim}:
-        raise _unsupported(
-            source,
-            "attention_head_dim",
-            head_dim,
-            f"None (one head per attention layer) or {sorted(attn_channels)}",
-        )
+    return channels[0], list(channels)
+
+
+def _sample_size(cfg: dict[str, Any], source: str) -> int:
+    """sample_size as one int (a square [s, s] too)."""
     size = cfg["sample_size"]
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise _unsupported(source, "sample_size", cfg["sample_size"], "a positive int (square images)")
-    out_channels = cfg["out_channels"]
-    if learned_variance and (not isinstance(out_channels, int) or out_channels % 2):
-        raise _unsupported(source, "out_channels", out_channels, "an even count (mean and variance halves)")
-    try:
-        return UNetConfig(
-            resolution=size,
-            in_channels=cfg["in_channels"],
-            out_channels=out_channels // 2 if learned_variance else out_channels,
-            ch=ch,
-            ch_mult=tuple(c // ch for c in channels),
-            num_res_blocks=cfg["layers_per_block"],
-            attn_resolutions=tuple(size // 2**i for i in range(levels) if attn[i]),
-            dropout=cfg["dropout"],
-            learned_variance=learned_variance,
-        )
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{source}: {err}") from None
+    return size
 
 
 def diffusers_config_from_unet(config: UNetConfig) -> dict[str, Any]:
@@ -306,36 +324,11 @@ def diffusion_config_from_scheduler(
     Sampling-only knobs (clip_sample, timestep_spacing, ...) are ignored. Anything else that our
     diffusion cannot express raises a ValueError naming the field.
     """
-    if not isinstance(config, dict):
-        raise ValueError(f"{source}: expected a JSON object")
-    if config.get("_class_name", "DDPMScheduler") != "DDPMScheduler":
-        raise _unsupported(source, "_class_name", config["_class_name"], "'DDPMScheduler'")
-    known = set(DDPM_SCHEDULER_DEFAULTS) | _SCHEDULER_SAMPLING_ONLY | {"predict_epsilon"}
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
-    if unknown:
-        raise ValueError(
-            f"{source}: unknown DDPMScheduler field(s) {unknown}; ddpmkit cannot tell what they do"
-        )
-    cfg = {**DDPM_SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    if "predict_epsilon" in config:  # diffusers < 0.10 spelled prediction_type this way
-        cfg["prediction_type"] = "epsilon" if config["predict_epsilon"] else "sample"
-    _check_equal(cfg, "thresholding", (False,), source)
-    _check_equal(cfg, "rescale_betas_zero_snr", (False,), source)
+    cfg = _scheduler_fields(config, source)
     T = cfg["num_train_timesteps"]
     if isinstance(T, bool) or not isinstance(T, int) or T < 2:
         raise _unsupported(source, "num_train_timesteps", T, "an int >= 2")
-    for field in ("beta_start", "beta_end"):
-        value = cfg[field]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise _unsupported(source, field, value, "a number in (0, 1]")
-    if cfg["trained_betas"] is not None:
-        schedule = _schedule_from_trained_betas(cfg, source)
-    elif cfg["beta_schedule"] in _BETA_SCHEDULE_TO_OURS:
-        schedule = _BETA_SCHEDULE_TO_OURS[cfg["beta_schedule"]]
-    else:
-        raise _unsupported(
-            source, "beta_schedule", cfg["beta_schedule"], " or ".join(map(repr, _BETA_SCHEDULE_TO_OURS))
-        )
+    schedule = _schedule_name(cfg, source)
     if cfg["variance_type"] not in _VARIANCE_TO_OURS:
         raise _unsupported(
             source, "variance_type", cfg["variance_type"], " or ".join(map(repr, _VARIANCE_TO_OURS))
@@ -355,6 +348,44 @@ def diffusion_config_from_scheduler(
         var_type=var_type,
         loss_type=LossType.HYBRID if learned else LossType.MSE,
     )
+
+
+def _scheduler_fields(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """The DDPMScheduler config with diffusers' defaults filled in (and the old predict_epsilon read)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: expected a JSON object")
+    if config.get("_class_name", "DDPMScheduler") != "DDPMScheduler":
+        raise _unsupported(source, "_class_name", config["_class_name"], "'DDPMScheduler'")
+    known = set(DDPM_SCHEDULER_DEFAULTS) | _SCHEDULER_SAMPLING_ONLY | {"predict_epsilon"}
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown DDPMScheduler field(s) {unknown}; ddpmkit cannot tell what they do"
+        )
+    cfg = {**DDPM_SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    if "predict_epsilon" in config:  # diffusers < 0.10 spelled prediction_type this way
+        cfg["prediction_type"] = "epsilon" if config["predict_epsilon"] else "sample"
+    _check_equal(cfg, "thresholding", (False,), source)
+    _check_equal(cfg, "rescale_betas_zero_snr", (False,), source)
+    return cfg
+
+
+def _schedule_name(cfg: dict[str, Any], source: str) -> str:
+    """Our schedule's name (beta_start and beta_end checked): beta_schedule's, or the one that
+    reproduces trained_betas."""
+    for field in ("beta_start", "beta_end"):
+        value = cfg[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise _unsupported(source, field, value, "a number in (0, 1]")
+    if cfg["trained_betas"] is not None:
+        schedule = _schedule_from_trained_betas(cfg, source)
+    elif cfg["beta_schedule"] in _BETA_SCHEDULE_TO_OURS:
+        schedule = _BETA_SCHEDULE_TO_OURS[cfg["beta_schedule"]]
+    else:
+        raise _unsupported(
+            source, "beta_schedule", cfg["beta_schedule"], " or ".join(map(repr, _BETA_SCHEDULE_TO_OURS))
+        )
+    return schedule
 
 
 def scheduler_config_from_diffusion(diffusion: DiffusionConfig) -> dict[str, Any]:

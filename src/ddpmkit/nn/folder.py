@@ -1,4 +1,4 @@
-"""Our model folder, and safe weight files.
+"""Our model folder's files, and safe weight files (the U-Net reads a folder: ``nn.unet.read_model_folder``).
 
 A model folder holds ``config.json`` = {"format": "ddpmkit.model", "version": 1, "unet": {...},
 "diffusion": {...} (optional)} and ``model.safetensors`` (the float32 state dict of ``UNet``).
@@ -25,10 +25,11 @@ __all__ = [
     "MODEL_FORMAT_VERSION",
     "WEIGHTS_NAME",
     "check_finite",
+    "diffusion_section",
     "is_model_folder",
     "load_state_dict_into",
     "read_json",
-    "read_model_folder",
+    "read_model_config",
     "read_safetensors",
     "save_model_folder",
 ]
@@ -146,12 +147,9 @@ def is_model_folder(path: Path) -> bool:
         return False
 
 
-def read_model_folder(path: str | Path) -> tuple[Any, dict[str, Any] | None]:
-    """Load our model folder: returns (UNet with the stored weights, in eval mode; the diffusion
-    dict or None)."""
-    from ddpmkit.nn.unet import UNet, UNetConfig
-
-    path = Path(path)
+def read_model_config(path: Path) -> dict[str, Any]:
+    """``path/config.json`` of our model folder, its format and version checked (the U-Net that
+    reads the rest is ``ddpmkit.nn.unet.read_model_folder``)."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: model folder not found")
     config = read_json(path / CONFIG_NAME)
@@ -170,15 +168,12 @@ def read_model_folder(path: str | Path) -> tuple[Any, dict[str, Any] | None]:
             f"{path / CONFIG_NAME}: unsupported version {version!r}; this ddpmkit reads version "
             f"{MODEL_FORMAT_VERSION}"
         )
-    try:
-        unet_config = UNetConfig.from_dict(config.get("unet"))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path / CONFIG_NAME}: bad 'unet' section: {err}") from None
+    return config
+
+
+def diffusion_section(config: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """The folder's diffusion settings (a dict) or None; ``path`` names the folder in the error."""
     diffusion = config.get("diffusion")
     if diffusion is not None and not isinstance(diffusion, dict):
         raise ValueError(f"{path / CONFIG_NAME}: 'diffusion' must be a JSON object")
-    state_dict = read_safetensors(path / WEIGHTS_NAME)
-    with torch.device("meta"):  # no init work: every tensor comes from the file
-        unet = UNet(config=unet_config)
-    load_state_dict_into(unet, state_dict, path / WEIGHTS_NAME)
-    return unet.eval(), diffusion
+    return diffusion

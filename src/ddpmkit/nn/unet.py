@@ -1,4 +1,5 @@
-"""The paper's U-Net (App. B; the authors' ``diffusion_tf/models/unet.py``), its config and presets.
+"""The paper's U-Net (App. B; the authors' ``diffusion_tf/models/unet.py``), its config and presets,
+and the U-Net read from / saved as our model folder (whose files are ``nn.folder``'s).
 
 Layout (levels i = 0..L-1 at resolutions R, R/2, ..., R/2^(L-1); channels ch * ch_mult[i]):
 
@@ -24,6 +25,15 @@ import torch
 from torch import nn
 
 from ddpmkit.enums import unknown_choice
+from ddpmkit.nn.folder import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    diffusion_section,
+    load_state_dict_into,
+    read_model_config,
+    read_safetensors,
+    save_model_folder,
+)
 from ddpmkit.nn.layers import (
     GROUPNORM_GROUPS,
     NEAR_ZERO_INIT_SCALE,
@@ -36,7 +46,7 @@ from ddpmkit.nn.layers import (
     group_norm,
 )
 
-__all__ = ["UNET_PRESETS", "UNet", "UNetConfig"]
+__all__ = ["UNET_PRESETS", "UNet", "UNetConfig", "read_model_folder"]
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -306,6 +316,21 @@ class UNet(nn.Module):
         diffusion: a DiffusionConfig (anything with ``to_dict``) or its dict, stored beside the net.
         Returns the folder path.
         """
-        from ddpmkit.nn.folder import save_model_folder
-
         return save_model_folder(self, path, diffusion=diffusion)
+
+
+def read_model_folder(path: str | Path) -> tuple[UNet, dict[str, Any] | None]:
+    """Load our model folder: returns (UNet with the stored weights, in eval mode; the diffusion
+    dict or None)."""
+    path = Path(path)
+    config = read_model_config(path)
+    try:
+        unet_config = UNetConfig.from_dict(config.get("unet"))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path / CONFIG_NAME}: bad 'unet' section: {err}") from None
+    diffusion = diffusion_section(config, path)
+    state_dict = read_safetensors(path / WEIGHTS_NAME)
+    with torch.device("meta"):  # no init work: every tensor comes from the file
+        unet = UNet(config=unet_config)
+    load_state_dict_into(unet, state_dict, path / WEIGHTS_NAME)
+    return unet.eval(), diffusion

@@ -1,0 +1,265 @@
+"""The sample folder: a model's samples drawn into PNG files, a grid and an FID-ready npz (`ddpm sample`).
+
+Sample i (global index) is written to ``DIR/{i:06d}.png`` and draws all of its noise from its own
+stream seeded by (seed, i), so the images do not depend on the batch size, and a run can be split
+into shards (``start_index``) or resumed: indices whose PNG exists are skipped, and a torn one
+(empty, cut short) is drawn again. At the end, ``DIR/samples_NxHxWxC.npz`` (uint8 NHWC under
+``arr_0``, index order) covers every index PNG in DIR, and ``DIR/grid.png`` shows the first 64 of
+them. ``DIR/sampling.json`` records the settings; a later run into the same DIR must use the same
+ones. One process at a time holds a folder (``fileio.RunLock``).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddpmkit.checks import check_float, check_int
+from ddpmkit.distributed import resolve_device
+from ddpmkit.enums import parse_enum
+from ddpmkit.fileio import RunLock, atomic_write_bytes, atomic_write_json, read_json_object
+from ddpmkit.respace import Timesteps, parse_timesteps
+from ddpmkit.sampling import SamplerType
+
+__all__ = ["GRID_SIZE", "SETTINGS_NAME", "SampleFolderResult", "drop_torn_pngs", "existing_indices",
+           "kept_timesteps", "sample_folder", "write_npz_and_grid"]
+
+INDEX_PNG = re.compile(r"^(\d+)\.png$")
+NPZ_NAME = re.compile(r"^samples_(\d+)x\d+x\d+x\d+\.npz$")
+SETTINGS_NAME = "sampling.json"
+GRID_SIZE = 64
+_SETTINGS_KEYS = ("sampler", "steps", "timesteps", "eta", "seed", "clip_denoised", "ema", "image_shape",
+                  "num_timesteps", "model_sha256")
+
+
+@dataclass(frozen=True)
+class SampleFolderResult:
+    """What ``sample_folder`` did: the files it wrote, how many samples it drew and skipped, how fast."""
+
+    npz: Path
+    grid: Path
+    sampled: int
+    skipped: int
+    seconds: float
+    batch_size: int
+    device: torch.device
+
+
+def existing_indices(out_dir: Path) -> set[int]:
+    """Indices of the sample PNGs (``000123.png``) in ``out_dir``."""
+    if not out_dir.is_dir():
+        return set()
+    return {int(m.group(1)) for p in out_dir.iterdir() if (m := INDEX_PNG.match(p.name))}
+
+
+def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Write DIR/sampling.json, or check that the samples already there were made the same way."""
+    path = out_dir / SETTINGS_NAME
+    if path.is_file():
+        old = read_json_object(path)
+        diff = [k for k in _SETTINGS_KEYS if old.get(k) != settings.get(k)]
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} there vs {settings.get(k)!r} now" for k in diff)
+            raise ValueError(f"{out_dir} holds samples made with other settings ({changes}); "
+                             "use another --output-dir")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, settings, sort_keys=False)
+
+
+def drop_torn_pngs(out_dir: Path, done: set[int], shape: tuple[int, int, int],
+                   on_redraw: Callable[[Path], Any] | None = None) -> set[int]:
+    """The indices in ``done`` whose PNG decodes to ``shape`` (C, H, W); each other one (empty or cut
+    short by a power cut, say) is deleted, after ``on_redraw(path)``, so that it is drawn again."""
+    from PIL import Image
+
+    good = set()
+    for i in sorted(done):
+        path = out_dir / f"{i:06d}.png"
+        try:
+            with Image.open(path) as im:
+                im.load()
+                ok = im.size == (shape[2], shape[1]) and len(im.getbands()) == shape[0]
+        except (OSError, ValueError, SyntaxError):
+            ok = False
+        if ok:
+            good.add(i)
+        else:
+            if on_redraw is not None:
+                on_redraw(path)
+            path.unlink(missing_ok=True)
+    return good
+
+
+def write_npz_and_grid(out_dir: Path) -> tuple[Path, Path]:
+    """``samples_NxHxWxC.npz`` of every index PNG in out_dir (index order) and ``grid.png`` of the
+    first 64; older ``samples_*.npz`` files (fewer indices) are removed."""
+    from PIL import Image
+
+    from ddpmkit.figures import save_image_grid
+
+    indices = sorted(existing_indices(out_dir))
+    if not indices:
+        raise ValueError(f"{out_dir}: no sample PNGs to collect")
+    arrays = []
+    for i in indices:
+        with Image.open(out_dir / f"{i:06d}.png") as im:
+            a = np.asarray(im)
+        arrays.append(a[..., None] if a.ndim == 2 else a)  # (H, W, C)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"{out_dir}: the sample PNGs differ in shape {sorted(shapes)}")
+    images = np.stack(arrays)  # (N, H, W, C) uint8
+    name = "samples_{}x{}x{}x{}.npz".format(*images.shape)
+    npz = out_dir / name
+    buf = io.BytesIO()
+    np.savez(buf, arr_0=images)
+    atomic_write_bytes(npz, buf.getvalue())
+    for old in out_dir.iterdir():  # superseded: they cover fewer indices
+        m = NPZ_NAME.match(old.name)
+        if m and old.name != name and int(m.group(1)) < len(images):
+            old.unlink(missing_ok=True)
+    grid = save_image_grid(images[:GRID_SIZE], out_dir / "grid.png", min_width=512)  # upscaled to be legible
+    return npz, grid
+
+
+def kept_timesteps(sampler: SamplerType | str, num_timesteps: int, steps: int | None,
+                   timesteps: Timesteps) -> list[int]:
+    """The timesteps a run keeps: all T, ``steps`` evenly strided, or ``timesteps`` (any form of
+    ``sampling.parse_timesteps``); checked as ``sampling.sample`` checks them, before any work.
+    The ddpm sampler needs two or more."""
+    sampler = parse_enum(SamplerType, sampler, "sampler")
+    if steps is not None and timesteps is not None:
+        raise ValueError("give steps (a count) or timesteps, not both")
+    if steps is not None:
+        check_int(steps, "steps", low=2 if sampler is SamplerType.DDPM else 1, high=num_timesteps,
+                  hint=f"for the {sampler.value} sampler")
+    kept = parse_timesteps(num_timesteps, timesteps if timesteps is not None else steps)
+    if sampler is SamplerType.DDPM and len(kept) < 2:
+        raise ValueError(f"the ddpm sampler needs at least 2 timesteps, got {kept}")
+    return kept
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Request:
+    """The checked arguments of one ``sample_folder`` call."""
+
+    model: str
+    out_dir: Path
+    wanted: range
+    sampler: SamplerType
+    steps: int | None
+    timesteps: Timesteps
+    eta: float
+    seed: int
+    batch_size: int | None
+    ema: bool
+    clip_denoised: bool
+    device: str | torch.device | None
+    speed: dict[str, bool]
+
+
+def sample_folder(
+    model: str | Path,
+    out_dir: str | Path,
+    *,
+    n: int,
+    sampler: SamplerType | str = SamplerType.DDPM,
+    steps: int | None = None,
+    timesteps: Timesteps = None,
+    eta: float | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    start_index: int = 0,
+    ema: bool = True,
+    clip_denoised: bool = True,
+    device: str | torch.device | None = None,
+    compile: bool = False,
+    bf16: bool = False,
+    cuda_graphs: bool = False,
+    step_progress: bool = False,
+    on_redraw: Callable[[Path], Any] | None = None,
+) -> SampleFolderResult:
+    """Draw samples start_index .. start_index + n - 1 of ``model`` (``models.load_model``'s path)
+    into ``out_dir`` (see the module docstring); the missing ones only. ``batch_size`` None: all
+    at once within a memory bound (``training.fit.auto_batch_size``). ``eta`` is DDIM's (None: 0).
+    ``step_progress`` adds a per-step bar; ``on_redraw(path)`` hears of each torn PNG drawn again."""
+    sampler = parse_enum(SamplerType, sampler, "sampler")
+    check_int(n, "n", low=1)
+    if batch_size is not None:
+        check_int(batch_size, "batch_size", low=1)
+    check_int(start_index, "start_index", low=0)
+    check_int(seed, "seed", low=0)
+    if eta is not None and sampler is not SamplerType.DDIM:
+        raise ValueError("eta applies to the ddim sampler only")
+    eta = 0.0 if eta is None else check_float(eta, "eta", low=0)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {out_dir}: exists and is not a folder")
+    req = _Request(model=str(model), out_dir=out_dir, wanted=range(start_index, start_index + n),
+                   sampler=sampler, steps=steps, timesteps=timesteps, eta=eta,
+                   seed=seed, batch_size=batch_size, ema=ema, clip_denoised=clip_denoised, device=device,
+                   speed={"compile": compile, "bf16": bf16, "cuda_graphs": cuda_graphs})
+    with RunLock(out_dir):  # one sampler per folder; an unwritable folder fails here, before any work
+        return _run(req, step_progress=step_progress, on_redraw=on_redraw)
+
+
+def _run(req: _Request, *, step_progress: bool,
+         on_redraw: Callable[[Path], Any] | None) -> SampleFolderResult:
+    from ddpmkit.accel import prepare_model
+    from ddpmkit.models import load_model, weights_sha256
+    from ddpmkit.training.fit import auto_batch_size, check_fits
+
+    device = resolve_device(req.device)
+    loaded = load_model(req.model, ema=req.ema)
+    # the automatic batch (None) is chosen within the memory bound later; one image must fit
+    check_fits(loaded.unet.config, loaded.diffusion.num_timesteps, req.batch_size or 1, training=False,
+               device=device)
+    diffusion = loaded.diffusion.build()
+    T = diffusion.num_timesteps
+    kept = kept_timesteps(req.sampler, T, req.steps, req.timesteps)
+    cfg = loaded.unet.config
+    shape = (cfg.in_channels, cfg.resolution, cfg.resolution)  # (C, H, W)
+    _check_settings(req.out_dir, {
+        "model": loaded.source, "sampler": req.sampler.value, "steps": len(kept),
+        **({"timesteps": kept} if req.timesteps is not None else {}), "eta": req.eta, "seed": req.seed,
+        "clip_denoised": req.clip_denoised, "ema": req.ema, "image_shape": list(shape), "num_timesteps": T,
+        "model_sha256": weights_sha256(loaded.unet),
+    })
+    done = drop_torn_pngs(req.out_dir, existing_indices(req.out_dir), shape, on_redraw)
+    todo = [i for i in req.wanted if i not in done]
+    net = prepare_model(loaded.unet, device=device, **req.speed)
+    batch = req.batch_size or auto_batch_size(cfg, max(1, len(todo)), device)
+    start = time.perf_counter()
+    _draw(req, net, diffusion, kept, shape, todo, batch, device, step_progress=step_progress)
+    elapsed = time.perf_counter() - start
+    npz, grid = write_npz_and_grid(req.out_dir)
+    return SampleFolderResult(npz=npz, grid=grid, sampled=len(todo), skipped=len(req.wanted) - len(todo),
+                              seconds=elapsed, batch_size=batch, device=device)
+
+
+def _draw(req: _Request, net: Any, diffusion: Any, kept: list[int], shape: tuple[int, int, int],
+          todo: list[int], batch: int, device: torch.device, *, step_progress: bool) -> None:
+    """Sample the indices ``todo``, ``batch`` at a time, each into its PNG."""
+    from ddpmkit.figures import save_image
+    from ddpmkit.logs import progress_bar
+    from ddpmkit.sampling import sample
+    from ddpmkit.seeds import sample_generators
+
+    with progress_bar(total=len(todo), desc="samples", unit="img", disable=not todo) as bar:
+        for k in range(0, len(todo), batch):
+            idx = todo[k : k + batch]
+            x0 = sample(net, diffusion, (len(idx), *shape), sampler=req.sampler, eta=req.eta, timesteps=kept,
+                        generator=sample_generators(req.seed, idx), clip_denoised=req.clip_denoised,
+                        device=device, progress=step_progress)
+            for i, img in zip(idx, x0.float().cpu(), strict=True):
+                save_image(img, req.out_dir / f"{i:06d}.png")
+            bar.update(len(idx))
