@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, out_dir: Path) -> int:
     from ddpmkit.config import check_fits
-    from ddpmkit.figures import save_image
+    from ddpmkit.images import save_image
     from ddpmkit.logs import progress_bar
     from ddpmkit.models import load_model
     from ddpmkit.sampling import (
@@ -268,8 +268,8 @@ def write_npz_and_grid(out_dir: Path) -> tuple[Path, Path]:
     first 64; older ``samples_*.npz`` files (fewer indices) are removed."""
     from PIL import Image
 
-    from ddpmkit.figures import save_image_grid
     from ddpmkit.fileio import atomic_write_bytes
+    from ddpmkit.images import save_image_grid
 
     indices = sorted(existing_indices(out_dir))
     if not indices:
