@@ -30,10 +30,10 @@ from ddpmkit.data import (
     load_digits_uint8,
     open_source,
     random_horizontal_flip,
-    to_uint8_nhwc,
     verify_source,
 )
 from ddpmkit.data import cifar as cifar_mod
+from ddpmkit.images import to_uint8_nhwc
 
 NOT_ACCEPTED = "not an image of an accepted type (PNG, JPEG, BMP, GIF, WEBP, TIFF)"
 
@@ -47,12 +47,12 @@ def test_uint8_round_trip_is_exact_for_every_value():
     x = from_uint8_nhwc(a)
     assert x.shape == (2, 3, 4, 64) and x.dtype == torch.float32
     assert x.min().item() == -1.0 and x.max().item() == 1.0
-    assert torch.equal(to_uint8_nhwc(x), a)
-    assert torch.equal(to_uint8_nhwc(from_uint8_nhwc(a.numpy())), a)  # numpy input too
+    assert np.array_equal(to_uint8_nhwc(x), a.numpy())
+    assert np.array_equal(to_uint8_nhwc(from_uint8_nhwc(a.numpy())), a.numpy())  # numpy input too
 
 
 def test_to_uint8_rounds_and_clamps():
-    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0]).view(1, 1, 7)  # (C=1, H=1, W=7)
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0]).view(1, 1, 1, 7)  # (N=1, C=1, H=1, W=7)
     # (x + 1) * 127.5 = -127.5, 0, 63.75, 127.5, 191.25, 255, 510 -> clamp/round half to even
     assert to_uint8_nhwc(x).flatten().tolist() == [0, 0, 64, 128, 191, 255, 255]
     assert to_uint8_nhwc(torch.zeros(2, 3, 4, 5)).shape == (2, 4, 5, 3)

@@ -9,7 +9,7 @@ import torch
 
 from ddpmkit.data import load_digits_uint8
 from ddpmkit.evaluate.digits_metric import _to_input, digits_fd, load_digits_classifier
-from ddpmkit.evaluate.fid import to_uint8_images
+from ddpmkit.images import to_uint8_nhwc
 
 
 def test_shipped_classifier_is_accurate_on_held_out_digits():
@@ -58,7 +58,7 @@ def test_float_samples_are_rounded_and_bad_shapes_rejected():
     test, _ = load_digits_uint8("test")
     x = torch.from_numpy(test[:50]).permute(0, 3, 1, 2).double() / 127.5 - 1.0
     x = x - 0.3 / 127.5  # 0.3 of a level low: rounds back to the same uint8 (truncation would not)
-    assert (to_uint8_images(x) == test[:50]).all()
+    assert (to_uint8_nhwc(x) == test[:50]).all()
     assert digits_fd(x)["fd"] == pytest.approx(digits_fd(test[:50])["fd"], rel=1e-6)
     truncated = ((x + 1) * 127.5).floor().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert digits_fd(truncated)["fd"] != pytest.approx(digits_fd(test[:50])["fd"], rel=1e-3)

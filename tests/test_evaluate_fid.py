@@ -14,9 +14,10 @@ from PIL import Image
 from stand_ins import StandInFeatures
 
 from ddpmkit.evaluate import fid as fidmod
-from ddpmkit.evaluate.fid import FewSamplesWarning, compute_fid, load_samples, to_uint8_images
+from ddpmkit.evaluate.fid import FewSamplesWarning, compute_fid, load_samples
 from ddpmkit.evaluate.frechet import inception_score
 from ddpmkit.evaluate.inception import INCEPTION_URL, InceptionFeatures, find_inception_weights
+from ddpmkit.images import to_uint8_nhwc
 
 
 def StandIn() -> StandInFeatures:  # noqa: N802 - reads as the class it was
@@ -93,14 +94,14 @@ def test_float_samples_are_rounded_not_truncated(tmp_path):
     # (x + 1) * 127.5 = 10.7 and 200.5 - 1e-3: rounding gives 11 and 199/200, truncation 10 and 199
     vals = torch.tensor([10.7, 200.4, 0.2, 254.6], dtype=torch.float64) / 127.5 - 1.0
     x = vals.view(1, 1, 2, 2)
-    a = to_uint8_images(x)
+    a = to_uint8_nhwc(x)
     assert a.dtype == np.uint8 and a.shape == (1, 2, 2, 1)
     assert a.ravel().tolist() == [11, 200, 0, 255]
     # float samples go through the pipeline as their rounded uint8 version
     xs = torch.rand(20, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
     u8 = ((xs + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
     trunc = ((xs + 1) * 127.5).floor().permute(0, 2, 3, 1).numpy().astype(np.uint8)
-    assert (to_uint8_images(xs) == u8).all() and not (u8 == trunc).all()
+    assert (to_uint8_nhwc(xs) == u8).all() and not (u8 == trunc).all()
     ref = str(tmp_path / "ref.npz")
     np.savez(ref, _images(30, 7))
     with warnings.catch_warnings():
@@ -149,7 +150,7 @@ def test_bad_input_gives_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no images"):
         load_samples(tmp_path / "zero.npz")
     with pytest.raises(ValueError, match="empty"):
-        to_uint8_images(np.zeros((0, 8, 8, 3), np.uint8))
+        to_uint8_nhwc(np.zeros((0, 8, 8, 3), np.uint8))
     # a corrupt npz
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 this is not a zip archive")
     with pytest.raises(ValueError, match="not a readable .npz"):

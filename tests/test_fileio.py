@@ -68,7 +68,7 @@ def test_model_folders_and_the_diffusers_export_are_written_atomically(tmp_path,
 
 def test_config_json_the_metrics_truncation_and_images_are_written_atomically(tmp_path, written):
     from ddpmkit.config import save_config, train_preset
-    from ddpmkit.figures import save_image_grid
+    from ddpmkit.images import save_image_grid
     from ddpmkit.training.log import truncate_metrics
 
     save_config(train_preset("digits"), tmp_path / "config.json")

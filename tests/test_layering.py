@@ -13,8 +13,8 @@ SRC = Path(ddpmkit.__file__).parent
 MATH = {"ddpmkit.schedules", "ddpmkit.distributions", "ddpmkit.diffusion", "ddpmkit.respace",
         "ddpmkit.sampling", "ddpmkit.chains"}
 ABOVE_INTEROP = ("ddpmkit.models", "ddpmkit.convert", "ddpmkit.train", "ddpmkit.training",
-                 "ddpmkit.evaluate", "ddpmkit.cli", "ddpmkit.figures", "ddpmkit.reproduce", "ddpmkit.config",
-                 "ddpmkit.checkpoint")
+                 "ddpmkit.evaluate", "ddpmkit.cli", "ddpmkit.figures", "ddpmkit.charts", "ddpmkit.images",
+                 "ddpmkit.reproduce", "ddpmkit.config", "ddpmkit.checkpoint")
 
 
 def _name(path: Path) -> str:

@@ -12,7 +12,8 @@ from PIL import Image
 
 from ddpmkit.cli import main
 from ddpmkit.diffusion import DiffusionConfig
-from ddpmkit.figures import image_grid, label_grid, progressive_labels, save_image_grid
+from ddpmkit.figures import progressive_labels
+from ddpmkit.images import image_grid, label_grid, save_image_grid
 from ddpmkit.nn import UNET_PRESETS, UNet, UNetConfig
 from ddpmkit.training.fit import auto_batch_size
 
@@ -199,7 +200,6 @@ def test_multiline_labels_and_corner_are_drawn_and_long_labels_shrink_to_fit():
 
 def test_report_card_shows_the_sample_grid_enlarged(tmp_path):
     from ddpmkit.evaluate.report import build_report
-    from ddpmkit.figures import plot_lines
 
     run = tmp_path / "run"
     (run / "samples").mkdir(parents=True)
@@ -207,11 +207,11 @@ def test_report_card_shows_the_sample_grid_enlarged(tmp_path):
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (42, 42, 3), dtype=np.uint8)  # 16 digits at 8 px, scale 1
     Image.fromarray(small).save(run / "samples" / "step-000000001.png")
-    build_report(run, plot_lines=plot_lines)
+    build_report(run)
     got = np.asarray(Image.open(run / "report" / "samples.png"))
     s = -(-512 // 42)
     assert np.array_equal(got, small.repeat(s, axis=0).repeat(s, axis=1))  # nearest neighbour, >= 512 px
     big = rng.integers(0, 256, (600, 600, 3), dtype=np.uint8)
     Image.fromarray(big).save(run / "samples" / "step-000000002.png")
-    build_report(run, plot_lines=plot_lines)
+    build_report(run)
     assert np.array_equal(np.asarray(Image.open(run / "report" / "samples.png")), big)  # wide already

@@ -1,4 +1,5 @@
-"""One home for pixels: [-1, 1] <-> uint8 and the flip (ddpmkit.data.convert), and every caller uses it.
+"""One home for pixels: [-1, 1] <-> uint8 and the flip (ddpmkit.data.convert), one conversion
+(ddpmkit.images.to_uint8_nhwc), and every caller uses it.
 
 The reference is exact rational arithmetic (fractions.Fraction), not the code under test.
 """
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmkit.data.convert import from_uint8_nhwc, horizontal_flip_where, quantize_uint8, to_uint8_nhwc
+from ddpmkit.data.convert import from_uint8_nhwc, horizontal_flip_where, quantize_uint8
+from ddpmkit.images import to_uint8_nhwc
 
 
 def exact_half_up(x: float) -> int:
@@ -61,15 +63,10 @@ def test_quantize_is_exact_half_up_for_float32_near_every_boundary():
 def test_every_caller_quantises_through_the_one_home(tmp_path, monkeypatch):
     """figures, FID, the trainer's sample grid and the data module give the exact answer at the
     float32 near-ties (the old float32 copies rounded some of them the other way)."""
-    from ddpmkit.evaluate.fid import to_uint8_images
-    from ddpmkit.figures import images_to_uint8
-
     x = near_ties_float32()[:1764].view(441, 1, 2, 2)  # (N, C, H, W)
     expected = np.array([exact_half_up(float(v)) for v in x.flatten()], np.uint8).reshape(441, 2, 2, 1)
-    np.testing.assert_array_equal(to_uint8_nhwc(x).numpy(), expected)
-    np.testing.assert_array_equal(images_to_uint8(x), expected)
-    np.testing.assert_array_equal(to_uint8_images(x), expected)
-    np.testing.assert_array_equal(to_uint8_images(x.double()), expected)  # float32 values in float64
+    np.testing.assert_array_equal(to_uint8_nhwc(x), expected)
+    np.testing.assert_array_equal(to_uint8_nhwc(x.double()), expected)  # float32 values in float64
     # the trainer's grid, at values a float32 quantiser rounds the other way (64, 66, 128, 128)
     xg = torch.tensor([-0.4941176176071167, -0.48627451062202454, -1e-45, 0.0]).repeat(4).view(4, 1, 2, 2)
     assert _trainer_grid_pixels(tmp_path, monkeypatch, xg).reshape(4, 4).tolist() == [[65, 65, 127, 128]] * 4
@@ -77,14 +74,14 @@ def test_every_caller_quantises_through_the_one_home(tmp_path, monkeypatch):
 
 def _trainer_grid_pixels(tmp_path, monkeypatch, x: torch.Tensor) -> np.ndarray:
     """The uint8 images the trainer hands to save_image_grid when the sampler returns x (4, 1, 2, 2)."""
-    import ddpmkit.figures
+    import ddpmkit.images
     import ddpmkit.sampling
     from ddpmkit.config import apply_overrides, train_preset
     from ddpmkit.train import train
 
     got = {}
     monkeypatch.setattr(ddpmkit.sampling, "sample_ancestral", lambda *a, **kw: x.clone())
-    monkeypatch.setattr(ddpmkit.figures, "save_image_grid",
+    monkeypatch.setattr(ddpmkit.images, "save_image_grid",
                         lambda images, path, **kw: got.setdefault("u8", images))
     npz = tmp_path / "d.npz"
     np.savez(npz, np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1), dtype=np.uint8))

@@ -1,5 +1,5 @@
 """Rate-distortion (Sec. 4.3, Table 4) is computed in one place, ``evaluate.bpd.rate_distortion_by_t``,
-and ``ddpm eval bpd`` (``summarize``) and the figure (``figures.rate_distortion``) agree with a
+and ``ddpm eval bpd`` (``summarize``) and the figure's (``evaluate.bpd.rate_distortion``) agree with a
 hand-written example."""
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ def test_rate_distortion_by_t_by_hand():
 
 
 def test_eval_bpd_summary_and_figure_agree_with_the_hand_written_values():
-    from ddpmkit.evaluate.bpd import rate_distortion_table, summarize
-    from ddpmkit.figures import rate_distortion
+    from ddpmkit.evaluate.bpd import rate_distortion, rate_distortion_table, summarize
 
     s = summarize([{"total_bpd": [sum(VB) + PRIOR] * 2, "prior_bpd": [PRIOR] * 2,
                     "vb_sum": [2 * v for v in VB], "x0_mse_sum": [2 * m for m in X0_MSE]}], num_timesteps=4)
@@ -57,11 +56,11 @@ def test_the_reproduce_report_reads_table4_rows_through_the_one_rule(tmp_path):
     """reproduce's Table 4 uses evaluate.bpd.table4_reverse_times (its own copy of the rule is gone)."""
     import types
 
-    from ddpmkit import reproduce
+    from ddpmkit.reproduce.report import rate_distortion_section
 
     by_t = {"rate": [10.0, 20.0, 30.0, 40.0], "distortion": [1.0, 2.0, 3.0, 4.0]}
     result = {"bpd": {"by_t": by_t, "rate_bpd": 1.0, "decoder_bpd": 2.0}}
     stages = types.SimpleNamespace(load=lambda name: result)
-    rd = reproduce._rate_distortion(stages, [0], tmp_path)
+    rd = rate_distortion_section(stages, [0], tmp_path)
     assert [row["reverse_time"] for row in rd["table"]] == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]
     assert [row["rate"]["mean"] for row in rd["table"]][:3] == [10.0, 10.0, 20.0]  # index T - k

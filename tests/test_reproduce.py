@@ -8,16 +8,21 @@ import re
 import numpy as np
 import pytest
 
-from ddpmkit import reproduce as R
 from ddpmkit.data import load_digits_uint8
+from ddpmkit.reproduce import reproduce_digits
+from ddpmkit.reproduce.findings import stat
+from ddpmkit.reproduce.markdown import _n
+from ddpmkit.reproduce.memorization import near_copy_fraction, near_copy_threshold, nearest_neighbours
+from ddpmkit.reproduce.plan import VARIANTS, ReproduceSizes, digits_split
+from ddpmkit.reproduce.stages import Stages, resolve_source
 
 # Smaller than --quick: T = 10, 2 steps, a 32-channel U-Net; one seed (a few seconds of CPU).
-TINY = R.ReproduceSizes(name="tiny", smoke=True, steps=2, num_timesteps=10, bpd_examples=4, bpd_batch=4,
+TINY = ReproduceSizes(name="tiny", smoke=True, steps=2, num_timesteps=10, bpd_examples=4, bpd_batch=4,
                         t_chunk=5, num_samples=8, recon_examples=1, progressive_examples=1, unet_ch=32)
 
 
 def test_split_is_fixed_and_disjoint():
-    train_idx, test_idx = R.digits_split()
+    train_idx, test_idx = digits_split()
     assert set(train_idx.tolist()).isdisjoint(test_idx.tolist())
     assert sorted([*train_idx.tolist(), *test_idx.tolist()]) == list(range(1797))
     assert (train_idx.size, test_idx.size) == (1437, 360)
@@ -29,26 +34,26 @@ def test_split_is_fixed_and_disjoint():
 def test_near_copy_fraction_hand_computed():
     reference = np.array([[0.0, 0.0], [10.0, 0.0]])
     queries = np.array([[0.0, 1.0], [10.0, 3.0], [5.0, 0.0], [9.0, 0.0]])  # NN distances 1, 3, 5, 1
-    assert R.near_copy_fraction(queries, reference, 2.0) == 0.5
-    assert R.near_copy_fraction(queries, reference, 1.0) == 0.0  # strictly closer than the threshold
-    assert R.near_copy_fraction(queries, reference, 5.5) == 1.0
-    d, idx = R.nearest_neighbours(queries, reference, 2)
+    assert near_copy_fraction(queries, reference, 2.0) == 0.5
+    assert near_copy_fraction(queries, reference, 1.0) == 0.0  # strictly closer than the threshold
+    assert near_copy_fraction(queries, reference, 5.5) == 1.0
+    d, idx = nearest_neighbours(queries, reference, 2)
     np.testing.assert_allclose(d[:, 0], [1, 3, 5, 1])
     assert idx[:, 0].tolist() == [0, 1, 0, 1]
     # leave-one-out distances of 0, 1, 5 on a line: 1, 1, 4; their median is 1
-    assert R.near_copy_threshold(np.array([[0.0], [1.0], [5.0]]), quantile=0.5) == pytest.approx(1.0)
+    assert near_copy_threshold(np.array([[0.0], [1.0], [5.0]]), quantile=0.5) == pytest.approx(1.0)
 
 
 def test_stat_mean_spread_and_sources(tmp_path):
-    stages = R._Stages(tmp_path, {}, resume=False, bar=_NoBar())
+    stages = Stages(tmp_path, {}, resume=False, bar=_NoBar())
     for i, v in enumerate([1.0, 2.0, 4.0]):
         stages.run(f"s{i}", 1.0, lambda v=v: {"a": {"b": [0.0, v]}})
-    st = R._stat(stages, ["s0", "s1", "s2"], "a.b.1")
+    st = stat(stages, ["s0", "s1", "s2"], "a.b.1")
     assert st["mean"] == pytest.approx(7 / 3)
     m = 7 / 3
     assert st["spread"] == pytest.approx(np.sqrt(((1 - m) ** 2 + (2 - m) ** 2 + (4 - m) ** 2) / 2))
-    assert [R.resolve_source(tmp_path, s) for s in st["sources"]] == [1.0, 2.0, 4.0]
-    assert R._stat(stages, ["s0"], "a.b.1")["spread"] is None
+    assert [resolve_source(tmp_path, s) for s in st["sources"]] == [1.0, 2.0, 4.0]
+    assert stat(stages, ["s0"], "a.b.1")["spread"] is None
 
 
 class _NoBar:
@@ -62,7 +67,7 @@ class _NoBar:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
-    rep = R.reproduce_digits(out, seeds=1, sizes=TINY, progress=False)
+    rep = reproduce_digits(out, seeds=1, sizes=TINY, progress=False)
     return out, rep
 
 
@@ -96,7 +101,7 @@ def test_report_structure(tiny_run):
     assert "SMOKE RUN" in md
     for heading in ("## Table 2", "## Findings", "## Table 4 and Fig. 5", "## Fig. 6", "## Budget"):
         assert heading in md
-    assert set(rep["variants"]) == {v.key for v in R.VARIANTS}
+    assert set(rep["variants"]) == {v.key for v in VARIANTS}
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / link).is_file(), link
     for name in ("table2_variants", "rate_distortion", "nearest_neighbours", "progressive_generation",
@@ -110,8 +115,8 @@ def test_every_number_is_traceable(tiny_run):
     """REPORT.md's table numbers are report.json's (as written by _n); report.json's measured
     numbers are the stage files' values; means are the means of those values."""
     out, rep = tiny_run
-    written = {R._n(v) for _, v in _leaves(rep) if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    written |= {R._n(v) for _, v in _leaves(rep) if isinstance(v, str) and v.isdigit()}
+    written = {_n(v) for _, v in _leaves(rep) if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    written |= {_n(v) for _, v in _leaves(rep) if isinstance(v, str) and v.isdigit()}
     md = (out / "REPORT.md").read_text().splitlines()
     body = [ln for i, ln in enumerate(md) if ln.startswith("|") and i > 1 and md[i - 1].startswith("|")
             and not ln.startswith("|---")]
@@ -122,7 +127,7 @@ def test_every_number_is_traceable(tiny_run):
     assert not missing, missing[:10]
     count = 0
     for st in _sourced(rep):
-        assert [R.resolve_source(out, s) for s in st["sources"]] == st["values"]
+        assert [resolve_source(out, s) for s in st["sources"]] == st["values"]
         assert st["mean"] == pytest.approx(np.mean(st["values"]))
         count += 1
     assert count >= 7 * 8 + 10 * 2
@@ -132,8 +137,8 @@ def test_resume_skips_finished_stages(tiny_run):
     out, rep = tiny_run
     before = {p.name: p.read_bytes() for p in (out / "stages").glob("*.json")}
     with pytest.raises(ValueError, match="--resume"):
-        R.reproduce_digits(out, seeds=1, sizes=TINY, progress=False)
-    again = R.reproduce_digits(out, seeds=1, sizes=TINY, resume=True, progress=False)
+        reproduce_digits(out, seeds=1, sizes=TINY, progress=False)
+    again = reproduce_digits(out, seeds=1, sizes=TINY, resume=True, progress=False)
     assert {p.name: p.read_bytes() for p in (out / "stages").glob("*.json")} == before
     assert again["variants"] == rep["variants"]
 
@@ -161,37 +166,6 @@ def test_an_interrupted_run_is_continued_only_with_resume(tmp_path):
     ckpt.mkdir(parents=True)
     (ckpt / "manifest.json").write_text("{}")
     with pytest.raises(ValueError, match="earlier run .*--resume"):
-        R.reproduce_digits(tmp_path, seeds=1, sizes=TINY, progress=False)
+        reproduce_digits(tmp_path, seeds=1, sizes=TINY, progress=False)
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["manifest.json"]
     assert not (tmp_path / "stages").exists()
-
-
-def _bar_lengths(path):
-    """Blue pixels of each bar row in a Pillow bar chart, row by row (top to bottom)."""
-    from PIL import Image
-
-    a = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    blue = (a[..., 0] == 70) & (a[..., 1] == 120) & (a[..., 2] == 190)
-    rows = blue.sum(1)
-    return [int(r) for r in rows[rows > 0][[0, -1]]]  # the first and the last bar's widths
-
-
-@pytest.mark.parametrize("log, lo, hi", [(False, 80, 120), (True, 15, 30)])
-def test_bar_chart_log_axis_keeps_small_values_visible(tmp_path, log, lo, hi):
-    panel = R.BarPanel(title="bits/dim", names=["a", "b"], means=[0.1, 10.0], spreads=[None, None], log=log)
-    path = R.bar_chart(tmp_path / "bars.png", [panel], backend="pillow")
-    small, large = _bar_lengths(path)
-    # linear: 10 / 0.1 = 100; log axis from 10^-1.1 to 10^1.1: (2.1 / 0.1) = 21
-    assert lo < large / small < hi, (small, large)
-
-
-def test_bar_chart_with_matplotlib_writes_png_and_svg(tmp_path):
-    pytest.importorskip("matplotlib")
-    panel = R.BarPanel(title="FD", names=["μ̃: L, learned Σ", "ε: L_simple"], means=[3.0, 30.0],
-                       spreads=[0.5, None], reference=2.0, log=True)
-    for suffix in (".png", ".svg"):
-        path = R.bar_chart(tmp_path / f"bars{suffix}", [panel], backend="matplotlib")
-        assert path.stat().st_size > 1000
-    with pytest.raises(ValueError, match="positive"):
-        R.bar_chart(tmp_path / "bad.png", [R.BarPanel(title="x", names=["a"], means=[0.0], spreads=[None],
-                                                       log=True)])

@@ -104,7 +104,7 @@ def write_npz_and_grid(out_dir: Path) -> tuple[Path, Path]:
     first 64; older ``samples_*.npz`` files (fewer indices) are removed."""
     from PIL import Image
 
-    from ddpmkit.figures import save_image_grid
+    from ddpmkit.images import save_image_grid
 
     indices = sorted(existing_indices(out_dir))
     if not indices:
@@ -249,7 +249,7 @@ def _run(req: _Request, *, step_progress: bool,
 def _draw(req: _Request, net: Any, diffusion: Any, kept: list[int], shape: tuple[int, int, int],
           todo: list[int], batch: int, device: torch.device, *, step_progress: bool) -> None:
     """Sample the indices ``todo``, ``batch`` at a time, each into its PNG."""
-    from ddpmkit.figures import save_image
+    from ddpmkit.images import save_image
     from ddpmkit.logs import progress_bar
     from ddpmkit.sampling import sample
     from ddpmkit.seeds import sample_generators

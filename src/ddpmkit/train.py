@@ -38,7 +38,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.config import Precision, TrainConfig, save_config
-from ddpmkit.data.convert import to_uint8_nhwc
 from ddpmkit.distributed import DistInfo, all_reduce_max, barrier, init_distributed, shutdown_distributed
 from ddpmkit.fileio import RunLock
 from ddpmkit.nn import UNet
@@ -253,7 +252,7 @@ def _loop(run: _Run, stop: _StopFlag, pending: PendingRng | None) -> int:
 
 def _sample_grid(run: _Run) -> Path | None:
     """A grid from the EMA weights with the same noise every time, written by rank 0 (others wait)."""
-    from ddpmkit.figures import save_image_grid
+    from ddpmkit.images import save_image_grid, to_uint8_nhwc
     from ddpmkit.sampling import sample_ancestral
     from ddpmkit.seeds import sample_generators
 
@@ -265,8 +264,8 @@ def _sample_grid(run: _Run) -> Path | None:
         noise = sample_generators(c.seed, range(n))  # the same noise at every grid
         with torch.no_grad(), autocast(c.precision, run.info.device):
             x = sample_ancestral(net, run.diffusion, shape, generator=noise, device=run.info.device)
-        images = to_uint8_nhwc(x).cpu()  # (n, H, W, C)
-        path = save_image_grid(images.numpy(), run.run_dir / "samples" / f"step-{run.state.step:09d}.png",
+        images = to_uint8_nhwc(x)  # (n, H, W, C)
+        path = save_image_grid(images, run.run_dir / "samples" / f"step-{run.state.step:09d}.png",
                                nrow=math.ceil(math.sqrt(n)), scale=max(1, 64 // res), min_width=512)
         run.log.image(path, run.state.step)
     barrier(run.info)

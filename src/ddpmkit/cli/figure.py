@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from ddpmkit import figures
     from ddpmkit.accel import prepare_model
     from ddpmkit.distributed import resolve_device
+    from ddpmkit.images import readable_scale, save_image_grid
     from ddpmkit.models import load_model
 
     if getattr(args, "n", 1) < 1:
@@ -164,10 +165,9 @@ def run(args: argparse.Namespace) -> int:
     images, cols = grid
     col_labels, row_labels, corner = _labels(args, T)
     # default: nearest-neighbour upscaling to >= 512 px wide, and tiles >= 64 px (the labels fit)
-    scale = args.scale if args.scale is not None else max(figures.readable_scale(cols * (R + 2) + 2),
-                                                          -(-64 // R))
-    path = figures.save_image_grid(images, out, nrow=cols, scale=scale, col_labels=col_labels,
-                                   row_labels=row_labels, corner=corner)
+    scale = args.scale if args.scale is not None else max(readable_scale(cols * (R + 2) + 2), -(-64 // R))
+    path = save_image_grid(images, out, nrow=cols, scale=scale, col_labels=col_labels,
+                           row_labels=row_labels, corner=corner)
     print(f"wrote {path}")
     return 0
 
@@ -189,17 +189,18 @@ def _labels(args: argparse.Namespace, T: int) -> tuple[list[str], list[str], str
 
 def _rate_distortion(args: argparse.Namespace, model: Any, diffusion: Any, device: Any, out: Path,
                      R: int, C: int) -> int:
-    from ddpmkit import figures
+    from ddpmkit.evaluate.bpd import format_rate_distortion_table, rate_distortion
+    from ddpmkit.figures import rate_distortion_figure
     from ddpmkit.fileio import atomic_write_json
 
     if args.t_chunk is not None and args.t_chunk < 1:
         raise ValueError(f"--t-chunk must be >= 1, got {args.t_chunk}")
     x = _data(args, args.n, R, C).to(device)
-    rd = figures.rate_distortion(model, diffusion, x, seed=args.seed, t_chunk=args.t_chunk, progress=True)
+    rd = rate_distortion(model, diffusion, x, seed=args.seed, t_chunk=args.t_chunk, progress=True)
     rd["data"] = args.data_description
-    path = figures.rate_distortion_figure(rd, out)
+    path = rate_distortion_figure(rd, out)
     json_path = Path(args.json) if args.json else out.with_suffix(".json")
     atomic_write_json(json_path, rd, indent=1, sort_keys=False)
-    print(figures.format_rate_distortion_table(rd))
+    print(format_rate_distortion_table(rd))
     print(f"wrote {path} and {json_path}")
     return 0

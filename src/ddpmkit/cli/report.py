@@ -18,9 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ddpmkit.evaluate.report import build_report
-    from ddpmkit.figures import plot_lines
 
-    report = build_report(args.run, args.out, plot_lines=plot_lines)
+    report = build_report(args.run, args.out)
     out = report["files"].get("loss_curve")
     folder = args.out or f"{args.run}/report"
     print(f"wrote {folder}/report.md and report.json" + (f" (+ {out})" if out else ""))

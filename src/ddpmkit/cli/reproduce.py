@@ -12,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "digits' train split, then measure sample quality, test bits/dim (full bound), stability, "
         "rate-distortion and memorization on the held-out digits; writes REPORT.md, report.json and PNGs.")
     sub = p.add_subparsers(dest="reproduce_what", metavar="WHAT", required=True)
-    d = sub.add_parser("digits", help="scikit-learn's 8x8 digits (~90 min on 2 CPU cores; --quick ~10 min)")
+    d = sub.add_parser("digits", help="scikit-learn's 8x8 digits (run times measured: README, "
+                       "'What the paper found')")
     d.add_argument("--output-dir", default="reproduce-digits", metavar="DIR",
                    help="where the runs, stage results, figures and report go (default ./reproduce-digits)")
     d.add_argument("--seeds", type=int, default=1, metavar="N",

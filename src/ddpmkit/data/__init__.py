@@ -2,8 +2,8 @@
 
 ``open_source`` opens digits, CIFAR-10, an ``.npz`` or an image folder as an ``ImageDataset``
 (un-augmented; the trainer flips with ``horizontal_flip_where``, the mask drawn from its own generator);
-``verify_source`` lists unreadable files; ``to_uint8_nhwc`` / ``from_uint8_nhwc`` convert pixels
-(the one home of the map, used by every module).
+``verify_source`` lists unreadable files; ``quantize_uint8`` / ``from_uint8_nhwc`` are the pixel map
+(the one home of the rounding; callers convert to uint8 through ``ddpmkit.images.to_uint8_nhwc``).
 """
 
 from ddpmkit.data.cifar import CIFAR10_MD5, CIFAR10_URL, data_root, find_cifar10
@@ -12,7 +12,6 @@ from ddpmkit.data.convert import (
     horizontal_flip_where,
     quantize_uint8,
     random_horizontal_flip,
-    to_uint8_nhwc,
 )
 from ddpmkit.data.images import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, UnreadableImageError
 from ddpmkit.data.sources import (
@@ -61,6 +60,5 @@ __all__ = [
     "quantize_uint8",
     "random_horizontal_flip",
     "source_shape",
-    "to_uint8_nhwc",
     "verify_source",
 ]

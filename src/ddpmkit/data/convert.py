@@ -1,12 +1,14 @@
-"""Pixel conversions shared by every module: float tensors in [-1, 1] <-> uint8 at the edges.
+"""Pixel math shared by every module: the 8-bit quantisation, its inverse, and the flip.
 
 Inside the library an image is a float tensor in [-1, 1] laid out (..., C, H, W); at the edges
 (files, ``.npz``, Pillow, FID) it is uint8 laid out (..., H, W, C). The map is the authors'
-``x_uint8 = round((x + 1) * 127.5)`` clamped to [0, 255], and its inverse ``x = a / 127.5 - 1``,
-so ``to_uint8_nhwc(from_uint8_nhwc(a)) == a`` for every uint8 array ``a``.
+``x_uint8 = round((x + 1) * 127.5)`` clamped to [0, 255] (``quantize_uint8``), and its inverse
+``x = a / 127.5 - 1`` (``from_uint8_nhwc``), so ``images.to_uint8_nhwc(from_uint8_nhwc(a)) == a``
+for every uint8 array ``a``.
 
-This module is the one home of that map and of the flip: data, the trainer, figures, FID and the
-digits metric all call it, so an image is quantised the same way wherever it goes.
+This module is the one home of that rounding: ``ddpmkit.images.to_uint8_nhwc``, the one conversion
+that figures, FID, the digits metric and the trainer's grids call, rounds through it, so an image
+is quantised the same way wherever it goes.
 """
 
 from __future__ import annotations
@@ -29,17 +31,6 @@ def quantize_uint8(x: Tensor) -> Tensor:
         raise ValueError(f"expected float images in [-1, 1], got dtype {x.dtype}")
     v = (x.detach().double() * 127.5).floor_().add_(128.0)
     return v.clamp_(0, 255).to(torch.uint8)
-
-
-def to_uint8_nhwc(x: Tensor) -> Tensor:
-    """Quantise images to 8 bits (``quantize_uint8``) and move channels last.
-
-    x: (..., C, H, W) float in [-1, 1] (values outside are clamped)  ->  (..., H, W, C) uint8,
-    on x's device.
-    """
-    if x.dim() < 3:
-        raise ValueError(f"expected images shaped (..., C, H, W), got shape {tuple(x.shape)}")
-    return quantize_uint8(x).movedim(-3, -1).contiguous()  # (..., H, W, C)
 
 
 def from_uint8_nhwc(a: np.ndarray | Tensor) -> Tensor:

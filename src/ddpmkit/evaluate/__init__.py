@@ -7,7 +7,7 @@ Inception Score), ``inception`` (torch-fidelity's TF-compatible Inception, hash-
 
 from ddpmkit.evaluate.bpd import evaluate_bpd, rate_distortion_table
 from ddpmkit.evaluate.digits_metric import digits_fd
-from ddpmkit.evaluate.fid import FewSamplesWarning, compute_fid, load_samples, to_uint8_images
+from ddpmkit.evaluate.fid import FewSamplesWarning, compute_fid, load_samples
 from ddpmkit.evaluate.frechet import FeatureStats, classifier_score, frechet_distance, inception_score
 
 __all__ = [
@@ -21,5 +21,4 @@ __all__ = [
     "inception_score",
     "load_samples",
     "rate_distortion_table",
-    "to_uint8_images",
 ]

@@ -7,6 +7,8 @@ distortion of progressive coding (Sec. 4.3, Table 4, Fig. 5): having received x_
 the rate is the bits sent so far, L_T + sum_{s=t}^{T-1} L_s, and the distortion is the RMSE of the
 prediction of x_0 from x_t on the [0, 255] scale. At t = 1 the rate is L_T + sum_{t>=1} L_t and the
 remaining L_0 is the distortion term (the paper's 1.78 / 1.97 bits/dim on CIFAR-10).
+``rate_distortion`` gives the same by t for one batch of images (``ddpm figure rate-distortion``)
+and ``format_rate_distortion_table`` writes its Table 4 as text.
 
 Results are appended batch by batch to a JSONL file (``partial_path``): a header line with the
 settings, then one line per finished batch with its example indices, per-example total and prior
@@ -30,7 +32,8 @@ import torch
 from ddpmkit.fileio import append_line_synced, atomic_write_bytes, read_json_lines
 from ddpmkit.seeds import Stream, derived_generator
 
-__all__ = ["evaluate_bpd", "rate_distortion_by_t", "rate_distortion_table", "table4_reverse_times"]
+__all__ = ["evaluate_bpd", "format_rate_distortion_table", "rate_distortion", "rate_distortion_by_t",
+           "rate_distortion_table", "table4_reverse_times"]
 
 PARTIAL_FORMAT = "ddpmkit.bpd_partial"
 
@@ -170,3 +173,47 @@ def table4_reverse_times(T: int, rows: int = 10) -> list[int]:
     """The reverse process times k = T - t + 1 of Table 4's rows: T, (rows - 1) T / rows, ..., T / rows
     (rounded, at least 1); row k reads index T - k of a (T,) by-t array."""
     return [max(1, round(T * (rows - i) / rows)) for i in range(rows)]
+
+
+def rate_distortion(model: Any, diffusion: Any, x0: torch.Tensor, *, seed: int = 0,
+                    t_chunk: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Rate and distortion along the reverse process (Sec. 4.3, Fig. 5, Table 4) on images x0
+    (B, C, H, W) in [-1, 1], from the terms of ``calc_bpd_loop``, averaged over the images.
+
+    With 0-based t (x_t is the paper's x_{t+1}): rate[t] = L_T + sum_{k > t} vb[k], the bits/dim
+    received once x_t is known (the decoder term vb[0] excluded), and distortion[t] =
+    RMSE(pred_x0(x_t), x_0) on the [0, 255] scale = 127.5 sqrt(x0_mse[t]). Returns a JSON-able dict
+    with per-t lists, the totals (rate = rate[0], distortion = the decoder's vb[0], total_bpd) and a
+    Table-4-style list of rows at reverse-process times T, 0.9 T, ..., 0.1 T."""
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on any device
+    terms = diffusion.calc_bpd_loop(model, x0, generator=g, t_chunk=t_chunk, progress=progress)
+    vb = terms["vb"].double().mean(0).cpu().numpy()  # (T,)
+    prior = float(terms["prior_bpd"].double().mean())
+    T = vb.shape[0]
+    rate, distortion = rate_distortion_by_t(vb, terms["x0_mse"].double().mean(0).cpu().numpy(), prior)
+    by_t = {"rate": rate.tolist(), "distortion": distortion.tolist()}
+    table = [{"reverse_time": r, "t": T - r + 1, "rate_bpd": rt, "distortion_rmse": d}  # paper's 1-based t
+             for r, rt, d in rate_distortion_table({"by_t": by_t})]
+    return {
+        "num_images": int(x0.shape[0]),
+        "num_timesteps": T,
+        "total_bpd": float(terms["total_bpd"].double().mean()),
+        "rate_bpd": float(rate[0]),
+        "distortion_bpd": float(vb[0]),
+        "prior_bpd": prior,
+        "rate": rate.tolist(),
+        "distortion_rmse": distortion.tolist(),
+        "table": table,
+    }
+
+
+def format_rate_distortion_table(rd: dict[str, Any]) -> str:
+    """Table 4 of the paper as text: reverse-process time, rate (bits/dim), distortion (RMSE)."""
+    lines = [
+        f"rate {rd['rate_bpd']:.5f} + distortion {rd['distortion_bpd']:.5f} = "
+        f"{rd['total_bpd']:.5f} bits/dim on {rd['num_images']} images",
+        f"{'reverse time (T-t+1)':>22}  {'rate (bits/dim)':>16}  {'distortion (RMSE [0,255])':>26}",
+    ]
+    lines += [f"{r['reverse_time']:>22}  {r['rate_bpd']:>16.5f}  {r['distortion_rmse']:>26.5f}"
+              for r in rd["table"]]
+    return "\n".join(lines)

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from ddpmkit.data.convert import from_uint8_nhwc
-from ddpmkit.evaluate.fid import to_uint8_images
 from ddpmkit.evaluate.frechet import FeatureStats, classifier_score, frechet_distance
+from ddpmkit.images import to_uint8_nhwc
 
-__all__ = ["DigitsClassifier", "digits_fd", "load_digits_classifier", "train_digits_classifier"]
+__all__ = ["DigitsClassifier", "digits_features_logits", "digits_fd", "load_digits_classifier",
+           "train_digits_classifier"]
 
 ASSET_NAME = "digits_classifier.safetensors"
 FEATURE_DIM = 64
@@ -134,7 +135,8 @@ def load_digits_classifier() -> DigitsClassifier:
 
 
 @torch.no_grad()
-def _features_logits(images_uint8: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+def digits_features_logits(images_uint8: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """The shipped classifier on uint8 digits (N, 8, 8, 1): features (N, 64) float64, logits (N, 10)."""
     model = load_digits_classifier()
     x = _to_input(images_uint8)
     feats = model.features(x)  # (N, 64)
@@ -148,7 +150,7 @@ def _stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _metrics(images_uint8: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> dict[str, Any]:
-    feats, logits = _features_logits(images_uint8)
+    feats, logits = digits_features_logits(images_uint8)
     mu, sigma = _stats(feats)
     counts = torch.bincount(logits.argmax(dim=1), minlength=10)
     return {"fd": frechet_distance(mu, sigma, ref_mu, ref_sigma), "score": classifier_score(logits),
@@ -164,7 +166,7 @@ def digits_fd(samples: Any) -> dict[str, Any]:
     """
     from ddpmkit.data import load_digits_uint8
 
-    images = to_uint8_images(samples)
+    images = to_uint8_nhwc(samples)
     if images.shape[1:] != (8, 8, 1):
         raise ValueError(f"mismatched image sizes: the digits metric takes 8x8 gray images (N, 8, 8, 1), "
                          f"got {images.shape}")
@@ -184,7 +186,7 @@ def _train_reference() -> tuple[np.ndarray, np.ndarray, int]:
     from ddpmkit.data import load_digits_uint8
 
     train, _ = load_digits_uint8("train")
-    mu, sigma = _stats(_features_logits(train)[0])
+    mu, sigma = _stats(digits_features_logits(train)[0])
     return mu, sigma, train.shape[0]
 
 

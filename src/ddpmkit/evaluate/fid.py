@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpmkit.data.convert import to_uint8_nhwc
 from ddpmkit.evaluate.frechet import FeatureStats, frechet_distance, inception_score
 from ddpmkit.fileio import atomic_write
+from ddpmkit.images import to_uint8_nhwc
 
 __all__ = [
     "PAPER_NUM_SAMPLES",
@@ -33,7 +33,6 @@ __all__ = [
     "feature_statistics",
     "load_samples",
     "reference_statistics",
-    "to_uint8_images",
 ]
 
 PAPER_NUM_SAMPLES = 50_000
@@ -52,24 +51,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "ddpmkit"
 
 
-def to_uint8_images(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Samples -> uint8 (N, H, W, C). uint8 arrays are NHWC and pass through; float tensors are
-    (N, C, H, W) in [-1, 1] and are rounded (``data.to_uint8_nhwc``: half up, clamped, never truncated)."""
-    if isinstance(x, np.ndarray) and x.dtype == np.uint8:
-        a = x
-    elif isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
-        a = x.cpu().numpy()
-    elif isinstance(x, torch.Tensor) and x.is_floating_point():
-        if x.ndim != 4:
-            raise ValueError(f"expected float samples shaped (N, C, H, W) in [-1, 1], got {tuple(x.shape)}")
-        a = to_uint8_nhwc(x).cpu().numpy()  # (N, H, W, C)
-    else:
-        raise ValueError("expected samples as uint8 (N, H, W, C) or a float tensor (N, C, H, W) in "
-                         f"[-1, 1], got {type(x).__name__} of dtype {getattr(x, 'dtype', None)}")
-    if a.ndim != 4 or a.shape[-1] not in (1, 3):
+def _sample_images(x: Any) -> np.ndarray:
+    """Samples (``images.to_uint8_nhwc``: uint8 NHWC passes, floats are rounded, never truncated)
+    as uint8 (N, H, W, C) with the 1 or 3 channels the feature networks take."""
+    a = to_uint8_nhwc(x)
+    if a.shape[-1] not in (1, 3):
         raise ValueError(f"expected images shaped (N, H, W, C) with C = 1 or 3, got {a.shape}")
-    if a.shape[0] == 0:
-        raise ValueError("the sample set is empty (0 images)")
     return a
 
 
@@ -90,7 +77,7 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
         if p.suffix.lower() != ".npz":
             raise ValueError(f"samples {p}: expected an .npz file (uint8 NHWC under arr_0) or an "
                              "image folder")
-        return to_uint8_images(load_npz_uint8(p))
+        return _sample_images(load_npz_uint8(p))
     files, _ = list_image_files(p)
     if (p / "sampling.json").is_file():  # a `ddpm sample` folder: the index PNGs, not grid.png
         files = [f for f in files if f.parent == p and re.fullmatch(r"\d+\.png", f.name)]
@@ -256,7 +243,7 @@ def compute_fid(
     Returns {"fid", "is_mean", "is_std", "num_samples", "num_ref", ...};
     with fewer than 50,000 samples a ``FewSamplesWarning`` is issued and recorded in "warnings".
     """
-    images = load_samples(samples) if isinstance(samples, str | os.PathLike) else to_uint8_images(samples)
+    images = load_samples(samples) if isinstance(samples, str | os.PathLike) else _sample_images(samples)
     n, h, w, c = images.shape
     if h != w:
         raise ValueError(f"expected square samples, got {h}x{w}")

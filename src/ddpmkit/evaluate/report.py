@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ddpmkit.charts import plot_lines
 from ddpmkit.fileio import atomic_write_bytes, read_json_lines, read_json_object
+from ddpmkit.images import enlarge, readable_scale, save_pil
 
 __all__ = ["PAPER", "build_report"]
 
@@ -103,10 +104,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def build_report(run: str | Path, out: str | Path | None = None, *,
-                 plot_lines: Callable[..., Any]) -> dict[str, Any]:
-    """Write the report card of training run ``run`` into ``out`` (default RUN/report); returns it.
-    ``plot_lines``: the chart writer (``ddpmkit.figures.plot_lines``, passed in by the layer above)."""
+def build_report(run: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Write the report card of training run ``run`` into ``out`` (default RUN/report); returns it."""
     run = Path(run)
     if not run.is_dir():
         raise ValueError(f"{run}: not a training run directory (expected a folder with config.json)")
@@ -132,14 +131,14 @@ def build_report(run: str | Path, out: str | Path | None = None, *,
         "steps_per_s": sps, "img_per_s": sps * batch if sps is not None and batch else None,
         "final_loss": metrics[-1].get("loss") if metrics else None, "evals": evals, "paper": paper,
     }
-    files = _write_figures(run, out, metrics, plot_lines)
+    files = _write_figures(run, out, metrics)
     report["files"] = files
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
     atomic_write_bytes(out / "report.md", _markdown(report).encode())
     return report
 
 
-def _write_figures(run: Path, out: Path, metrics: list[dict[str, Any]], plot_lines: Any) -> dict[str, str]:
+def _write_figures(run: Path, out: Path, metrics: list[dict[str, Any]]) -> dict[str, str]:
     files: dict[str, str] = {}
     pts = [(r["step"], r["loss"]) for r in metrics if isinstance(r.get("loss"), int | float)]
     if pts:
@@ -160,13 +159,8 @@ def _readable_copy(src: Path, dst: Path, min_width: int = 512) -> Path:
     that makes it >= ``min_width`` px wide (as is when it already is)."""
     from PIL import Image
 
-    from ddpmkit.fileio import atomic_write
-
     with Image.open(src) as im:
-        scale = max(1, -(-min_width // im.width))  # ceil
-        big = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-    atomic_write(dst, lambda f: big.save(f, format="PNG"))
-    return dst
+        return save_pil(enlarge(im, readable_scale(im.width, min_width)), dst)
 
 
 def _row(name: str, ours: Any, paper: Any, digits: int = 4) -> str:
