@@ -155,3 +155,47 @@ def test_json_files_are_read_only_through_fileio():
                     for a in node.args for n in ast.walk(a)):
                 offenders.append(f"{path.relative_to(src)}:{node.lineno}: json.loads of a file")
     assert not offenders, offenders
+
+
+# ------------------------------------------------------------------------- issue 27.2: lock symlinks
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "folder"])
+def test_a_lock_path_that_is_not_a_plain_file_is_refused_and_nothing_is_written(tmp_path, kind):
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    lock = run / ".lock"
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "dangling symlink":
+        lock.symlink_to(tmp_path / "created-through-the-link")
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    with pytest.raises(ValueError, match=r"\.lock is not a plain file") as err:
+        fileio.RunLock(run).acquire()
+    assert "\n" not in str(err.value)
+    assert victim.read_text() == "keep me\n"
+    assert not (tmp_path / "created-through-the-link").exists()
+
+
+def test_sample_and_resume_refuse_a_lock_symlink(tmp_path, tiny_model_dir, tiny_npz, capsys):
+    from ddpmkit.cli import main
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    assert main(["sample", str(tiny_model_dir), "--n", "2", "--output-dir", str(out)]) == 2
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    assert main(["train", "-o", str(run), "--data", str(tiny_npz), "--resume", "auto", "--steps", "1",
+                 "--no-progress", "--set", "unet.ch_mult=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(".lock is not a plain file") == 2, err
+    assert victim.read_text() == "keep me\n"

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -136,9 +137,17 @@ class RunLock:
 
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a symlink planted at .lock must not redirect our write; O_NONBLOCK: nor a FIFO hang
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise ValueError(f"{self.path} is not a plain file (a symlink, folder or device); "
+                                 "remove it and run again") from None
             raise ValueError(f"cannot write to {self.folder}: {e.strerror or e}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError(f"{self.path} is not a plain file (a symlink, folder or device); "
+                             "remove it and run again")
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: not inherited by forked workers
         except OSError as e:
