@@ -199,3 +199,23 @@ def test_sample_and_resume_refuse_a_lock_symlink(tmp_path, tiny_model_dir, tiny_
     err = capsys.readouterr().err
     assert err.count(".lock is not a plain file") == 2, err
     assert victim.read_text() == "keep me\n"
+
+
+# ------------------------------------------------------------------------- issue 27.10: strict JSON
+def test_deeply_nested_or_huge_json_is_a_value_error_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100000)
+    with pytest.raises(ValueError, match="deep.json: JSON nested deeper than"):
+        fileio.read_json_object(path)
+    path.write_text('{"a": ' * 100000 + "1" + "}" * 100000)
+    with pytest.raises(ValueError, match="deep.json: JSON nested deeper than"):
+        fileio.read_json_object(path)
+    path.write_text('{"a": "' + "[" * 100000 + '"}')  # brackets inside a string do not nest
+    assert fileio.read_json_object(path) == {"a": "[" * 100000}
+    monkeypatch.setattr(fileio, "MAX_JSON_BYTES", 100)
+    path.write_text('{"a": "' + "x" * 200 + '"}')
+    with pytest.raises(ValueError, match="deep.json: .*more than the 100 accepted"):
+        fileio.read_json_object(path)
+    lines = tmp_path / "m.jsonl"
+    lines.write_text('{"step": 1}\n' + "[" * 100000 + "\n")
+    assert [v for _, v in fileio.read_json_lines(lines)] == [{"step": 1}, None]
