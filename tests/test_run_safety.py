@@ -380,3 +380,21 @@ def test_a_state_json_with_the_right_hash_but_wrong_types_is_torn(tmp_path, tiny
     want = load_file(finished_run / "model" / "model.safetensors")  # redone from step 2: same weights
     got = load_file(run / "model" / "model.safetensors")
     assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+# ------------------------------------------------------------------------- issue 27.12: symlinked entries
+@pytest.mark.parametrize("target", ["/etc/passwd", "inside"])
+def test_a_manifest_entry_that_is_a_symlink_is_torn(tmp_path, tiny_npz, finished_run, target):
+    run = _copy(finished_run, tmp_path)
+    folder = run / "checkpoints" / "step-000000004"
+    if target == "inside":  # a link to a faithful copy of the file, outside the folder
+        copy = tmp_path / "ema-copy.safetensors"
+        (folder / "ema.safetensors").rename(copy)
+        (folder / "ema.safetensors").symlink_to(copy)
+    else:
+        (folder / "passwd").symlink_to(target)
+        _rehash(folder, "passwd")
+    assert not ckpt.is_complete(folder)
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("step-000000004" in w and "not a regular file" in w for w in warned), warned

@@ -13,8 +13,9 @@ A checkpoint is written into ``checkpoints/.tmp-step-...``, every file fsynced, 
 then the folder is renamed into place and the parent fsynced. A folder without a manifest, or whose
 files do not match it, is torn and is ignored by ``latest_checkpoint``; ``newest_loadable`` also
 checks every SHA-256 and skips a corrupt one with a warning naming the file. Manifest names are
-confined to the folder. Old checkpoints are pruned only after the new one is complete, each renamed
-to ``.del-...`` before it is deleted. Nothing is pickled: loading a checkpoint never runs code.
+confined to the folder: each must be a regular file in it, never a symlink. Old checkpoints are
+pruned only after the new one is complete, each renamed to ``.del-...`` before it is deleted. Nothing
+is pickled: loading a checkpoint never runs code.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,9 +206,27 @@ def manifest_problem(path: str | Path, *, required: tuple[str, ...] = (STATE,)) 
         if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
             return f"{path / MANIFEST}: entry {name!r} is not {{bytes: int, sha256: hex}}"
         f = path / name
-        if not f.is_file() or f.stat().st_size != entry["bytes"]:
-            return f"{f}: missing, or its size differs from the manifest"
+        try:
+            info = f.lstat()  # a symlink is not followed: entries may not leave the folder
+        except OSError:
+            return f"{f}: missing"
+        if not stat.S_ISREG(info.st_mode):
+            return f"{f}: not a regular file (a symlink, folder or device)"
+        if info.st_size != entry["bytes"]:
+            return f"{f}: its size differs from the manifest"
     return None
+
+
+def _read_entry(path: Path) -> bytes:
+    """The bytes of a checkpoint entry, opened without following a link (swapped in since the check)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise ValueError(f"{path}: not a regular file or unreadable ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{path}: not a regular file (a symlink, folder or device)")
+        return f.read()
 
 
 def is_complete(path: str | Path) -> bool:
@@ -244,7 +264,7 @@ def load_checkpoint(path: str | Path, *, required: tuple[str, ...] = (STATE,),
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     state: Any = None
     for name, entry in manifest["files"].items():
-        data = (path / name).read_bytes()
+        data = _read_entry(path / name)
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ValueError(f"{path / name}: SHA-256 does not match the manifest (corrupt checkpoint)")
         if name == STATE:
