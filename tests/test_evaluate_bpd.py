@@ -142,16 +142,19 @@ def test_resume_from_a_partial_file_gives_the_uninterrupted_result(tmp_path):
     full = evaluate_bpd(model, d, _Tensors(x), batch_size=2, seed=1, partial_path=tmp_path / "a.jsonl")
 
     calls = {"n": 0}
+    forward = model.forward
 
     def interrupted(x_t, t):
         calls["n"] += 1
         if calls["n"] > 2 * 20:  # dies in the third batch
             raise KeyboardInterrupt
-        return model(x_t, t)
+        return forward(x_t, t)
 
     part = tmp_path / "b.jsonl"
+    model.forward = interrupted  # the same module (the same weights' SHA-256), interrupted
     with pytest.raises(KeyboardInterrupt):
-        evaluate_bpd(interrupted, d, _Tensors(x), batch_size=2, seed=1, partial_path=part)
+        evaluate_bpd(model, d, _Tensors(x), batch_size=2, seed=1, partial_path=part)
+    del model.forward
     lines = part.read_text().splitlines()
     assert len(lines) == 1 + 2 and json.loads(lines[0])["format"] == "ddpmkit.bpd_partial"
     with open(part, "a") as f:
@@ -179,3 +182,25 @@ def test_bad_arguments():
         evaluate_bpd(_TinyModel(), d, _Tensors(_digits(4)), n=5)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate_bpd(_TinyModel(), d, _Tensors(_digits(4)), batch_size=0)
+
+
+def test_the_partial_header_holds_the_weights_and_data_hashes(tmp_path):
+    d = DiffusionConfig(num_timesteps=5).build()
+    x = _digits(4)
+    model = _TinyModel().eval()
+    part = tmp_path / "p.jsonl"
+    res = evaluate_bpd(model, d, _Tensors(x), batch_size=2, partial_path=part)
+    header = json.loads(part.read_text().splitlines()[0])
+    assert header == res["settings"]
+    assert len(header["weights_sha256"]) == 64 and len(header["data_sha256"]) == 64
+    bias = model.conv.bias.detach().clone()
+    with torch.no_grad():
+        model.conv.bias.add_(0.5)  # the same object, other weights
+    with pytest.raises(ValueError, match="other settings.*weights_sha256"):
+        evaluate_bpd(model, d, _Tensors(x), batch_size=2, partial_path=part)
+    with torch.no_grad():
+        model.conv.bias.copy_(bias)
+    with pytest.raises(ValueError, match="other settings.*data_sha256"):
+        evaluate_bpd(model, d, _Tensors(x.flip(0)), batch_size=2, partial_path=part)
+    assert evaluate_bpd(model, d, _Tensors(x), batch_size=2, partial_path=part)["bpd"] == res["bpd"]
+
