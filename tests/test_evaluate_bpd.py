@@ -204,3 +204,43 @@ def test_the_partial_header_holds_the_weights_and_data_hashes(tmp_path):
         evaluate_bpd(model, d, _Tensors(x.flip(0)), batch_size=2, partial_path=part)
     assert evaluate_bpd(model, d, _Tensors(x), batch_size=2, partial_path=part)["bpd"] == res["bpd"]
 
+
+_BPD_HOLDER = """
+import sys, time, torch
+sys.path[:0] = sys.argv[2:]
+from test_evaluate_bpd import _TinyModel, _Tensors, _digits
+from ddpmkit.diffusion import DiffusionConfig
+from ddpmkit.evaluate.bpd import evaluate_bpd
+model = _TinyModel().eval()
+def stall(x, t):
+    print("started", flush=True)
+    time.sleep(600)
+model.forward = stall
+evaluate_bpd(model, DiffusionConfig(num_timesteps=5).build(), _Tensors(_digits(4)), batch_size=2,
+             partial_path=sys.argv[1])
+"""
+
+
+def test_a_second_evaluation_into_the_same_partial_file_is_refused(tmp_path):
+    """Issue 27.3: two `ddpm eval bpd` into one --out would interleave their batches."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    part = tmp_path / "p.jsonl"
+    here = str(Path(__file__).parent)
+    holder = subprocess.Popen([sys.executable, "-c", _BPD_HOLDER, str(part), here, *sys.path],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "started"
+        with pytest.raises(ValueError, match=f"p.jsonl is in use by another ddpmkit process.*{holder.pid}@"):
+            evaluate_bpd(_TinyModel().eval(), DiffusionConfig(num_timesteps=5).build(), _Tensors(_digits(4)),
+                         batch_size=2, partial_path=part)
+        assert len(part.read_text().splitlines()) == 1  # nothing appended by the refused one
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert os.path.exists(part)
+    assert evaluate_bpd(_TinyModel().eval(), DiffusionConfig(num_timesteps=5).build(), _Tensors(_digits(4)),
+                        batch_size=2, partial_path=part)["num_examples"] == 4  # a dead holder's lock is stale

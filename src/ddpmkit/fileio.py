@@ -158,7 +158,8 @@ def read_json_lines(path: str | Path) -> list[tuple[str, Any]]:
 
 
 class RunLock:
-    """An exclusive POSIX lock (``fcntl.lockf``) on ``FOLDER/.lock``, holding ``PID@host`` of its owner.
+    """An exclusive POSIX lock (``fcntl.lockf``) on ``FOLDER/.lock`` (or another ``name``), holding
+    ``PID@host`` of its owner: one ddpmkit process per run folder, sample folder or bits/dim file.
 
     The kernel drops the lock when its process dies (kill -9 included), and forked children (data
     loader workers) do not inherit it (a ``flock`` they would keep), so a lock left by a dead
@@ -166,9 +167,11 @@ class RunLock:
     be written, before any work: a clear ValueError names the folder, or the live holder.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, name: str = ".lock", what: str | None = None) -> None:
+        """``name``: the lock file in ``folder``; ``what``: what it guards, for messages (the folder)."""
         self.folder = Path(folder)
-        self.path = self.folder / ".lock"
+        self.path = self.folder / name
+        self.what = str(self.folder) if what is None else what
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -194,8 +197,8 @@ class RunLock:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise ValueError(f"cannot lock {self.path}: {e.strerror or e}") from None
-            raise ValueError(f"{self.folder} is in use by another ddpmkit process (PID@host {holder}); "
-                             "wait for it to end or choose another output folder") from None
+            raise ValueError(f"{self.what} is in use by another ddpmkit process (PID@host {holder}); "
+                             "wait for it to end or choose another output") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode(), 0)
         self._fd = fd

@@ -8,7 +8,7 @@ the rate is the bits sent so far, L_T + sum_{s=t}^{T-1} L_s, and the distortion 
 prediction of x_0 from x_t on the [0, 255] scale. At t = 1 the rate is L_T + sum_{t>=1} L_t and the
 remaining L_0 is the distortion term (the paper's 1.78 / 1.97 bits/dim on CIFAR-10).
 
-Results are appended batch by batch to a JSONL file (``partial_path``): a
+Results are appended batch by batch to a JSONL file (``partial_path``, locked while written): a
 header line with the settings (the SHA-256 of the weights and of the examples among them), then
 one line per finished batch with its example indices, per-example total and prior
 bits/dim, and the batch's sums of every term by t. A rerun with the same settings skips the
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ddpmkit import schema
-from ddpmkit.fileio import append_line_synced, atomic_write_bytes, read_json_lines
+from ddpmkit.fileio import RunLock, append_line_synced, atomic_write_bytes, read_json_lines
 from ddpmkit.seeds import Stream, derived_generator
 
 __all__ = ["evaluate_bpd", "rate_distortion_by_t", "rate_distortion_table", "table4_reverse_times"]
@@ -136,8 +136,9 @@ def evaluate_bpd(
     dataset: ``ds[i]`` -> (C, H, W) float in [-1, 1] (``get_batch(indices)`` used when present).
     ``settings`` (JSON-able) identify the run in the partial file's header, beside everything that
     changes the value: n, batch size, seed, T, clipping, the SHA-256 of the examples and, when
-    ``model`` is an nn.Module, of its weights. Returns a dict (see ``summarize``): bpd and its
-    standard error, L_T, sum of L_{t-1} (t >= 2), L_0, "by_t", and "settings" (the header).
+    ``model`` is an nn.Module, of its weights. A partial file is locked while it is written (one
+    evaluation per file). Returns a dict (see ``summarize``): bpd and its standard error, L_T, sum
+    of L_{t-1} (t >= 2), L_0, "by_t", and "settings" (the header).
     """
     total = len(dataset) if n is None else int(n)
     if total < 1 or total > len(dataset):
@@ -153,11 +154,12 @@ def evaluate_bpd(
         return _evaluate(model, diffusion, dataset, header, None, [], t_chunk=t_chunk, device=device,
                          progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = _read_partial(path, header)
-    # rewriting the header and the complete records drops a torn last line
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in [header, *done]).encode())
-    return _evaluate(model, diffusion, dataset, header, path, done, t_chunk=t_chunk, device=device,
-                     progress=progress)
+    with RunLock(path.parent, name=f".{path.name}.lock", what=str(path)):
+        done = _read_partial(path, header)
+        # rewriting the header and the complete records drops a torn last line
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in [header, *done]).encode())
+        return _evaluate(model, diffusion, dataset, header, path, done, t_chunk=t_chunk, device=device,
+                         progress=progress)
 
 
 def _evaluate(model: Any, diffusion: Any, dataset: Any, header: dict[str, Any], path: Path | None,
