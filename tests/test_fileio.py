@@ -219,3 +219,38 @@ def test_deeply_nested_or_huge_json_is_a_value_error_naming_the_file(tmp_path, m
     lines = tmp_path / "m.jsonl"
     lines.write_text('{"step": 1}\n' + "[" * 100000 + "\n")
     assert [v for _, v in fileio.read_json_lines(lines)] == [{"step": 1}, None]
+
+
+# ------------------------------------------------------------------------- issue 27.5: a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), so that writes fail with ENOSPC; skipped where mounting is not
+    permitted (it needs root)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_one_line_exit_2_and_leaves_no_temporary_files(small_disk, capsys):
+    from ddpmkit.cli import main
+
+    run = small_disk / "run"
+    argv = ["train", "--set", "unet.ch=32", "--set", "unet.ch_mult=1,1", "--set",
+            "diffusion.num_timesteps=50", "--batch-size", "16", "--steps", "2", "--no-progress",
+            "--output-dir", str(run)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no space left" in err.lower(), err
+    assert [p for p in run.rglob(".tmp-*")] == []
+    with pytest.raises(ValueError, match="(?i)no space left"):
+        fileio.atomic_write_bytes(small_disk / "big.bin", b"\0" * (4 * 2**20))
+    assert [p.name for p in small_disk.iterdir() if p.name.startswith(".tmp-")] == []
+    assert not (small_disk / "big.bin").exists()

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ddpmkit.fileio import fsync_dir, loads_json, read_json_object
+from ddpmkit.fileio import fsync_dir, full_disk_is_an_error, loads_json, read_json_object
 from ddpmkit.schema import DictOf, problem
 
 __all__ = [
@@ -111,7 +111,20 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:09d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    with full_disk_is_an_error(final):
+        try:
+            tmp.mkdir()
+            _write_files(tmp, step, tensors, state)
+            replace_dir_atomically(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk) leaves no partial copy
+    _prune(root, keep_last)
+    return final
+
+
+def _write_files(tmp: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
+                 state: dict[str, Any]) -> None:
+    """Every file of a checkpoint into ``tmp``, each fsynced, the manifest last; then ``tmp`` itself."""
     files: dict[str, Any] = {}
     for group, flat in tensors.items():
         data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in flat.items()})
@@ -121,9 +134,6 @@ def save_checkpoint(
     manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "files": files}
     _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     fsync_dir(tmp)
-    replace_dir_atomically(tmp, final)
-    _prune(root, keep_last)
-    return final
 
 
 def replace_dir_atomically(src: Path, dst: Path) -> None:

@@ -14,14 +14,16 @@ import re
 import shutil
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ddpmkit.schema import check
 
 __all__ = ["RunLock", "append_line_synced", "atomic_write", "atomic_write_bytes", "atomic_write_folder",
-           "atomic_write_json", "fsync_dir", "loads_json", "read_json_lines", "read_json_object"]
+           "atomic_write_json", "fsync_dir", "full_disk_is_an_error", "loads_json", "read_json_lines",
+           "read_json_object"]
 
 # Bounds of every JSON read: far above what ddpmkit writes (a bits/dim partial file of CIFAR-10's
 # training set is ~30 MB; nothing nests 10 deep), far below what exhausts memory or the C stack.
@@ -39,22 +41,40 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextmanager
+def full_disk_is_an_error(path: str | Path) -> Iterator[None]:
+    """A write under this context that finds the disk (or the quota, or the file size limit) full is
+    a one-line ValueError naming ``path``; any other OSError passes through. The caller removes its
+    temporary files on the way out."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _FULL_DISK:
+            raise
+        raise ValueError(f"cannot write {path}: {e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}); "
+                         "free some space and run again") from None
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write(f)`` into ``.tmp-NAME-PID`` in ``path``'s folder, fsync, rename onto ``path``, fsync the
     folder: the one implementation of an atomic write in ddpmkit (a cut write leaves only the temp file,
     which a resumed run removes)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+    with full_disk_is_an_error(path):
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        fsync_dir(path.parent)
 
 
 def atomic_write_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
@@ -65,15 +85,16 @@ def atomic_write_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        if path.is_dir():
-            path.rmdir()  # only an empty folder can be replaced: rmdir refuses anything else
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(path.parent)
+    with full_disk_is_an_error(path):
+        try:
+            write(tmp)
+            if path.is_dir():
+                path.rmdir()  # only an empty folder can be replaced: rmdir refuses anything else
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -87,8 +108,9 @@ def atomic_write_json(path: str | Path, obj: Any, *, indent: int = 2, sort_keys:
 
 
 def append_line_synced(path: str | Path, line: str) -> None:
-    """Append one line and fsync it (metrics.jsonl): a power cut tears at most the last line."""
-    with open(path, "a") as f:
+    """Append one line and fsync it (metrics.jsonl): a power cut or a full disk tears at most the last
+    line (a reader drops it)."""
+    with full_disk_is_an_error(path), open(path, "a") as f:
         f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())

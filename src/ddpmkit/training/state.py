@@ -26,7 +26,7 @@ from ddpmkit import schema
 from ddpmkit.checks import check_int
 from ddpmkit.config import Precision, TrainConfig, changed_on_resume
 from ddpmkit.distributed import DistInfo, all_gather_objects, barrier
-from ddpmkit.fileio import read_json_object
+from ddpmkit.fileio import full_disk_is_an_error, read_json_object
 from ddpmkit.nn import UNet
 from ddpmkit.seeds import Stream, derive_seed, derived_generator
 
@@ -139,8 +139,12 @@ def publish_models(s: TrainState, run_dir: Path, *, only_if_stale: bool, log: Lo
         if only_if_stale:
             log(f"{run_dir / name} is missing or older than the checkpoint; rewriting it")
         tmp = run_dir / f".tmp-{name}-{os.getpid()}"
-        net.save(tmp, diffusion=diffusion)
-        ckpt.replace_dir_atomically(tmp, run_dir / name)
+        with full_disk_is_an_error(run_dir / name):
+            try:
+                net.save(tmp, diffusion=diffusion)
+                ckpt.replace_dir_atomically(tmp, run_dir / name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed save (a full disk) leaves no partial copy
 
 
 @dataclass(frozen=True)
