@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -53,6 +52,7 @@ from ddpmkit.data.images import (
     decode_image,
     fit_array,
     fit_image,
+    image_header,
     list_image_files,
 )
 from ddpmkit.enums import parse_enum
@@ -421,11 +421,11 @@ def source_shape(src: str | os.PathLike | None, *, max_files: int = 4096) -> Sou
         sizes, colour = set(), False
         for path in files[::step][:max_files]:
             try:
-                with Image.open(path) as im:
-                    sizes.add(im.size)
-                    colour |= im.mode not in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
-            except (OSError, ValueError, SyntaxError):
+                size, mode = image_header(path)
+            except UnreadableImageError:  # a bomb, a FIFO, ...: left to on_bad_image when training
                 continue
+            sizes.add(size)
+            colour |= mode not in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
         if not sizes:
             raise ValueError(f"none of the image files in {r.path} is readable "
                              f"(run `ddpm data verify {r.path}`)")
