@@ -600,11 +600,14 @@ def no_hang():
     """Fail, instead of hanging the suite, if the test blocks (opening a FIFO with no writer)."""
     import signal
 
+    class Hung(BaseException):  # not an OSError, which the code under test may catch
+        pass
+
     def stop(*_):
-        raise TimeoutError("blocked for 60 s")
+        raise Hung("blocked for 20 s")
 
     old = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(60)
+    signal.alarm(20)
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
@@ -641,3 +644,45 @@ def test_train_on_a_folder_with_a_bomb_and_a_fifo(bad_folder, no_hang, tmp_path,
         assert rc == 0, err
     else:
         assert rc == 2 and err.count("\n") == 1 and "are unreadable" in err, err
+
+
+# ------------------------------------------------------------------------- issue 27.13: npz edge cases
+def _npz_claiming(path, shape, dtype="|u1", data=b"\0" * 64):
+    """An .npz whose arr_0.npy header claims ``shape`` and ``dtype`` over ``data``."""
+    import zipfile
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": dtype, "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("arr_0.npy", member.getvalue() + data)
+    return path
+
+
+@pytest.mark.parametrize("case", ["npy renamed", "huge shape", "short data", "float header", "text", "fifo",
+                                  "3 dims"])
+def test_an_npz_input_is_checked_before_allocating(tmp_path, case, capsys, no_hang):
+    from ddpmkit.evaluate.fid import load_samples
+
+    path = tmp_path / "x.npz"
+    if case == "npy renamed":
+        np.save(tmp_path / "x.npy", np.zeros((4, 8, 8, 1), np.uint8))
+        (tmp_path / "x.npy").rename(path)
+    elif case == "huge shape":
+        _npz_claiming(path, (10**11, 8, 8, 1))
+    elif case == "short data":
+        _npz_claiming(path, (4, 8, 8, 1))  # 256 bytes claimed, 64 present
+    elif case == "float header":
+        _npz_claiming(path, (10**11, 8, 8, 1), dtype="<f4")
+    elif case == "text":
+        path.write_text("not an npz")
+    elif case == "fifo":
+        os.mkfifo(path)
+    else:
+        _npz_claiming(path, (1, 8, 8), data=b"\0" * 64)
+    with pytest.raises(ValueError, match=r"x\.npz: ") as err:
+        open_source(path, resolution=8, channels=1)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"x\.npz"):
+        load_samples(path)
+    assert main(["eval", "digits", str(path), "--out", str(tmp_path / "d.json")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
