@@ -159,7 +159,8 @@ def test_resume_from_a_partial_file_gives_the_uninterrupted_result(tmp_path):
     assert len(lines) == 1 + 2 and json.loads(lines[0])["format"] == "ddpmkit.bpd_partial"
     with open(part, "a") as f:
         f.write('{"batch": 2, "torn')  # a line cut short by the interruption
-    resumed = evaluate_bpd(model, d, _Tensors(x), batch_size=2, seed=1, partial_path=part)
+    with pytest.warns(RuntimeWarning, match="b.jsonl line 4: torn"):
+        resumed = evaluate_bpd(model, d, _Tensors(x), batch_size=2, seed=1, partial_path=part)
     assert resumed["bpd"] == full["bpd"]
     assert resumed["by_t"] == full["by_t"]
     assert len(part.read_text().splitlines()) == 1 + 5
