@@ -131,3 +131,13 @@ def test_changed_on_resume_allows_only_bookkeeping_and_length():
     assert changed_on_resume(c, ok) == []
     bad = apply_overrides(c, {"lr": "1e-5", "unet.ch": "128", "seed": "3"})
     assert sorted(changed_on_resume(c, bad)) == ["lr", "seed", "unet.ch"]
+
+
+def test_a_deeply_nested_config_file_is_one_line(tmp_path, capsys):
+    from ddpmkit.cli import main
+
+    path = tmp_path / "config.json"
+    path.write_text("[" * 100000)
+    assert main(["train", "--config", str(path), "-o", str(tmp_path / "run"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json: JSON nested deeper than" in err, err

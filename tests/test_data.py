@@ -15,6 +15,7 @@ import struct
 import tarfile
 import urllib.error
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -567,3 +568,121 @@ def test_data_root_default_and_override(monkeypatch, tmp_path):
     assert cifar_mod.data_root() == cifar_mod.Path.home() / ".cache" / "ddpmkit" / "data"
     monkeypatch.setenv("DDPMKIT_DATA", str(tmp_path))
     assert cifar_mod.data_root() == tmp_path
+
+
+# ------------------------------------------------------------------------- issue 27.7: bombs and FIFOs
+def _png_header_only(width: int, height: int) -> bytes:
+    """A 1-bit grayscale PNG claiming ``width`` x ``height`` pixels, its data a few bytes."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    """Four good 8x8 PNGs, a 60000^2 decompression bomb and a FIFO named zz.png."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "bomb.png").write_bytes(_png_header_only(60000, 60000))
+    os.mkfifo(folder / "zz.png")
+    return folder
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, instead of hanging the suite, if the test blocks (opening a FIFO with no writer)."""
+    import signal
+
+    class Hung(BaseException):  # not an OSError, which the code under test may catch
+        pass
+
+    def stop(*_):
+        raise Hung("blocked for 20 s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_a_bomb_or_a_fifo_in_an_image_folder_is_a_bad_image(bad_folder, no_hang):
+    from ddpmkit.data import source_shape
+
+    shape = source_shape(bad_folder)  # the header scan: neither opened nor a traceback
+    assert shape.sizes == ((8, 8),) and shape.channels == 1
+    bad = dict(verify_source(bad_folder))
+    assert set(bad) == {str(bad_folder / "bomb.png"), str(bad_folder / "zz.png")}
+    assert "not a regular file" in bad[str(bad_folder / "zz.png")]
+    with pytest.raises(ValueError, match="2 of 6 image files .* are unreadable"):
+        open_source(bad_folder, resolution=8, channels=1, on_bad_image="error")
+    ds = open_source(bad_folder, resolution=8, channels=1, on_bad_image="skip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds.uint8_images()
+    assert ds.num_skipped == 2 and sorted(Path(f).name for f in ds.skipped_files) == ["bomb.png", "zz.png"]
+    assert len([w for w in caught if issubclass(w.category, BadImageWarning)]) == 2
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_train_on_a_folder_with_a_bomb_and_a_fifo(bad_folder, no_hang, tmp_path, capsys, policy):
+    args = ["train", "-o", str(tmp_path / "run"), "--data", str(bad_folder), "--no-progress", "--steps", "1",
+            "--batch-size", "2", "--num-workers", "0", "--on-bad-image", policy,
+            "--set", "unet.ch_mult=1", "--set", "unet.ch=32", "--set", "diffusion.num_timesteps=10"]
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        rc = main(args)
+    err = capsys.readouterr().err
+    if policy == "skip":
+        assert rc == 0, err
+    else:
+        assert rc == 2 and err.count("\n") == 1 and "are unreadable" in err, err
+
+
+# ------------------------------------------------------------------------- issue 27.13: npz edge cases
+def _npz_claiming(path, shape, dtype="|u1", data=b"\0" * 64):
+    """An .npz whose arr_0.npy header claims ``shape`` and ``dtype`` over ``data``."""
+    import zipfile
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": dtype, "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("arr_0.npy", member.getvalue() + data)
+    return path
+
+
+@pytest.mark.parametrize("case", ["npy renamed", "huge shape", "short data", "float header", "text", "fifo",
+                                  "3 dims"])
+def test_an_npz_input_is_checked_before_allocating(tmp_path, case, capsys, no_hang):
+    from ddpmkit.evaluate.fid import load_samples
+
+    path = tmp_path / "x.npz"
+    if case == "npy renamed":
+        np.save(tmp_path / "x.npy", np.zeros((4, 8, 8, 1), np.uint8))
+        (tmp_path / "x.npy").rename(path)
+    elif case == "huge shape":
+        _npz_claiming(path, (10**11, 8, 8, 1))
+    elif case == "short data":
+        _npz_claiming(path, (4, 8, 8, 1))  # 256 bytes claimed, 64 present
+    elif case == "float header":
+        _npz_claiming(path, (10**11, 8, 8, 1), dtype="<f4")
+    elif case == "text":
+        path.write_text("not an npz")
+    elif case == "fifo":
+        os.mkfifo(path)
+    else:
+        _npz_claiming(path, (1, 8, 8), data=b"\0" * 64)
+    with pytest.raises(ValueError, match=r"x\.npz: ") as err:
+        open_source(path, resolution=8, channels=1)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"x\.npz"):
+        load_samples(path)
+    assert main(["eval", "digits", str(path), "--out", str(tmp_path / "d.json")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

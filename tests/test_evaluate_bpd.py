@@ -142,21 +142,25 @@ def test_resume_from_a_partial_file_gives_the_uninterrupted_result(tmp_path):
     full = evaluate_bpd(model, d, _Tensors(x), batch_size=2, seed=1, partial_path=tmp_path / "a.jsonl")
 
     calls = {"n": 0}
+    forward = model.forward
 
     def interrupted(x_t, t):
         calls["n"] += 1
         if calls["n"] > 2 * 20:  # dies in the third batch
             raise KeyboardInterrupt
-        return model(x_t, t)
+        return forward(x_t, t)
 
     part = tmp_path / "b.jsonl"
+    model.forward = interrupted  # the same module (the same weights' SHA-256), interrupted
     with pytest.raises(KeyboardInterrupt):
-        evaluate_bpd(interrupted, d, _Tensors(x), batch_size=2, seed=1, partial_path=part)
+        evaluate_bpd(model, d, _Tensors(x), batch_size=2, seed=1, partial_path=part)
+    del model.forward
     lines = part.read_text().splitlines()
     assert len(lines) == 1 + 2 and json.loads(lines[0])["format"] == "ddpmkit.bpd_partial"
     with open(part, "a") as f:
         f.write('{"batch": 2, "torn')  # a line cut short by the interruption
-    resumed = evaluate_bpd(model, d, _Tensors(x), batch_size=2, seed=1, partial_path=part)
+    with pytest.warns(RuntimeWarning, match="b.jsonl line 4: torn"):
+        resumed = evaluate_bpd(model, d, _Tensors(x), batch_size=2, seed=1, partial_path=part)
     assert resumed["bpd"] == full["bpd"]
     assert resumed["by_t"] == full["by_t"]
     assert len(part.read_text().splitlines()) == 1 + 5
@@ -179,3 +183,65 @@ def test_bad_arguments():
         evaluate_bpd(_TinyModel(), d, _Tensors(_digits(4)), n=5)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate_bpd(_TinyModel(), d, _Tensors(_digits(4)), batch_size=0)
+
+
+def test_the_partial_header_holds_the_weights_and_data_hashes(tmp_path):
+    d = DiffusionConfig(num_timesteps=5).build()
+    x = _digits(4)
+    model = _TinyModel().eval()
+    part = tmp_path / "p.jsonl"
+    res = evaluate_bpd(model, d, _Tensors(x), batch_size=2, partial_path=part)
+    header = json.loads(part.read_text().splitlines()[0])
+    assert header == res["settings"]
+    assert len(header["weights_sha256"]) == 64 and len(header["data_sha256"]) == 64
+    bias = model.conv.bias.detach().clone()
+    with torch.no_grad():
+        model.conv.bias.add_(0.5)  # the same object, other weights
+    with pytest.raises(ValueError, match="other settings.*weights_sha256"):
+        evaluate_bpd(model, d, _Tensors(x), batch_size=2, partial_path=part)
+    with torch.no_grad():
+        model.conv.bias.copy_(bias)
+    with pytest.raises(ValueError, match="other settings.*data_sha256"):
+        evaluate_bpd(model, d, _Tensors(x.flip(0)), batch_size=2, partial_path=part)
+    assert evaluate_bpd(model, d, _Tensors(x), batch_size=2, partial_path=part)["bpd"] == res["bpd"]
+
+
+_BPD_HOLDER = """
+import sys, time, torch
+sys.path[:0] = sys.argv[2:]
+from test_evaluate_bpd import _TinyModel, _Tensors, _digits
+from ddpmkit.diffusion import DiffusionConfig
+from ddpmkit.evaluate.bpd import evaluate_bpd
+model = _TinyModel().eval()
+def stall(x, t):
+    print("started", flush=True)
+    time.sleep(600)
+model.forward = stall
+evaluate_bpd(model, DiffusionConfig(num_timesteps=5).build(), _Tensors(_digits(4)), batch_size=2,
+             partial_path=sys.argv[1])
+"""
+
+
+def test_a_second_evaluation_into_the_same_partial_file_is_refused(tmp_path):
+    """Issue 27.3: two `ddpm eval bpd` into one --out would interleave their batches."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    part = tmp_path / "p.jsonl"
+    here = str(Path(__file__).parent)
+    holder = subprocess.Popen([sys.executable, "-c", _BPD_HOLDER, str(part), here, *sys.path],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "started"
+        with pytest.raises(ValueError, match=f"p.jsonl is in use by another ddpmkit process.*{holder.pid}@"):
+            evaluate_bpd(_TinyModel().eval(), DiffusionConfig(num_timesteps=5).build(), _Tensors(_digits(4)),
+                         batch_size=2, partial_path=part)
+        assert len(part.read_text().splitlines()) == 1  # nothing appended by the refused one
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert os.path.exists(part)
+    assert evaluate_bpd(_TinyModel().eval(), DiffusionConfig(num_timesteps=5).build(), _Tensors(_digits(4)),
+                        batch_size=2, partial_path=part)["num_examples"] == 4  # a dead holder's lock is stale

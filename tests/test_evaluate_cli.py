@@ -141,3 +141,30 @@ def test_report_card(tmp_path, tiny_model, capsys):
     assert grid[0, 0, 0] == 400 % 255  # the newest grid
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "not a training run directory" in capsys.readouterr().err
+
+
+def test_eval_bpd_of_a_retrained_model_is_not_the_stale_number(tmp_path, capsys):
+    """Issue 27.1: `ddpm train --resume auto` changes RUN/model; eval bpd into the same --out must not
+    print the old number from the partial file (its header names the weights' SHA-256)."""
+    from ddpmkit.cli.sample import weights_sha256
+
+    model = tmp_path / "model"
+    torch.manual_seed(0)
+    UNet(config=TINY).save(model, diffusion=DIFF.to_dict())
+    out = tmp_path / "bpd.json"
+    argv = ["eval", "bpd", str(model), "--data", "digits", "--n", "4", "--batch-size", "4",
+            "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    first = json.loads(out.read_text())
+    torch.manual_seed(1)
+    net = UNet(config=TINY)
+    net.save(model, diffusion=DIFF.to_dict())  # the same path, other weights
+    assert first["settings"]["weights_sha256"] != weights_sha256(net)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings" in err and "weights_sha256" in err, err
+    (tmp_path / "bpd.partial.jsonl").unlink()
+    assert main(argv) == 0
+    second = json.loads(out.read_text())
+    assert second["settings"]["weights_sha256"] == weights_sha256(net) and second["bpd"] != first["bpd"]

@@ -155,3 +155,102 @@ def test_json_files_are_read_only_through_fileio():
                     for a in node.args for n in ast.walk(a)):
                 offenders.append(f"{path.relative_to(src)}:{node.lineno}: json.loads of a file")
     assert not offenders, offenders
+
+
+# ------------------------------------------------------------------------- issue 27.2: lock symlinks
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "folder"])
+def test_a_lock_path_that_is_not_a_plain_file_is_refused_and_nothing_is_written(tmp_path, kind):
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    lock = run / ".lock"
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "dangling symlink":
+        lock.symlink_to(tmp_path / "created-through-the-link")
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    with pytest.raises(ValueError, match=r"\.lock is not a plain file") as err:
+        fileio.RunLock(run).acquire()
+    assert "\n" not in str(err.value)
+    assert victim.read_text() == "keep me\n"
+    assert not (tmp_path / "created-through-the-link").exists()
+
+
+def test_sample_and_resume_refuse_a_lock_symlink(tmp_path, tiny_model_dir, tiny_npz, capsys):
+    from ddpmkit.cli import main
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    assert main(["sample", str(tiny_model_dir), "--n", "2", "--output-dir", str(out)]) == 2
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    assert main(["train", "-o", str(run), "--data", str(tiny_npz), "--resume", "auto", "--steps", "1",
+                 "--no-progress", "--set", "unet.ch_mult=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(".lock is not a plain file") == 2, err
+    assert victim.read_text() == "keep me\n"
+
+
+# ------------------------------------------------------------------------- issue 27.10: strict JSON
+def test_deeply_nested_or_huge_json_is_a_value_error_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100000)
+    with pytest.raises(ValueError, match="deep.json: JSON nested deeper than"):
+        fileio.read_json_object(path)
+    path.write_text('{"a": ' * 100000 + "1" + "}" * 100000)
+    with pytest.raises(ValueError, match="deep.json: JSON nested deeper than"):
+        fileio.read_json_object(path)
+    path.write_text('{"a": "' + "[" * 100000 + '"}')  # brackets inside a string do not nest
+    assert fileio.read_json_object(path) == {"a": "[" * 100000}
+    monkeypatch.setattr(fileio, "MAX_JSON_BYTES", 100)
+    path.write_text('{"a": "' + "x" * 200 + '"}')
+    with pytest.raises(ValueError, match="deep.json: .*more than the 100 accepted"):
+        fileio.read_json_object(path)
+    lines = tmp_path / "m.jsonl"
+    lines.write_text('{"step": 1}\n' + "[" * 100000 + "\n")
+    assert [v for _, v in fileio.read_json_lines(lines)] == [{"step": 1}, None]
+
+
+# ------------------------------------------------------------------------- issue 27.5: a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), so that writes fail with ENOSPC; skipped where mounting is not
+    permitted (it needs root)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_one_line_exit_2_and_leaves_no_temporary_files(small_disk, capsys):
+    from ddpmkit.cli import main
+
+    run = small_disk / "run"
+    argv = ["train", "--set", "unet.ch=32", "--set", "unet.ch_mult=1,1", "--set",
+            "diffusion.num_timesteps=50", "--batch-size", "16", "--steps", "2", "--no-progress",
+            "--output-dir", str(run)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no space left" in err.lower(), err
+    assert [p for p in run.rglob(".tmp-*")] == []
+    with pytest.raises(ValueError, match="(?i)no space left"):
+        fileio.atomic_write_bytes(small_disk / "big.bin", b"\0" * (4 * 2**20))
+    assert [p.name for p in small_disk.iterdir() if p.name.startswith(".tmp-")] == []
+    assert not (small_disk / "big.bin").exists()

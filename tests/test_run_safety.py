@@ -317,3 +317,84 @@ def test_ctrl_c_while_torch_loads_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["train"]) == 130
     assert capsys.readouterr().err == "ddpm: interrupted\n"
+
+
+# ------------------------------------------------------------------------- issue 27.10: strict reads
+def _rehash(folder: Path, name: str) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / name).read_bytes()
+    manifest["files"][name] = {"bytes": len(data), "sha256": ckpt.hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_deeply_nested_manifest_or_metrics_line_is_torn(tmp_path, tiny_npz, finished_run):
+    run = _copy(finished_run, tmp_path)
+    (run / "checkpoints" / "step-000000004" / "manifest.json").write_text("[" * 100000)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("[" * 100000 + "\n")
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("step-000000004/manifest.json" in w for w in warned), warned
+    assert any("metrics.jsonl line 5" in w for w in warned), warned
+    assert _steps(run) == [1, 2, 3, 4]
+
+
+def _set(state: dict, dotted: str, value) -> None:
+    *head, last = dotted.split(".")
+    for k in head:
+        state = state[int(k)] if isinstance(state, list) else state[k]
+    if isinstance(state, list):
+        state[int(last)] = value
+    else:
+        state[last] = value
+
+
+@pytest.mark.parametrize("key,value", [
+    ("optimizer.param_groups.0.lr", "0.001"),
+    ("optimizer.param_groups", [{}]),
+    ("optimizer.param_groups.0.params", ["0"]),
+    ("optimizer.scalars", {"x": {"step": 1}}),
+    ("rng.rank0.numpy", ["MT19937", [1, 2, 3], 0, 0, 0.0]),
+    ("rng.rank0.random", [3, [0] * 625, "x"]),
+    ("rng.rank0", {}),
+    ("rng", {}),
+    ("config.lr", "0.001"),
+    ("config.unet", 5),
+    ("data.num_examples", "40"),
+    ("world_size", 0),
+    ("ema_n_averaged", 1.5),
+    ("scaler", {"scale": "x"}),
+    ("step", "4"),
+])
+def test_a_state_json_with_the_right_hash_but_wrong_types_is_torn(tmp_path, tiny_npz, finished_run, key,
+                                                                   value):
+    run = _copy(finished_run, tmp_path)
+    folder = run / "checkpoints" / "step-000000004"
+    state = json.loads((folder / "state.json").read_text())
+    _set(state, key, value)
+    (folder / "state.json").write_text(json.dumps(state))
+    _rehash(folder, "state.json")
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("step-000000004/state.json" in w for w in warned), warned
+    want = load_file(finished_run / "model" / "model.safetensors")  # redone from step 2: same weights
+    got = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+# ------------------------------------------------------------------------- issue 27.12: symlinked entries
+@pytest.mark.parametrize("target", ["/etc/passwd", "inside"])
+def test_a_manifest_entry_that_is_a_symlink_is_torn(tmp_path, tiny_npz, finished_run, target):
+    run = _copy(finished_run, tmp_path)
+    folder = run / "checkpoints" / "step-000000004"
+    if target == "inside":  # a link to a faithful copy of the file, outside the folder
+        copy = tmp_path / "ema-copy.safetensors"
+        (folder / "ema.safetensors").rename(copy)
+        (folder / "ema.safetensors").symlink_to(copy)
+    else:
+        (folder / "passwd").symlink_to(target)
+        _rehash(folder, "passwd")
+    assert not ckpt.is_complete(folder)
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("step-000000004" in w and "not a regular file" in w for w in warned), warned

@@ -13,8 +13,9 @@ A checkpoint is written into ``checkpoints/.tmp-step-...``, every file fsynced, 
 then the folder is renamed into place and the parent fsynced. A folder without a manifest, or whose
 files do not match it, is torn and is ignored by ``latest_checkpoint``; ``newest_loadable`` also
 checks every SHA-256 and skips a corrupt one with a warning naming the file. Manifest names are
-confined to the folder. Old checkpoints are pruned only after the new one is complete, each renamed
-to ``.del-...`` before it is deleted. Nothing is pickled: loading a checkpoint never runs code.
+confined to the folder: each must be a regular file in it, never a symlink. Old checkpoints are
+pruned only after the new one is complete, each renamed to ``.del-...`` before it is deleted. Nothing
+is pickled: loading a checkpoint never runs code.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import os
 import random
 import re
 import shutil
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ddpmkit.fileio import fsync_dir, read_json_object
+from ddpmkit.fileio import fsync_dir, full_disk_is_an_error, loads_json, read_json_object
+from ddpmkit.schema import DictOf, problem
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -107,7 +111,20 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:09d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    with full_disk_is_an_error(final):
+        try:
+            tmp.mkdir()
+            _write_files(tmp, step, tensors, state)
+            replace_dir_atomically(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk) leaves no partial copy
+    _prune(root, keep_last)
+    return final
+
+
+def _write_files(tmp: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
+                 state: dict[str, Any]) -> None:
+    """Every file of a checkpoint into ``tmp``, each fsynced, the manifest last; then ``tmp`` itself."""
     files: dict[str, Any] = {}
     for group, flat in tensors.items():
         data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in flat.items()})
@@ -117,9 +134,6 @@ def save_checkpoint(
     manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "files": files}
     _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     fsync_dir(tmp)
-    replace_dir_atomically(tmp, final)
-    _prune(root, keep_last)
-    return final
 
 
 def replace_dir_atomically(src: Path, dst: Path) -> None:
@@ -174,6 +188,9 @@ def _safe_name(name: Any) -> bool:
             and "\0" not in name and not name.startswith(".") and Path(name).name == name)
 
 
+MANIFEST_SCHEMA = {"format": str, "version": int, "step": int, "files": DictOf({"bytes": int, "sha256": str})}
+
+
 def manifest_problem(path: str | Path, *, required: tuple[str, ...] = (STATE,)) -> str | None:
     """Why ``path`` is not a complete checkpoint (manifest shape, names, sizes), or None when it is.
 
@@ -186,22 +203,40 @@ def manifest_problem(path: str | Path, *, required: tuple[str, ...] = (STATE,)) 
         return str(e)
     if manifest.get("format") != CHECKPOINT_FORMAT:
         return f"{path / MANIFEST}: not a {CHECKPOINT_FORMAT} manifest"
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        return f"{path / MANIFEST}: 'files' is not an object"
+    shape = problem(manifest, MANIFEST_SCHEMA)
+    if shape is not None:
+        return f"{path / MANIFEST}: {shape}"
+    files = manifest["files"]
     missing = [n for n in required if n not in files]
     if missing:
         return f"{path / MANIFEST}: does not list {missing}"
     for name, entry in files.items():
         if not _safe_name(name):
             return f"{path / MANIFEST}: file name {name!r} is not a plain name inside the folder"
-        if (not isinstance(entry, dict) or type(entry.get("bytes")) is not int
-                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64):
+        if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
             return f"{path / MANIFEST}: entry {name!r} is not {{bytes: int, sha256: hex}}"
         f = path / name
-        if not f.is_file() or f.stat().st_size != entry["bytes"]:
-            return f"{f}: missing, or its size differs from the manifest"
+        try:
+            info = f.lstat()  # a symlink is not followed: entries may not leave the folder
+        except OSError:
+            return f"{f}: missing"
+        if not stat.S_ISREG(info.st_mode):
+            return f"{f}: not a regular file (a symlink, folder or device)"
+        if info.st_size != entry["bytes"]:
+            return f"{f}: its size differs from the manifest"
     return None
+
+
+def _read_entry(path: Path) -> bytes:
+    """The bytes of a checkpoint entry, opened without following a link (swapped in since the check)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise ValueError(f"{path}: not a regular file or unreadable ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{path}: not a regular file (a symlink, folder or device)")
+        return f.read()
 
 
 def is_complete(path: str | Path) -> bool:
@@ -225,39 +260,43 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, *, required: tuple[str, ...] = (STATE,),
-                    state_keys: tuple[str, ...] = ()) -> Checkpoint:
+                    validate: Callable[[Checkpoint], None] | None = None) -> Checkpoint:
     """Read a checkpoint folder, checking every file against the manifest's SHA-256.
 
-    A torn or corrupt checkpoint (or one lacking a ``required`` file or a ``state_keys`` key) is a
-    ValueError naming the file at fault.
+    A torn or corrupt checkpoint (one lacking a ``required`` file, or one that ``validate``, the
+    reader's own field-by-field check, refuses with a ValueError) is a ValueError naming the file.
     """
     path = Path(path)
-    problem = manifest_problem(path, required=tuple({STATE, *required}))
-    if problem is not None:
-        raise ValueError(f"{path} is not a complete ddpmkit checkpoint: {problem}")
+    problem_ = manifest_problem(path, required=tuple({STATE, *required}))
+    if problem_ is not None:
+        raise ValueError(f"{path} is not a complete ddpmkit checkpoint: {problem_}")
     manifest = read_json_object(path / MANIFEST)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     state: Any = None
     for name, entry in manifest["files"].items():
-        data = (path / name).read_bytes()
+        data = _read_entry(path / name)
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ValueError(f"{path / name}: SHA-256 does not match the manifest (corrupt checkpoint)")
+        if name == STATE:
+            state = loads_json(data, str(path / name))  # a ValueError naming the file
+            continue
         try:
-            if name == STATE:
-                state = json.loads(data)
-            elif name.endswith(".safetensors"):
+            if name.endswith(".safetensors"):
                 tensors[name.removesuffix(".safetensors")] = load_safetensors_bytes(data)
         except Exception as e:  # noqa: BLE001 - any parse failure of a hashed file is a torn checkpoint
             raise ValueError(f"{path / name}: unreadable ({e})") from None
-    missing = [k for k in ("step", *state_keys) if not isinstance(state, dict) or k not in state]
-    if missing or type(state["step"]) is not int or state["step"] != manifest.get("step"):
-        raise ValueError(f"{path / STATE}: lacks {missing or ['a step matching the manifest']}")
-    return Checkpoint(path=path, step=state["step"], tensors=tensors, state=state)
+    if not isinstance(state, dict) or type(state.get("step")) is not int or state["step"] != manifest["step"]:
+        raise ValueError(f"{path / STATE}: lacks a step matching the manifest")
+    checkpoint = Checkpoint(path=path, step=state["step"], tensors=tensors, state=state)
+    if validate is not None:
+        validate(checkpoint)
+    return checkpoint
 
 
 def newest_loadable(run_dir: str | Path, *, required: tuple[str, ...] = (STATE,),
-                    state_keys: tuple[str, ...] = (), warn: Any = None) -> Checkpoint | None:
-    """The newest checkpoint of a run that loads (manifest, sizes, SHA-256, required contents).
+                    validate: Callable[[Checkpoint], None] | None = None,
+                    warn: Any = None) -> Checkpoint | None:
+    """The newest checkpoint of a run that loads (manifest, sizes, SHA-256, ``validate``).
 
     Each newer one that does not is torn: ``warn(message naming the file)`` and the next older is tried.
     """
@@ -268,7 +307,7 @@ def newest_loadable(run_dir: str | Path, *, required: tuple[str, ...] = (STATE,)
                    if (m := _STEP_DIR.match(p.name)) and p.is_dir())
     for _, path in reversed(found):
         try:
-            return load_checkpoint(path, required=required, state_keys=state_keys)
+            return load_checkpoint(path, required=required, validate=validate)
         except ValueError as e:
             if warn is not None:
                 warn(f"skipping torn checkpoint: {e}")

@@ -1,4 +1,4 @@
-"""Crash-safe file I/O: fsynced writes renamed into place, JSON reads that name the file, run-dir locks.
+"""Crash-safe file I/O: fsynced writes renamed into place, strict JSON reads naming the file, locks.
 
 Every published artefact goes through ``atomic_write_bytes`` (temporary file in the same folder,
 flush, fsync, rename, fsync of the folder), so after a kill or a power cut a path holds either its
@@ -10,14 +10,26 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ddpmkit.schema import check
+
 __all__ = ["RunLock", "append_line_synced", "atomic_write", "atomic_write_bytes", "atomic_write_folder",
-           "atomic_write_json", "fsync_dir", "read_json_lines", "read_json_object"]
+           "atomic_write_json", "fsync_dir", "full_disk_is_an_error", "loads_json", "read_json_lines",
+           "read_json_object"]
+
+# Bounds of every JSON read: far above what ddpmkit writes (a bits/dim partial file of CIFAR-10's
+# training set is ~30 MB; nothing nests 10 deep), far below what exhausts memory or the C stack.
+MAX_JSON_BYTES = 256 * 2**20
+MAX_JSON_LINE_BYTES = 16 * 2**20
+MAX_JSON_DEPTH = 64
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -29,22 +41,40 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextmanager
+def full_disk_is_an_error(path: str | Path) -> Iterator[None]:
+    """A write under this context that finds the disk (or the quota, or the file size limit) full is
+    a one-line ValueError naming ``path``; any other OSError passes through. The caller removes its
+    temporary files on the way out."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _FULL_DISK:
+            raise
+        raise ValueError(f"cannot write {path}: {e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}); "
+                         "free some space and run again") from None
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write(f)`` into ``.tmp-NAME-PID`` in ``path``'s folder, fsync, rename onto ``path``, fsync the
     folder: the one implementation of an atomic write in ddpmkit (a cut write leaves only the temp file,
     which a resumed run removes)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+    with full_disk_is_an_error(path):
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        fsync_dir(path.parent)
 
 
 def atomic_write_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
@@ -55,15 +85,16 @@ def atomic_write_folder(path: str | Path, write: Callable[[Path], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        if path.is_dir():
-            path.rmdir()  # only an empty folder can be replaced: rmdir refuses anything else
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(path.parent)
+    with full_disk_is_an_error(path):
+        try:
+            write(tmp)
+            if path.is_dir():
+                path.rmdir()  # only an empty folder can be replaced: rmdir refuses anything else
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -77,48 +108,80 @@ def atomic_write_json(path: str | Path, obj: Any, *, indent: int = 2, sort_keys:
 
 
 def append_line_synced(path: str | Path, line: str) -> None:
-    """Append one line and fsync it (metrics.jsonl): a power cut tears at most the last line."""
-    with open(path, "a") as f:
+    """Append one line and fsync it (metrics.jsonl): a power cut or a full disk tears at most the last
+    line (a reader drops it)."""
+    with full_disk_is_an_error(path), open(path, "a") as f:
         f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_json_object(path: str | Path) -> dict[str, Any]:
-    """A JSON object from ``path``: FileNotFoundError if there is no file, a ValueError naming the
-    file if it is not valid JSON or not an object."""
+def _nesting_depth(data: bytes) -> int:
+    """How deeply arrays and objects nest in JSON text (strings removed first), without parsing it."""
+    import numpy as np
+
+    step = np.zeros(256, np.int64)  # +1 for [ and {, -1 for ] and }
+    step[[ord("["), ord("{")]], step[[ord("]"), ord("}")]] = 1, -1
+    code = np.frombuffer(_JSON_STRING.sub(b"", data), np.uint8)
+    return int(np.cumsum(step[code]).max(initial=0))
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def loads_json(data: bytes | str, where: str, *, max_bytes: int | None = None) -> Any:
+    """Strict JSON: a ValueError ``"{where}: ..."`` for text over ``max_bytes`` (default
+    ``MAX_JSON_BYTES``), nested deeper than ``MAX_JSON_DEPTH`` (checked before parsing, so never a
+    RecursionError), or not valid JSON."""
+    max_bytes, max_depth = MAX_JSON_BYTES if max_bytes is None else max_bytes, MAX_JSON_DEPTH
+    data = data.encode() if isinstance(data, str) else bytes(data)
+    if len(data) > max_bytes:
+        raise ValueError(f"{where}: {len(data)} bytes of JSON, more than the {max_bytes} accepted")
+    if _nesting_depth(data) > max_depth:
+        raise ValueError(f"{where}: JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(data)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{where}: not valid JSON ({err})") from None
+
+
+def read_json_object(path: str | Path, schema: Any = None) -> dict[str, Any]:
+    """A JSON object from ``path`` (``loads_json``'s bounds), of ``schema`` when given (see
+    ``ddpmkit.schema``): FileNotFoundError if there is no file, else a ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_bytes())
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
     except OSError as err:
         raise ValueError(f"{path}: cannot read JSON ({err})") from None
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    data = loads_json(data, str(path))
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return data if schema is None else check(data, schema, str(path))
 
 
 def read_json_lines(path: str | Path) -> list[tuple[str, Any]]:
     """(line, value) for every line of a JSON-lines file (metrics.jsonl, a bits/dim partial file),
-    [] if there is none. A line torn by an interruption or a full disk reads as value None (ddpmkit
-    never writes a bare null); each caller decides what a torn line means for it."""
+    [] if there is none. A line torn by an interruption or a full disk, or one outside
+    ``loads_json``'s bounds, reads as value None (ddpmkit never writes a bare null); each caller
+    decides what a torn line means for it."""
     path = Path(path)
     if not path.is_file():
         return []
     out = []
     for line in path.read_bytes().decode(errors="replace").splitlines():
         try:
-            out.append((line, json.loads(line)))
+            out.append((line, loads_json(line, str(path), max_bytes=MAX_JSON_LINE_BYTES)))
         except ValueError:
             out.append((line, None))
     return out
 
 
 class RunLock:
-    """An exclusive POSIX lock (``fcntl.lockf``) on ``FOLDER/.lock``, holding ``PID@host`` of its owner.
+    """An exclusive POSIX lock (``fcntl.lockf``) on ``FOLDER/.lock`` (or another ``name``), holding
+    ``PID@host`` of its owner: one ddpmkit process per run folder, sample folder or bits/dim file.
 
     The kernel drops the lock when its process dies (kill -9 included), and forked children (data
     loader workers) do not inherit it (a ``flock`` they would keep), so a lock left by a dead
@@ -126,9 +189,11 @@ class RunLock:
     be written, before any work: a clear ValueError names the folder, or the live holder.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, name: str = ".lock", what: str | None = None) -> None:
+        """``name``: the lock file in ``folder``; ``what``: what it guards, for messages (the folder)."""
         self.folder = Path(folder)
-        self.path = self.folder / ".lock"
+        self.path = self.folder / name
+        self.what = str(self.folder) if what is None else what
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -136,9 +201,17 @@ class RunLock:
 
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a symlink planted at .lock must not redirect our write; O_NONBLOCK: nor a FIFO hang
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise ValueError(f"{self.path} is not a plain file (a symlink, folder or device); "
+                                 "remove it and run again") from None
             raise ValueError(f"cannot write to {self.folder}: {e.strerror or e}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError(f"{self.path} is not a plain file (a symlink, folder or device); "
+                             "remove it and run again")
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: not inherited by forked workers
         except OSError as e:
@@ -146,8 +219,8 @@ class RunLock:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise ValueError(f"cannot lock {self.path}: {e.strerror or e}") from None
-            raise ValueError(f"{self.folder} is in use by another ddpmkit process (PID@host {holder}); "
-                             "wait for it to end or choose another output folder") from None
+            raise ValueError(f"{self.what} is in use by another ddpmkit process (PID@host {holder}); "
+                             "wait for it to end or choose another output") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode(), 0)
         self._fd = fd

@@ -5,14 +5,17 @@ whose extension is one of ``IMAGE_EXTENSIONS``, matched case-insensitively. A fi
 readable only when Pillow identifies it as one of ``ACCEPTED_FORMATS`` (whatever its extension
 says) and decodes every pixel of it (its first frame, for animations): a ``.png`` holding text, a
 zero-byte file, a truncated JPEG and a file of another format (an ``.ico`` renamed ``.png``) are
-all unreadable. Pillow is only asked to try the accepted formats, so no other decoder ever runs.
+all unreadable, and so is a decompression bomb. Pillow is only asked to try the accepted formats,
+so no other decoder ever runs; and only regular files are read, so a FIFO never hangs a scan.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -52,23 +55,53 @@ def list_image_files(folder: Path) -> tuple[list[Path], int]:
     return files, ignored
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file (a symlink to one is fine); a FIFO, a
+    device or a socket is refused without blocking on it (O_NONBLOCK), never read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise UnreadableImageError(f"cannot read file: {err.strerror or err}") from None
+    f = os.fdopen(fd, "rb")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise UnreadableImageError(f"not a regular file ({kind})")
+    return f
+
+
+def image_header(path: str | os.PathLike) -> tuple[tuple[int, int], str]:
+    """((width, height), Pillow mode) from an image file's header, without decoding its pixels;
+    ``UnreadableImageError`` as ``decode_image`` raises it (decompression bombs included)."""
+    with _open_regular(Path(path)) as f:
+        try:
+            with Image.open(f, formats=_OPEN_FORMATS) as im:
+                return im.size, im.mode
+        except Image.DecompressionBombError as err:
+            raise UnreadableImageError(f"image too large to decode safely: {err}") from None
+        except Exception as err:  # Pillow's plugins raise OSError, SyntaxError, struct.error, ...
+            raise UnreadableImageError(f"not a readable image ({type(err).__name__}: {err})") from None
+
+
 def decode_image(path: str | os.PathLike) -> Image.Image:
     """Decode a whole image file into a loaded Pillow image of mode "L" or "RGB".
 
     16-bit grayscale is scaled to 8 bits (v / 257); a palette or alpha image is converted through
     RGBA and its alpha dropped; EXIF orientation is applied. Raises ``UnreadableImageError`` with
-    a one-line reason for anything that is not a readable image of an accepted type.
+    a one-line reason for anything that is not a readable image of an accepted type, and for what
+    is not a regular file (a FIFO is never opened for a blocking read).
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise UnreadableImageError(f"cannot read file: {err.strerror or err}") from None
-    if size == 0:
-        raise UnreadableImageError("empty file (0 bytes)")
+    with _open_regular(Path(path)) as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise UnreadableImageError("empty file (0 bytes)")
+        return _decode(f)
+
+
+def _decode(f: BinaryIO) -> Image.Image:
     fmt = "image"
     try:
-        with Image.open(path, formats=_OPEN_FORMATS) as im:
+        with Image.open(f, formats=_OPEN_FORMATS) as im:
             fmt = im.format or fmt
             im.load()  # decodes every pixel of the first frame; raises on truncated data
             if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:

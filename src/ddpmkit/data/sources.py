@@ -29,18 +29,20 @@ unreadable ones.
 
 from __future__ import annotations
 
+import math
 import operator
 import os
+import stat
 import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -53,6 +55,7 @@ from ddpmkit.data.images import (
     decode_image,
     fit_array,
     fit_image,
+    image_header,
     list_image_files,
 )
 from ddpmkit.enums import parse_enum
@@ -284,34 +287,89 @@ def load_digits_uint8(split: Split | str = Split.ALL) -> tuple[np.ndarray, np.nd
 
 
 def load_npz_uint8(path: Path) -> np.ndarray:
-    """An .npz file's uint8 (N, H, W, C) images, C in {1, 3}; a ValueError says what is wrong."""
+    """An .npz file's uint8 (N, H, W, C) images, C in {1, 3}; a ValueError says what is wrong.
+
+    Only a regular file is opened, and the array's header (shape, dtype, and the bytes it would
+    need against those the archive holds) is checked before anything is allocated.
+    """
+    path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = list(npz.files)
-            if "arr_0" in keys or len(keys) == 1:
-                key = "arr_0" if "arr_0" in keys else keys[0]
-            else:
-                raise ValueError(f"{path}: expected the images under 'arr_0' or as the only array, "
-                                 f"found {keys}")
-            a = npz[key]
+        with _open_npz(path) as f, zipfile.ZipFile(f) as z:
+            member = _npz_member(path, z)
+            with z.open(member) as m:
+                _check_npy_header(path, m, member.file_size)
+            with z.open(member) as m:
+                return np.lib.format.read_array(m, allow_pickle=False)
     except (OSError, zipfile.BadZipFile, EOFError) as err:
         raise ValueError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
     except ValueError as err:
         if str(err).startswith(str(path)):
             raise
         raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+
+
+def _open_npz(path: Path) -> Any:
+    """``path`` opened for reading if it is a regular file holding a zip archive (an .npz)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block us
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read file ({err.strerror or err})") from None
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise ValueError(f"{path}: not a regular file (a FIFO, device or socket)")
+    magic = f.read(6)
+    f.seek(0)
+    if magic == b"\x93NUMPY":
+        f.close()
+        raise ValueError(f"{path}: not a readable .npz file (a .npy file: save the images with np.savez)")
+    if not zipfile.is_zipfile(f):
+        f.close()
+        raise ValueError(f"{path}: not a readable .npz file (an .npz is a zip archive of .npy arrays)")
+    f.seek(0)
+    return f
+
+
+def _npz_member(path: Path, z: zipfile.ZipFile) -> zipfile.ZipInfo:
+    """The images' member of an .npz archive: ``arr_0.npy``, or its only array."""
+    keys = [n.removesuffix(".npy") for n in z.namelist()]
+    if "arr_0" in keys or len(keys) == 1:
+        key = "arr_0" if "arr_0" in keys else keys[0]
+    else:
+        raise ValueError(f"{path}: expected the images under 'arr_0' or as the only array, found {keys}")
+    try:
+        return z.getinfo(f"{key}.npy")
+    except KeyError:
+        raise ValueError(f"{path}: member {key!r} is not an .npy array") from None
+
+
+def _check_npy_header(path: Path, m: Any, stored: int) -> None:
+    """The .npy header of member ``m`` (``stored`` bytes uncompressed) describes uint8 NHWC images
+    that the member holds in full and that fit in this machine's memory."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    version = np.lib.format.read_magic(m)
+    if version not in readers:
+        raise ValueError(f"{path}: .npy format version {version} is not supported")
+    shape, _, dtype = readers[version](m)
     need = f"{path}: expected uint8 images shaped (N, H, W, C) with C = 1 or 3 (NHWC)"
-    if a.dtype != np.uint8:
-        raise ValueError(f"{need}, got dtype {a.dtype}; convert with "
+    if dtype != np.uint8:
+        raise ValueError(f"{need}, got dtype {dtype}; convert with "
                          "ddpmkit.data.convert.quantize_uint8 (floor((x + 1) * 127.5 + 1/2), clamped)")
-    if a.ndim != 4:
-        raise ValueError(f"{need}, got shape {a.shape}")
-    if a.shape[-1] not in (1, 3):
-        nchw = " (this looks like NCHW: use a.transpose(0, 2, 3, 1))" if a.shape[1] in (1, 3) else ""
-        raise ValueError(f"{need}, got shape {a.shape}{nchw}")
-    if a.shape[0] == 0:
-        raise ValueError(f"{path}: the array holds no images (shape {a.shape})")
-    return a
+    if len(shape) != 4:
+        raise ValueError(f"{need}, got shape {shape}")
+    if shape[-1] not in (1, 3):
+        nchw = " (this looks like NCHW: use a.transpose(0, 2, 3, 1))" if shape[1] in (1, 3) else ""
+        raise ValueError(f"{need}, got shape {shape}{nchw}")
+    if shape[0] == 0:
+        raise ValueError(f"{path}: the array holds no images (shape {shape})")
+    nbytes, held = math.prod(shape), stored - m.tell()
+    if nbytes != held:
+        raise ValueError(f"{path}: the array header claims shape {shape} ({nbytes} bytes) but the file "
+                         f"holds {held} bytes of it (truncated or corrupt)")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > memory:
+        raise ValueError(f"{path}: shape {shape} needs {nbytes / 2**30:.1f} GiB, more than this machine's "
+                         f"{memory / 2**30:.1f} GiB of memory")
 
 
 def _split_for_unsplit_source(split: Split, r: _Resolved) -> None:
@@ -421,11 +479,11 @@ def source_shape(src: str | os.PathLike | None, *, max_files: int = 4096) -> Sou
         sizes, colour = set(), False
         for path in files[::step][:max_files]:
             try:
-                with Image.open(path) as im:
-                    sizes.add(im.size)
-                    colour |= im.mode not in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
-            except (OSError, ValueError, SyntaxError):
+                size, mode = image_header(path)
+            except UnreadableImageError:  # a bomb, a FIFO, ...: left to on_bad_image when training
                 continue
+            sizes.add(size)
+            colour |= mode not in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
         if not sizes:
             raise ValueError(f"none of the image files in {r.path} is readable "
                              f"(run `ddpm data verify {r.path}`)")

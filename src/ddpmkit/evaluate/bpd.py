@@ -10,8 +10,9 @@ remaining L_0 is the distortion term (the paper's 1.78 / 1.97 bits/dim on CIFAR-
 ``rate_distortion`` gives the same by t for one batch of images (``ddpm figure rate-distortion``)
 and ``format_rate_distortion_table`` writes its Table 4 as text.
 
-Results are appended batch by batch to a JSONL file (``partial_path``): a header line with the
-settings, then one line per finished batch with its example indices, per-example total and prior
+Results are appended batch by batch to a JSONL file (``partial_path``, locked while written): a
+header line with the settings (the SHA-256 of the weights and of the examples among them), then
+one line per finished batch with its example indices, per-example total and prior
 bits/dim, and the batch's sums of every term by t. A rerun with the same settings skips the
 batches already there, and the noise of batch b comes from a generator seeded with (seed, b), so
 an interrupted and resumed evaluation gives exactly the numbers of an uninterrupted one.
@@ -19,17 +20,20 @@ an interrupted and resumed evaluation gives exactly the numbers of an uninterrup
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ddpmkit.fileio import append_line_synced, atomic_write_bytes, read_json_lines
+from ddpmkit import schema
+from ddpmkit.fileio import RunLock, append_line_synced, atomic_write_bytes, read_json_lines
 from ddpmkit.seeds import Stream, derived_generator
 
 __all__ = ["evaluate_bpd", "format_rate_distortion_table", "rate_distortion", "rate_distortion_by_t",
@@ -38,19 +42,74 @@ __all__ = ["evaluate_bpd", "format_rate_distortion_table", "rate_distortion", "r
 PARTIAL_FORMAT = "ddpmkit.bpd_partial"
 
 
+def _weights_sha256(model: Any) -> str | None:
+    """SHA-256 over an nn.Module's state dict (names, dtypes, shapes, bytes), None for another callable:
+    the same digest as a ``ddpm sample`` folder's ``weights_sha256``."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _data_sha256(dataset: Any, total: int, batch_size: int) -> str:
+    """SHA-256 over the first ``total`` examples as evaluated (dtype, shape, bytes of each batch)."""
+    h = hashlib.sha256()
+    for start in range(0, total, batch_size):
+        x = _load_batch(dataset, list(range(start, min(start + batch_size, total)))).cpu().contiguous()
+        h.update(f"{x.dtype}|{tuple(x.shape)}|".encode())
+        h.update(x.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_batch(dataset: Any, idx: list[int]) -> torch.Tensor:
+    return dataset.get_batch(idx) if hasattr(dataset, "get_batch") else torch.stack([dataset[i] for i in idx])
+
+
+_RECORD_SCHEMA = {"batch": int, "start": int, "stop": int, "total_bpd": [float], "prior_bpd": [float],
+                  "vb_sum": [float], "x0_mse_sum": [float]}
+
+
+def _record_problem(record: Any, b: int, header: dict[str, Any]) -> str | None:
+    """Why ``record`` is not batch ``b`` of the evaluation ``header`` describes, or None."""
+    if record is None:
+        return "torn or not valid JSON"
+    shape = schema.problem(record, _RECORD_SCHEMA)
+    if shape is not None:
+        return shape
+    start, stop = b * header["batch_size"], min((b + 1) * header["batch_size"], header["n"])
+    n, T = stop - start, header["num_timesteps"]
+    if (record["batch"], record["start"], record["stop"]) != (b, start, stop) or start >= stop:
+        return f"not batch {b} (examples {start}..{stop - 1})"
+    if (len(record["total_bpd"]), len(record["prior_bpd"]), len(record["vb_sum"]),
+            len(record["x0_mse_sum"])) != (n, n, T, T):
+        return f"lists not of lengths ({n}, {n}, {T}, {T})"
+    return None
+
+
 def _read_partial(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
-    """The finished batches of a partial file made with ``header``'s settings ([] if none)."""
+    """The finished batches of a partial file made with ``header``'s settings ([] if none). The first
+    record that is not the next batch (torn by an interruption, or edited) and all after it are
+    dropped with a warning naming the file: those batches are redone."""
     if not path.is_file():
         return []
     lines = read_json_lines(path)
     old = lines[0][1] if lines else None
     if old != header:
-        raise ValueError(f"{path} holds a bits/dim evaluation with other settings ({old}); expected "
-                         f"{header}. Delete it or choose another --out")
+        differ = (", ".join(sorted(k for k in {*old, *header} if old.get(k) != header.get(k)))
+                  if isinstance(old, dict) else "the header is not valid JSON")
+        raise ValueError(f"{path} holds a bits/dim evaluation with other settings (differing: {differ}); "
+                         "delete it or choose another --out")
     batches = []
-    for _, record in lines[1:]:
-        if record is None:
-            break  # a line cut short by an interruption: that batch is redone
+    for b, (_, record) in enumerate(lines[1:]):
+        why = _record_problem(record, b, header)
+        if why is not None:
+            warnings.warn(f"{path} line {b + 2}: {why}; batch {b} and later are computed again",
+                          RuntimeWarning, stacklevel=3)
+            break
         batches.append(record)
     return batches
 
@@ -78,42 +137,57 @@ def evaluate_bpd(
 
     model: any callable (x_t (B, C, H, W), t (B,)) -> output; diffusion: a GaussianDiffusion;
     dataset: ``ds[i]`` -> (C, H, W) float in [-1, 1] (``get_batch(indices)`` used when present).
-    ``settings`` (JSON-able) identify the run in the partial file's header. Returns a dict (see
-    ``summarize``): bpd and its standard error, L_T, sum of L_{t-1} (t >= 2), L_0, and "by_t".
+    ``settings`` (JSON-able) identify the run in the partial file's header, beside everything that
+    changes the value: n, batch size, seed, T, clipping, the SHA-256 of the examples and, when
+    ``model`` is an nn.Module, of its weights. A partial file is locked while it is written (one
+    evaluation per file). Returns a dict (see ``summarize``): bpd and its standard error, L_T, sum
+    of L_{t-1} (t >= 2), L_0, "by_t", and "settings" (the header).
     """
-    from ddpmkit.logs import progress_bar
-
     total = len(dataset) if n is None else int(n)
     if total < 1 or total > len(dataset):
         raise ValueError(f"n must be between 1 and the {len(dataset)} examples of the data, got {n}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    T = diffusion.num_timesteps
     header = {"format": PARTIAL_FORMAT, "version": 2, "n": total, "batch_size": batch_size, "seed": seed,
-              "num_timesteps": T, "clip_denoised": clip_denoised, **(settings or {})}
+              "num_timesteps": diffusion.num_timesteps, "clip_denoised": clip_denoised, **(settings or {}),
+              "weights_sha256": _weights_sha256(model),
+              "data_sha256": _data_sha256(dataset, total, batch_size)}
     path = Path(partial_path) if partial_path is not None else None
-    done = _read_partial(path, header) if path is not None else []
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path is None:
+        return _evaluate(model, diffusion, dataset, header, None, [], t_chunk=t_chunk, device=device,
+                         progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with RunLock(path.parent, name=f".{path.name}.lock", what=str(path)):
+        done = _read_partial(path, header)
         # rewriting the header and the complete records drops a torn last line
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in [header, *done]).encode())
+        return _evaluate(model, diffusion, dataset, header, path, done, t_chunk=t_chunk, device=device,
+                         progress=progress)
+
+
+def _evaluate(model: Any, diffusion: Any, dataset: Any, header: dict[str, Any], path: Path | None,
+              done: list[dict[str, Any]], *, t_chunk: int | None, device: str | torch.device,
+              progress: bool) -> dict[str, Any]:
+    """The batches after ``done``, each appended to ``path`` when given; then the summary."""
+    from ddpmkit.logs import progress_bar
+
+    total, batch_size, seed = header["n"], header["batch_size"], header["seed"]
     num_batches = math.ceil(total / batch_size)
     start_time = time.perf_counter()
     with progress_bar(total=total, initial=min(len(done) * batch_size, total), disable=not progress,
-              desc="bits/dim", unit="img") as bar:
+                      desc="bits/dim", unit="img") as bar:
         for b in range(len(done), num_batches):
             idx = list(range(b * batch_size, min((b + 1) * batch_size, total)))
-            x0 = (dataset.get_batch(idx) if hasattr(dataset, "get_batch")
-                  else torch.stack([dataset[i] for i in idx])).to(device)
+            x0 = _load_batch(dataset, idx).to(device)
             record = {"batch": b, "start": idx[0], "stop": idx[-1] + 1,
-                      **_run_batch(model, diffusion, x0, seed=seed, batch=b, clip_denoised=clip_denoised,
-                                   t_chunk=t_chunk)}
+                      **_run_batch(model, diffusion, x0, seed=seed, batch=b,
+                                   clip_denoised=header["clip_denoised"], t_chunk=t_chunk)}
             if path is not None:
                 append_line_synced(path, json.dumps(record))
             done.append(record)
             bar.update(len(idx))
             bar.set_postfix(bpd=f"{np.mean([v for r in done for v in r['total_bpd']]):.4f}")
-    result = summarize(done, num_timesteps=T)
+    result = summarize(done, num_timesteps=header["num_timesteps"])
     result["seconds"] = time.perf_counter() - start_time
     result["settings"] = header
     return result

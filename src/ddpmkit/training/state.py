@@ -9,6 +9,7 @@ and the step (which is also the data position: update s reads positions [s*B, (s
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import warnings
 from collections.abc import Callable
@@ -16,23 +17,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ddpmkit import checkpoint as ckpt
+from ddpmkit import schema
+from ddpmkit.checks import check_int
 from ddpmkit.config import Precision, TrainConfig, changed_on_resume
 from ddpmkit.distributed import DistInfo, all_gather_objects, barrier
-from ddpmkit.fileio import read_json_object
+from ddpmkit.fileio import full_disk_is_an_error, read_json_object
 from ddpmkit.nn import UNet
 from ddpmkit.seeds import Stream, derive_seed, derived_generator
 
-__all__ = ["CHECKPOINT_FILES", "STATE_KEYS", "PendingRng", "TrainState", "build_state", "capture",
-           "ema_decay_at", "load_resumable", "newest_resumable", "prepare_run_dir", "publish_models",
-           "restore", "save", "tidy_run_dir"]
+__all__ = ["CHECKPOINT_FILES", "STATE_SCHEMA", "PendingRng", "TrainState", "build_state", "capture",
+           "check_state", "ema_decay_at", "load_resumable", "newest_resumable", "prepare_run_dir",
+           "publish_models", "restore", "save", "tidy_run_dir"]
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors",
                     ckpt.STATE)
-STATE_KEYS = ("config", "world_size", "data", "optimizer", "rng", "ema_n_averaged", "scaler")
+_PARAM_GROUP = {"params": [int], "lr": float, "betas": (float, float), "eps": float, "weight_decay": float}
+# state.json of this trainer (``capture``), field by field; what it does not say is checked by ``check_state``
+STATE_SCHEMA = {
+    "step": int, "config": dict, "world_size": int,
+    "data": {"position": int, "num_examples": int, "epoch": int},
+    "optimizer": {"param_groups": [_PARAM_GROUP],
+                  "scalars": schema.DictOf(schema.DictOf(schema.OneOf(float, bool, None)))},
+    "rng": schema.DictOf({"numpy": (str, [int], int, int, float),
+                          "random": (int, [int], schema.OneOf(float, None))}),
+    "ema_n_averaged": int, "scaler": schema.DictOf(float),
+}
+_SCALER_KEYS = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
 
 Log = Callable[[str], None]
 
@@ -124,8 +139,12 @@ def publish_models(s: TrainState, run_dir: Path, *, only_if_stale: bool, log: Lo
         if only_if_stale:
             log(f"{run_dir / name} is missing or older than the checkpoint; rewriting it")
         tmp = run_dir / f".tmp-{name}-{os.getpid()}"
-        net.save(tmp, diffusion=diffusion)
-        ckpt.replace_dir_atomically(tmp, run_dir / name)
+        with full_disk_is_an_error(run_dir / name):
+            try:
+                net.save(tmp, diffusion=diffusion)
+                ckpt.replace_dir_atomically(tmp, run_dir / name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed save (a full disk) leaves no partial copy
 
 
 @dataclass(frozen=True)
@@ -181,16 +200,42 @@ def _match_param_strides_(opt: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
+def check_state(c: ckpt.Checkpoint) -> None:
+    """A ValueError naming ``state.json`` unless ``c`` holds all that ``restore`` reads, of the right
+    types (``STATE_SCHEMA``), with RNG states the generators accept and a config that builds."""
+    where = str(c.path / ckpt.STATE)
+    schema.check(c.state, STATE_SCHEMA, where)
+    state, rng = c.state, c.tensors.get("rng", {})
+    try:
+        check_int(state["world_size"], "world_size", low=1)
+        check_int(state["data"]["num_examples"], "data.num_examples", low=1)
+        check_int(state["ema_n_averaged"], "ema_n_averaged", low=1)
+        if state["scaler"] and set(state["scaler"]) != _SCALER_KEYS:
+            raise ValueError(f"scaler must be {{}} or hold {sorted(_SCALER_KEYS)}")
+        if not all(k.isdecimal() for k in state["optimizer"]["scalars"]):
+            raise ValueError("optimizer.scalars must be keyed by parameter index")
+        TrainConfig.from_dict(state["config"])
+        for r in range(state["world_size"]):
+            kind, keys, pos, has_gauss, cached = state["rng"][f"rank{r}"]["numpy"]
+            np.random.RandomState().set_state((kind, np.asarray(keys, np.uint32), pos, has_gauss, cached))
+            version, internal, gauss_next = state["rng"][f"rank{r}"]["random"]
+            random.Random().setstate((version, tuple(internal), gauss_next))
+            for name in ("torch_cpu", "generator"):
+                torch.Generator().set_state(rng[f"rank{r}.{name}"])
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError, RuntimeError) as e:  # bad values
+        raise ValueError(f"{where}: " + (f"missing {e}" if isinstance(e, KeyError) else str(e))) from None
+
+
 def load_resumable(path: str | Path) -> ckpt.Checkpoint:
-    """A checkpoint of this trainer, verified (SHA-256, every file and state key it needs)."""
-    return ckpt.load_checkpoint(path, required=CHECKPOINT_FILES, state_keys=STATE_KEYS)
+    """A checkpoint of this trainer, verified (SHA-256, every file it needs, ``check_state``)."""
+    return ckpt.load_checkpoint(path, required=CHECKPOINT_FILES, validate=check_state)
 
 
 def newest_resumable(run_dir: str | Path) -> ckpt.Checkpoint | None:
     """The newest checkpoint of ``run_dir`` that loads; each newer torn one is skipped with a warning."""
     def warn(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
-    return ckpt.newest_loadable(run_dir, required=CHECKPOINT_FILES, state_keys=STATE_KEYS, warn=warn)
+    return ckpt.newest_loadable(run_dir, required=CHECKPOINT_FILES, validate=check_state, warn=warn)
 
 
 def prepare_run_dir(run_dir: Path, info: DistInfo, resume: str | None) -> ckpt.Checkpoint | None:
