@@ -6,24 +6,20 @@
   - a diffusers folder: ``unet/`` + ``scheduler/`` subfolders, or flat (``config.json`` of a
     UNet2DModel [+ ``scheduler_config.json``]).
 Weights are only read from safetensors or through ``torch.load(weights_only=True)``; every problem
-is a ``ValueError`` / ``FileNotFoundError`` naming the file. ``weights_sha256`` tells which weights
-a model holds, wherever it was loaded from.
+is a ``ValueError`` / ``FileNotFoundError`` naming the file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.nn import UNet, read_model_folder
 from ddpmkit.nn.folder import CONFIG_NAME, is_model_folder
 
-__all__ = ["LoadedModel", "load_model", "load_unet", "resolve_model_path", "weights_sha256"]
+__all__ = ["LoadedModel", "load_model", "load_unet", "resolve_model_path"]
 
 RUN_EMA_DIR = "model"
 RUN_RAW_DIR = "model_raw"
@@ -119,13 +115,3 @@ def load_unet(path: str | os.PathLike, *, ema: bool = True) -> UNet:
     if kind == "diffusers":
         return load_diffusers(folder)[0]
     return read_model_folder(folder)[0]
-
-
-def weights_sha256(net: torch.nn.Module) -> str:
-    """SHA-256 over a network's state dict (names, dtypes, shapes, bytes): which model made a folder."""
-    h = hashlib.sha256()
-    for name, t in sorted(net.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()

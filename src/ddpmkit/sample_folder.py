@@ -215,7 +215,8 @@ def sample_folder(
 def _run(req: _Request, *, step_progress: bool,
          on_redraw: Callable[[Path], Any] | None) -> SampleFolderResult:
     from ddpmkit.accel import prepare_model
-    from ddpmkit.models import load_model, weights_sha256
+    from ddpmkit.models import load_model
+    from ddpmkit.nn.folder import weights_sha256
     from ddpmkit.training.fit import auto_batch_size, check_fits
 
     device = resolve_device(req.device)

@@ -34,6 +34,7 @@ import torch
 
 from ddpmkit import schema
 from ddpmkit.fileio import RunLock, append_line_synced, atomic_write_bytes, read_json_lines
+from ddpmkit.nn.folder import weights_sha256
 from ddpmkit.seeds import Stream, derived_generator
 
 __all__ = ["evaluate_bpd", "format_rate_distortion_table", "rate_distortion", "rate_distortion_by_t",
@@ -43,16 +44,8 @@ PARTIAL_FORMAT = "ddpmkit.bpd_partial"
 
 
 def _weights_sha256(model: Any) -> str | None:
-    """SHA-256 over an nn.Module's state dict (names, dtypes, shapes, bytes), None for another callable:
-    the same digest as a ``ddpm sample`` folder's ``weights_sha256``."""
-    if not isinstance(model, torch.nn.Module):
-        return None
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """``nn.folder.weights_sha256`` of an nn.Module (a sample folder's digest), None for another callable."""
+    return weights_sha256(model) if isinstance(model, torch.nn.Module) else None
 
 
 def _data_sha256(dataset: Any, total: int, batch_size: int) -> str:

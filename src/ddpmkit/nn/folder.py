@@ -8,6 +8,7 @@ Weights are only ever read from safetensors (no pickle runs); every problem with
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +178,14 @@ def diffusion_section(config: dict[str, Any], path: Path) -> dict[str, Any] | No
     if diffusion is not None and not isinstance(diffusion, dict):
         raise ValueError(f"{path / CONFIG_NAME}: 'diffusion' must be a JSON object")
     return diffusion
+
+
+def weights_sha256(net: torch.nn.Module) -> str:
+    """SHA-256 over a network's state dict (names, dtypes, shapes, bytes): which weights made a
+    result (a sample folder, a bits/dim evaluation)."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
