@@ -110,7 +110,7 @@ def test_sample_from_a_diffusers_folder_matches_our_folder(model_dir, tmp_path) 
         (["--n", "2", "--steps", str(T + 1)],
          f"steps must be an int in [2, {T}] for the ddpm sampler, got {T + 1}"),
         (["--n", "2", "--sampler", "plms"], "unknown sampler 'plms'; choose one of ddpm, ddim"),
-        (["--n", "2", "--eta", "0.5"], "eta applies to the ddim sampler only"),
+        (["--n", "2", "--eta", "0.5"], "eta applies to the ddim and analytic-ddim samplers only"),
         (["--n", "2", "--start-index", "-1"], "start_index must be an int >= 0, got -1"),
         (["--n", "2", "--batch-size", "0"], "batch_size must be a positive int, got 0"),
         (["--n", "2", "--sampler", "ddpm", "--steps", "1"],

@@ -10,7 +10,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from ddpmkit.chains import ddim_invert
 from ddpmkit.diffusion import DiffusionConfig
-from ddpmkit.dpm_solver import logsnr_uniform_timesteps, time_uniform_timesteps
+from ddpmkit.respace import linspace_timesteps, logsnr_timesteps, quad_timesteps
 from ddpmkit.sampling import sample_ddim, sample_dpm_solver
 
 T = 1000
@@ -97,7 +97,7 @@ def test_the_last_step_lands_on_the_data_prediction(diffusion):
     E[x_0 | x_{k_0}], for Gaussian data M + sqrt(abar) S2 / (abar S2 + 1 - abar) (x - sqrt(abar) M)."""
     x_T = x_T_draw(50)
     seen = {}
-    kept = logsnr_uniform_timesteps(diffusion.alphas_cumprod, 10)
+    kept = logsnr_timesteps(diffusion.alphas_cumprod, 10)
     x0 = sample_dpm_solver(
         gaussian_eps(diffusion),
         diffusion,
@@ -125,7 +125,7 @@ def test_equals_diffusers_multistep_dpm_solver_pp(diffusion, steps):
         tt = (t.to(x.dtype) / T).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
         return net(torch.cat([x, tt], 1))
 
-    kept = time_uniform_timesteps(T, steps)
+    kept = linspace_timesteps(T, steps)
     x_T = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = sample_dpm_solver(
@@ -153,7 +153,7 @@ def test_ddim_inversion_round_trips_through_the_solver(diffusion):
     x0 = M + S2.sqrt() * torch.randn(400, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     errs = []
     for S in (20, 100):
-        kept = logsnr_uniform_timesteps(diffusion.alphas_cumprod, S)
+        kept = logsnr_timesteps(diffusion.alphas_cumprod, S)
         x_T = ddim_invert(gaussian_eps(diffusion), diffusion, x0, kept)
         back = sample_dpm_solver(
             gaussian_eps(diffusion), diffusion, x0.shape, timesteps=kept, x_T=x_T, clip_denoised=False
@@ -164,13 +164,31 @@ def test_ddim_inversion_round_trips_through_the_solver(diffusion):
 
 def test_step_choices():
     d = DiffusionConfig(num_timesteps=T).build()
-    assert time_uniform_timesteps(T, 10) == [100, 200, 300, 400, 500, 599, 699, 799, 899, 999]
-    ks = logsnr_uniform_timesteps(d.alphas_cumprod, 10)
+    assert linspace_timesteps(T, 10) == [100, 200, 300, 400, 500, 599, 699, 799, 899, 999]
+    ks = logsnr_timesteps(d.alphas_cumprod, 10)
     assert ks[-1] == T - 1 and ks == sorted(set(ks))
     abar = d.alphas_cumprod.numpy()
     lam = 0.5 * (np.log(abar) - np.log1p(-abar))
     steps = np.diff(lam[ks[::-1]])  # equal lambda steps, up to rounding to integer timesteps
     assert np.all(steps > 0) and steps.max() / steps.min() < 1.3, steps
-    assert len(set(logsnr_uniform_timesteps(d.alphas_cumprod, T - 1))) == T - 1
+    assert len(set(logsnr_timesteps(d.alphas_cumprod, T - 1))) == T - 1
     with pytest.raises(ValueError, match=r"steps must be an int in \[1, 999\]"):
-        time_uniform_timesteps(T, T)
+        linspace_timesteps(T, T)
+
+
+def test_quad_is_ddims_selection_and_the_strings_reach_every_choice():
+    """DDIM's code: seq = (np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(int); at T = 1000, S = 10
+    that is the list below. Its duplicates at many steps move up (S = 100 keeps 100 distinct)."""
+    assert quad_timesteps(T, 10) == [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]
+    many = quad_timesteps(T, 100)
+    assert len(set(many)) == 100 and many == sorted(many) and many[-1] == 800
+    d = DiffusionConfig(num_timesteps=T).build()
+    from ddpmkit.respace import diffusion_timesteps, parse_timesteps
+
+    assert diffusion_timesteps(d, "quad10") == quad_timesteps(T, 10)
+    assert diffusion_timesteps(d, "linspace10") == linspace_timesteps(T, 10)
+    assert diffusion_timesteps(d, "logsnr10") == logsnr_timesteps(d.alphas_cumprod, 10)
+    with pytest.raises(ValueError, match="logSNR spacing needs the diffusion's schedule"):
+        parse_timesteps(T, "logsnr10")
+    with pytest.raises(ValueError, match=r"expected 'quadN'"):
+        parse_timesteps(T, "quadx")

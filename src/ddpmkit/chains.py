@@ -21,7 +21,7 @@ import torch
 from ddpmkit.checks import check_int
 from ddpmkit.diffusion import GaussianDiffusion, Model, check_tensor
 from ddpmkit.enums import parse_enum
-from ddpmkit.respace import Timesteps, check_timestep, parse_timesteps
+from ddpmkit.respace import Timesteps, check_timestep, diffusion_timesteps
 from ddpmkit.sampling import Callback, sample_ancestral, sample_ddim, t_batch
 from ddpmkit.seeds import Generators, clone_generator, draw_standard_normal, sample_generators
 
@@ -151,7 +151,7 @@ def interpolate(
     B, L = x0_a.shape[0], lam.numel()
     lam_b = lam.view(1, L, *([1] * (x0_a.ndim - 1)))  # (1, L, 1, 1, 1)
     if encoder is Encoder.DDIM:
-        kept = [k for k in parse_timesteps(diffusion.num_timesteps, timesteps) if k < t] + [t]
+        kept = [k for k in diffusion_timesteps(diffusion, timesteps) if k < t] + [t]
         x_a, x_b = (ddim_invert(model, diffusion, x, kept, clip_denoised=clip_denoised) for x in (x0_a, x0_b))
         xbar = ((1 - lam_b) * x_a[:, None] + lam_b * x_b[:, None]).flatten(0, 1)  # (B L, C, H, W)
         out = sample_ddim(model, diffusion, xbar.shape, timesteps=kept, x_T=xbar, clip_denoised=clip_denoised)
@@ -210,7 +210,7 @@ def ddim_invert(
     from the result gives x_0 back up to the change of eps over one step (exact as the steps shrink).
     x0: (B, C, ...). Returns the encoding, x0's shape. callback(step, t, x, pred_x0) per step, t = k_i.
     """
-    kept = parse_timesteps(diffusion.num_timesteps, timesteps)
+    kept = diffusion_timesteps(diffusion, timesteps)
     check_tensor(x0, "x0", min_ndim=2)
     x = x0
     for i, k in enumerate(kept):

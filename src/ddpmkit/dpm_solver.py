@@ -14,26 +14,18 @@ update replaces it by a linear extrapolation through the previous step's data pr
 
 The model is called only at the chain's integer timesteps (as diffusers' multistep scheduler does
 for a discrete-time model), once per step; the first step and the last (to x_0, lambda = +inf)
-are first order, so S timesteps cost S model calls. docs/math.md derives the update; on Gaussian
+are first order, so S timesteps cost S model calls. The step choices (logSNR- and time-uniform)
+are timestep specs of ``respace``. docs/math.md derives the update; on Gaussian
 data tests/test_dpm_solver.py checks its error against the exact ODE map at second order.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from ddpmkit.checks import check_int
-
-__all__ = [
-    "dpm_solver_2m_update",
-    "half_log_snr",
-    "logsnr_uniform_timesteps",
-    "time_uniform_timesteps",
-]
+__all__ = ["dpm_solver_2m_update", "half_log_snr"]
 
 
 def half_log_snr(abar: float) -> float:
@@ -57,35 +49,3 @@ def dpm_solver_2m_update(x_t: torch.Tensor, x0_t: torch.Tensor, x0_prev: torch.T
         d = (1.0 + 0.5 / r) * x0_t - (0.5 / r) * x0_prev
     # 3. exponential integrator: x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D
     return (sigma_s / sigma_t) * x_t - alpha_s * math.expm1(-h) * d
-
-
-def time_uniform_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """The S model timesteps of S + 1 points evenly spread over [0, T-1] in t, rounded, without
-    the last point 0 (diffusers' "linspace" spacing; the final step goes from the smallest to x_0).
-    Increasing, distinct."""
-    T = check_int(num_timesteps, "num_timesteps", low=2)
-    S = check_int(steps, "steps", low=1, high=T - 1, hint=f"(the model's T = {T})")
-    return _distinct(np.round(np.linspace(0, T - 1, S + 1))[1:].astype(np.int64).tolist(), T)
-
-
-def logsnr_uniform_timesteps(alphas_cumprod: Sequence[float] | torch.Tensor, steps: int) -> list[int]:
-    """The S model timesteps of S + 1 points evenly spread in the half log-SNR lambda between
-    timestep T-1 and 0 (Lu et al.'s logSNR-uniform choice), each the nearest integer timestep,
-    without the last point 0. Increasing, distinct: a timestep taken twice moves to the next free one."""
-    abar = np.asarray(torch.as_tensor(alphas_cumprod, dtype=torch.float64))
-    T = abar.shape[0]
-    S = check_int(steps, "steps", low=1, high=T - 1, hint=f"(the model's T = {T})")
-    lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # (T,), decreasing in t
-    targets = np.linspace(lam[0], lam[-1], S + 1)[1:]  # (S,), increasing in t
-    return _distinct([int(np.argmin(np.abs(lam - v))) for v in targets], T)
-
-
-def _distinct(ks: list[int], T: int) -> list[int]:
-    """Sorted, then each moved up past its predecessor and down below T - (later ones)."""
-    ks = sorted(max(k, 1) for k in ks)
-    for i in range(1, len(ks)):
-        ks[i] = max(ks[i], ks[i - 1] + 1)
-    for i in range(len(ks) - 1, -1, -1):
-        ks[i] = min(ks[i], T - len(ks) + i)
-    return ks
-

@@ -1,4 +1,5 @@
-"""Timestep specs (a count, improved-diffusion's "ddimN" / "10,15,20", a list) and the spaced diffusion.
+"""Timestep specs (a count, "quadN" / "linspaceN" / "logsnrN", improved-diffusion's "ddimN" / "10,15,20",
+a list) and the spaced diffusion.
 
 A sampler keeps timesteps k_0 < ... < k_{S-1} of the base chain (0-based). ``parse_timesteps``
 reads every form a user gives and is the one check of them (``check_steps``: a count;
@@ -24,8 +25,12 @@ __all__ = [
     "chain_on",
     "check_steps",
     "check_timestep",
+    "diffusion_timesteps",
     "improved_diffusion_timesteps",
+    "linspace_timesteps",
+    "logsnr_timesteps",
     "parse_timesteps",
+    "quad_timesteps",
     "respace_diffusion",
     "space_timesteps",
     "timesteps_from_text",
@@ -98,16 +103,63 @@ def improved_diffusion_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(kept))
 
 
-def parse_timesteps(num_timesteps: int, timesteps: Timesteps) -> list[int]:
+def quad_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """DDIM's quadratic selection (Song et al.'s code, "quad"): int((i sqrt(0.8 T) / (S - 1))^2) for
+    i = 0..S-1, dense at small t. Where that takes a timestep twice (many steps) it moves to the
+    next free one, so S distinct timesteps come back, increasing."""
+    T = num_timesteps
+    S = check_int(steps, "steps", low=1, high=int(0.8 * T) + 1, hint=f"(quad reaches 0.8 T = {int(0.8 * T)})")
+    ks = (np.linspace(0, np.sqrt(0.8 * T), S) ** 2).astype(np.int64).tolist()
+    return _distinct(ks, T, low=0)
+
+
+def linspace_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The S model timesteps of S + 1 points evenly spread over [0, T-1] in t, rounded, without
+    the last point 0 (diffusers' "linspace" spacing; the final step goes from the smallest to x_0).
+    Increasing, distinct."""
+    T = check_int(num_timesteps, "num_timesteps", low=2)
+    S = check_int(steps, "steps", low=1, high=T - 1, hint=f"(the model's T = {T})")
+    return _distinct(np.round(np.linspace(0, T - 1, S + 1))[1:].astype(np.int64).tolist(), T)
+
+
+def logsnr_timesteps(alphas_cumprod: Sequence[float] | torch.Tensor, steps: int) -> list[int]:
+    """The S model timesteps of S + 1 points evenly spread in the half log-SNR lambda between
+    timestep T-1 and 0 (Lu et al.'s logSNR-uniform choice), each the nearest integer timestep,
+    without the last point 0. Increasing, distinct: a timestep taken twice moves to the next free one."""
+    abar = np.asarray(torch.as_tensor(alphas_cumprod, dtype=torch.float64))
+    T = abar.shape[0]
+    S = check_int(steps, "steps", low=1, high=T - 1, hint=f"(the model's T = {T})")
+    lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # (T,), decreasing in t
+    targets = np.linspace(lam[0], lam[-1], S + 1)[1:]  # (S,), increasing in t
+    return _distinct([int(np.argmin(np.abs(lam - v))) for v in targets], T)
+
+
+def _distinct(ks: list[int], T: int, *, low: int = 1) -> list[int]:
+    """Sorted and >= low, then each moved up past its predecessor and down below T - (later ones)."""
+    ks = sorted(max(k, low) for k in ks)
+    for i in range(1, len(ks)):
+        ks[i] = max(ks[i], ks[i - 1] + 1)
+    for i in range(len(ks) - 1, -1, -1):
+        ks[i] = min(ks[i], T - len(ks) + i)
+    return ks
+
+
+SELECTIONS = ("quad", "linspace", "logsnr")  # "quadN", "linspaceN", "logsnrN" before improved-diffusion's
+
+
+def parse_timesteps(num_timesteps: int, timesteps: Timesteps, *,
+                    alphas_cumprod: torch.Tensor | None = None) -> list[int]:
     """The kept timesteps, increasing, from what the user gives: None (all T), a count S
-    (``space_timesteps``), an improved-diffusion string ("ddim50", "10,15,20":
+    (``space_timesteps``), a selection string ("quad20": ``quad_timesteps``, "linspace20":
+    ``linspace_timesteps``, "logsnr20": ``logsnr_timesteps``, which needs the schedule's
+    ``alphas_cumprod``), an improved-diffusion string ("ddim50", "10,15,20":
     ``improved_diffusion_timesteps``), or an explicit sequence of distinct 0-based timesteps
     (any order, as diffusers' ``timesteps=[...]``)."""
     T = num_timesteps
     if timesteps is None:
         return list(range(T))
     if isinstance(timesteps, str):
-        return improved_diffusion_timesteps(T, timesteps)
+        return _parse_text(T, timesteps, alphas_cumprod)
     if isinstance(timesteps, (int, np.integer)) and not isinstance(timesteps, bool):
         return space_timesteps(T, int(timesteps))
     if isinstance(timesteps, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(timesteps, bool):
@@ -118,6 +170,27 @@ def parse_timesteps(num_timesteps: int, timesteps: Timesteps) -> list[int]:
             return sorted(ks)
         raise ValueError(f"a timestep list must hold distinct ints in [0, {T - 1}], got {list(timesteps)!r}")
     raise ValueError(f"timesteps must be None, a count, a string like 'ddim50' or a list, got {timesteps!r}")
+
+
+def diffusion_timesteps(diffusion: GaussianDiffusion, timesteps: Timesteps) -> list[int]:
+    """``parse_timesteps`` for this diffusion: its T, and its schedule for "logsnrN"."""
+    return parse_timesteps(diffusion.num_timesteps, timesteps, alphas_cumprod=diffusion.alphas_cumprod)
+
+
+def _parse_text(T: int, text: str, alphas_cumprod: torch.Tensor | None) -> list[int]:
+    for name in SELECTIONS:
+        if text.strip().startswith(name):
+            n = text.strip()[len(name):]
+            if not n.isdigit():
+                raise ValueError(f"timesteps {text!r}: expected '{name}N' with N a positive int")
+            if name == "quad":
+                return quad_timesteps(T, int(n))
+            if name == "linspace":
+                return linspace_timesteps(T, int(n))
+            if alphas_cumprod is None:
+                raise ValueError(f"timesteps {text!r}: logSNR spacing needs the diffusion's schedule")
+            return logsnr_timesteps(alphas_cumprod, int(n))
+    return improved_diffusion_timesteps(T, text)
 
 
 def timesteps_from_text(text: str) -> Timesteps:
@@ -218,7 +291,7 @@ class SpacedDiffusion(GaussianDiffusion):
 def respace_diffusion(diffusion: GaussianDiffusion, timesteps: Timesteps) -> SpacedDiffusion:
     """``SpacedDiffusion`` on the kept ``timesteps`` (any form ``parse_timesteps`` takes): a public
     diffusion that calls the model with the original timesteps itself."""
-    return SpacedDiffusion(base=diffusion, timesteps=parse_timesteps(diffusion.num_timesteps, timesteps))
+    return SpacedDiffusion(base=diffusion, timesteps=diffusion_timesteps(diffusion, timesteps))
 
 
 def chain_on(diffusion: GaussianDiffusion, kept: list[int]) -> GaussianDiffusion:

@@ -26,11 +26,11 @@ from ddpmkit.checks import check_float, check_int
 from ddpmkit.distributed import resolve_device
 from ddpmkit.enums import parse_enum
 from ddpmkit.fileio import RunLock, atomic_write_bytes, atomic_write_json, read_json_object
-from ddpmkit.respace import Timesteps, parse_timesteps
-from ddpmkit.sampling import SamplerType
+from ddpmkit.respace import Timesteps
+from ddpmkit.sampling import SamplerType, resolve_timesteps
 
 __all__ = ["GRID_SIZE", "SETTINGS_NAME", "SampleFolderResult", "drop_torn_pngs", "existing_indices",
-           "kept_timesteps", "sample_folder", "write_npz_and_grid"]
+           "sample_folder", "write_npz_and_grid"]
 
 INDEX_PNG = re.compile(r"^(\d+)\.png$")
 NPZ_NAME = re.compile(r"^samples_(\d+)x\d+x\d+x\d+\.npz$")
@@ -131,23 +131,6 @@ def write_npz_and_grid(out_dir: Path) -> tuple[Path, Path]:
     return npz, grid
 
 
-def kept_timesteps(sampler: SamplerType | str, num_timesteps: int, steps: int | None,
-                   timesteps: Timesteps) -> list[int]:
-    """The timesteps a run keeps: all T, ``steps`` evenly strided, or ``timesteps`` (any form of
-    ``sampling.parse_timesteps``); checked as ``sampling.sample`` checks them, before any work.
-    The ddpm sampler needs two or more."""
-    sampler = parse_enum(SamplerType, sampler, "sampler")
-    if steps is not None and timesteps is not None:
-        raise ValueError("give steps (a count) or timesteps, not both")
-    if steps is not None:
-        check_int(steps, "steps", low=2 if sampler is SamplerType.DDPM else 1, high=num_timesteps,
-                  hint=f"for the {sampler.value} sampler")
-    kept = parse_timesteps(num_timesteps, timesteps if timesteps is not None else steps)
-    if sampler is SamplerType.DDPM and len(kept) < 2:
-        raise ValueError(f"the ddpm sampler needs at least 2 timesteps, got {kept}")
-    return kept
-
-
 @dataclass(frozen=True, kw_only=True)
 class _Request:
     """The checked arguments of one ``sample_folder`` call."""
@@ -198,8 +181,9 @@ def sample_folder(
         check_int(batch_size, "batch_size", low=1)
     check_int(start_index, "start_index", low=0)
     check_int(seed, "seed", low=0)
-    if eta is not None and sampler is not SamplerType.DDIM:
-        raise ValueError("eta applies to the ddim sampler only")
+    if eta is not None and not sampler.takes_eta:
+        raise ValueError(f"eta applies to the {' and '.join(s.value for s in SamplerType if s.takes_eta)} "
+                         "samplers only")
     eta = 0.0 if eta is None else check_float(eta, "eta", low=0)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -226,7 +210,7 @@ def _run(req: _Request, *, step_progress: bool,
                device=device)
     diffusion = loaded.diffusion.build()
     T = diffusion.num_timesteps
-    kept = kept_timesteps(req.sampler, T, req.steps, req.timesteps)
+    kept = resolve_timesteps(req.sampler, diffusion, steps=req.steps, timesteps=req.timesteps)
     cfg = loaded.unet.config
     shape = (cfg.in_channels, cfg.resolution, cfg.resolution)  # (C, H, W)
     _check_settings(req.out_dir, {

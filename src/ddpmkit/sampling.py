@@ -34,9 +34,16 @@ import torch
 from ddpmkit.analytic import analytic_chain, chain_variance
 from ddpmkit.checks import check_float
 from ddpmkit.diffusion import GaussianDiffusion, Model, check_same_shape, check_tensor
-from ddpmkit.dpm_solver import dpm_solver_2m_update, half_log_snr, logsnr_uniform_timesteps
+from ddpmkit.dpm_solver import dpm_solver_2m_update, half_log_snr
 from ddpmkit.enums import parse_enum
-from ddpmkit.respace import Timesteps, chain_on, check_steps, check_timestep, parse_timesteps
+from ddpmkit.respace import (
+    Timesteps,
+    chain_on,
+    check_steps,
+    check_timestep,
+    diffusion_timesteps,
+    logsnr_timesteps,
+)
 from ddpmkit.seeds import Generators, draw_standard_normal
 
 __all__ = [
@@ -47,6 +54,7 @@ __all__ = [
     "ddim_mean_variance",
     "ddim_step",
     "p_sample",
+    "resolve_timesteps",
     "sample",
     "sample_analytic_ddim",
     "sample_analytic_ddpm",
@@ -197,7 +205,7 @@ def sample_ancestral(
     after each step (t the original timestep; x_t, pred_x0 (B, C, H, W)). Returns x_0 (B, C, H, W)
     on ``device`` (clipped only through pred_x0; quantise at the edge).
     """
-    kept = parse_timesteps(diffusion.num_timesteps, timesteps)
+    kept = diffusion_timesteps(diffusion, timesteps)
     x = _x_start(shape, x_T, generator, device)
     chain = chain_on(diffusion, kept)  # index i of the chain is timestep kept[i]
     return _ancestral_loop(model, chain, x, kept, generator, clip_denoised, callback, progress, "sampling")
@@ -235,7 +243,7 @@ def sample_analytic_ddpm(
     """Analytic-DDPM (Bao et al. 2022): ``sample_ancestral``'s chain with sigma^2 the optimal
     variance of the jump k_i -> k_{i-1} (``analytic.chain_variance``, eta = 1) from ``gamma`` ((T,)
     Gamma_t or an ``analytic.GammaEstimate``). The contract of ``sample_ancestral``."""
-    kept = parse_timesteps(diffusion.num_timesteps, timesteps)
+    kept = diffusion_timesteps(diffusion, timesteps)
     x = _x_start(shape, x_T, generator, device)
     chain = analytic_chain(diffusion, kept, gamma)
     return _ancestral_loop(model, chain, x, kept, generator, clip_denoised, callback, progress,
@@ -333,7 +341,7 @@ def sample_ddim(
     last step to x_0; eta = 0 is deterministic given x_T, eta = 1 with all T steps is Algorithm 2
     with sigma_t^2 = beta-tilde_t. A learned variance is ignored. The contract of
     ``sample_ancestral``. shape: (B, C, H, W) -> x_0 of that shape."""
-    kept = parse_timesteps(diffusion.num_timesteps, timesteps)
+    kept = diffusion_timesteps(diffusion, timesteps)
     eta = check_float(eta, "eta", low=0)
     x = _x_start(shape, x_T, generator, device)
     return _ddim_loop(model, diffusion, x, kept, eta, None, generator, clip_denoised, callback, progress,
@@ -377,7 +385,7 @@ def sample_analytic_ddim(
     """Analytic-DDIM (Bao et al. 2022): DDIM's mean for ``eta`` (0: Song et al.'s deterministic
     mean) with the optimal variance of that kernel family (``analytic.chain_variance``) from
     ``gamma``; no noise on the last step, to x_0. The contract of ``sample_ancestral``."""
-    kept = parse_timesteps(diffusion.num_timesteps, timesteps)
+    kept = diffusion_timesteps(diffusion, timesteps)
     eta = check_float(eta, "eta", low=0)
     variances = chain_variance(diffusion, kept, gamma, eta=eta).tolist()
     variances[0] = 0.0  # the step to x_0 returns its mean, as Algorithm 2's last step does
@@ -401,13 +409,11 @@ def sample_dpm_solver(
     progress: bool = False,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, ``dpm_solver``) over the kept ``timesteps`` (default 20
-    logSNR-uniform ones), one model call each, the last step to x_0 first order (it lands on
-    pred_x0); x_T drawn as every sampler draws it, then no noise. The contract of
-    ``sample_ancestral``. shape: (B, C, H, W) -> x_0 of that shape."""
-    T = diffusion.num_timesteps
-    kept = logsnr_uniform_timesteps(diffusion.alphas_cumprod, min(20, T - 1)) if timesteps is None else (
-        parse_timesteps(T, timesteps))
+    """DPM-Solver++(2M) (Lu et al. 2022, ``dpm_solver``) over the kept ``timesteps`` (a count S: S
+    logSNR-uniform ones, ``respace.logsnr_timesteps``; default 20), one model call each, the last
+    step to x_0 first order (it lands on pred_x0); x_T drawn as every sampler draws it, then no
+    noise. The contract of ``sample_ancestral``. shape: (B, C, H, W) -> x_0 of that shape."""
+    kept = resolve_timesteps(SamplerType.DPM_SOLVER, diffusion, timesteps=timesteps)
     x = _x_start(shape, x_T, generator, device)
     abar = [float(a) for a in diffusion.alphas_cumprod[kept]]
     last: list[tuple[torch.Tensor, float]] = []  # the previous step's (pred_x0, lambda step)
@@ -428,6 +434,27 @@ def sample_dpm_solver(
 
 
 # ---------------------------------------------------------------------------------- the registry
+def resolve_timesteps(sampler: SamplerType | str, diffusion: GaussianDiffusion, *, steps: int | None = None,
+                      timesteps: Timesteps = None) -> list[int]:
+    """The one check of what a sampler runs on: a count ``steps`` or any ``timesteps`` spec (not
+    both; neither: all T, or DPM-Solver's 20), as the kept list. A count means evenly strided
+    timesteps, logSNR-uniform ones for DPM-Solver (its own choice); the ddpm samplers need two."""
+    sampler = parse_enum(SamplerType, sampler, "sampler")
+    T = diffusion.num_timesteps
+    if steps is not None and timesteps is not None:
+        raise ValueError("give steps (a count) or timesteps, not both")
+    if steps is not None:
+        timesteps = check_steps(T, steps, low=sampler.min_steps, hint=f"for the {sampler.value} sampler")
+    if sampler is SamplerType.DPM_SOLVER and (timesteps is None or isinstance(timesteps, int)):
+        return logsnr_timesteps(diffusion.alphas_cumprod, min(20, T - 1) if timesteps is None else timesteps)
+    kept = diffusion_timesteps(diffusion, timesteps)
+    if len(kept) < sampler.min_steps:
+        raise ValueError(f"the {sampler.value} sampler needs at least {sampler.min_steps} timesteps, "
+                         f"got {kept}")
+    return kept
+
+
+
 SAMPLERS: dict[SamplerType, Callable[..., torch.Tensor]] = {
     SamplerType.DDPM: sample_ancestral,
     SamplerType.DDIM: sample_ddim,
@@ -458,11 +485,7 @@ def sample(
     ``steps`` is a count (``timesteps`` takes every form of ``parse_timesteps``; give one of the
     two). shape: (B, C, H, W) -> x_0 (B, C, H, W)."""
     sampler = parse_enum(SamplerType, sampler, "sampler")
-    if steps is not None and timesteps is not None:
-        raise ValueError("give steps (a count) or timesteps, not both")
-    if steps is not None:
-        timesteps = check_steps(diffusion.num_timesteps, steps, low=sampler.min_steps,
-                                hint=f"for the {sampler.value} sampler")
+    kept = resolve_timesteps(sampler, diffusion, steps=steps, timesteps=timesteps)
     run = SAMPLERS[sampler]
     if sampler.takes_eta:
         run = functools.partial(run, eta=eta)
@@ -471,5 +494,5 @@ def sample(
             raise ValueError(f"the {sampler.value} sampler needs gamma, Analytic-DPM's Gamma_t of the model "
                              "(ddpmkit.analytic.estimate_gamma)")
         run = functools.partial(run, gamma=gamma)
-    return run(model, diffusion, shape, timesteps=timesteps, generator=generator, clip_denoised=clip_denoised,
+    return run(model, diffusion, shape, timesteps=kept, generator=generator, clip_denoised=clip_denoised,
                device=device, progress=progress, callback=callback)
