@@ -13,7 +13,7 @@ from ddpmkit.data.convert import (
     quantize_uint8,
     random_horizontal_flip,
 )
-from ddpmkit.data.images import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, UnreadableImageError
+from ddpmkit.data.image_files import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, UnreadableImageError
 from ddpmkit.data.sources import (
     DIGITS_NUM_TEST,
     ArrayImageDataset,

@@ -10,7 +10,7 @@ Sources (``open_source(src, ...)``):
   ``data_batch_1``/``test_batch``: ``"train"`` = data_batch_1..5 (50000), ``"test"`` =
   test_batch (10000), ``"all"`` = both.
 - an ``.npz`` file: uint8 (N, H, W, C), C in {1, 3}, under ``arr_0`` or as its only array.
-- an image folder (see ``ddpmkit.data.images``): decoded lazily, one file per item.
+- an image folder (see ``ddpmkit.data.image_files``): decoded lazily, one file per item.
 Folders and ``.npz`` files have no test split: ``split="test"`` is an error; ``"all"`` = ``"train"``.
 
 Every source is fitted to ``resolution`` x ``resolution`` x ``channels`` the same way: center crop
@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 
 from ddpmkit.data import cifar
 from ddpmkit.data.convert import from_uint8_nhwc
-from ddpmkit.data.images import (
+from ddpmkit.data.image_files import (
     IMAGE_EXTENSIONS,
     UnreadableImageError,
     check_images,

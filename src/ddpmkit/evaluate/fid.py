@@ -68,7 +68,7 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
     ``000123.png`` count, not ``grid.png``.
     """
     from ddpmkit.data import load_npz_uint8
-    from ddpmkit.data.images import UnreadableImageError, decode_image, list_image_files
+    from ddpmkit.data.image_files import UnreadableImageError, decode_image, list_image_files
 
     p = Path(path).expanduser()
     if not p.exists():
@@ -152,7 +152,7 @@ def _source_fingerprint(ds: Any) -> str:
 
 def _native_image_shape(ref: str) -> tuple[int, int] | None:
     """(resolution, channels) of a data source as stored, without resizing; None if unknown."""
-    from ddpmkit.data.images import decode_image, list_image_files
+    from ddpmkit.data.image_files import decode_image, list_image_files
     from ddpmkit.data.sources import load_npz_uint8
 
     name = str(ref).lower()
