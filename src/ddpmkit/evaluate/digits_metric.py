@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ddpmkit.data.convert import from_uint8_nhwc
-from ddpmkit.evaluate.frechet import FeatureStats, classifier_score, frechet_distance
+from ddpmkit.evaluate.frechet import FeatureStats, bootstrap_frechet, classifier_score, frechet_distance
 from ddpmkit.images import to_uint8_nhwc
 
 __all__ = ["DigitsClassifier", "digits_features_logits", "digits_fd", "load_digits_classifier",
@@ -157,12 +157,13 @@ def _metrics(images_uint8: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray
             "class_counts": [int(c) for c in counts], "n": int(images_uint8.shape[0])}
 
 
-def digits_fd(samples: Any) -> dict[str, Any]:
+def digits_fd(samples: Any, *, bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
     """Frechet distance, classifier score and class counts of digit samples, with the real baseline.
 
     samples: uint8 (N, 8, 8, 1) or float (N, 1, 8, 8) in [-1, 1] (rounded to 8 bits), N >= 2.
     Returns {"fd", "score", "class_counts", "n", "real": {same keys for the first min(N, 360)
-    held-out test digits}, "reference": "digits train split (1437 images)"}.
+    held-out test digits}, "reference": "digits train split (1437 images)"}; with ``bootstrap`` B >= 2
+    also "fd_interval": the 95% percentile bootstrap interval over the samples (B resamples).
     """
     from ddpmkit.data import load_digits_uint8
 
@@ -177,6 +178,9 @@ def digits_fd(samples: Any) -> dict[str, Any]:
     out = _metrics(images, ref_mu, ref_sigma)
     out["real"] = _metrics(test[: images.shape[0]], ref_mu, ref_sigma)
     out["reference"] = f"digits train split ({n_train} images)"
+    if bootstrap:
+        feats = digits_features_logits(images)[0]
+        out["fd_interval"] = list(bootstrap_frechet(feats, ref_mu, ref_sigma, resamples=bootstrap, seed=seed))
     return out
 
 

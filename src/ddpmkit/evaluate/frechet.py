@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["FeatureStats", "classifier_score", "frechet_distance", "inception_score"]
+__all__ = ["FeatureStats", "bootstrap_frechet", "classifier_score", "frechet_distance", "inception_score"]
 
 
 class FeatureStats:
@@ -95,6 +95,26 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2.0), 0.0, None)).sum())
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+
+
+def bootstrap_frechet(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, *, resamples: int,
+                      seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """The percentile bootstrap interval of the Frechet distance over the samples: ``resamples``
+    draws of N features with replacement from feats (N, D), each against the fixed reference
+    (mu (D,), sigma (D, D)); the (1 - level) / 2 and (1 + level) / 2 quantiles. Seeded by ``seed``."""
+    feats = np.asarray(feats, np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"feats must be (N, D) with N >= 2, got {feats.shape}")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 2:
+        raise ValueError(f"resamples must be an int >= 2, got {resamples!r}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed]))
+    n = feats.shape[0]
+    fds = []
+    for _ in range(resamples):
+        x = feats[rng.integers(0, n, n)]
+        fds.append(frechet_distance(x.mean(0), np.cov(x, rowvar=False), ref_mu, ref_sigma))
+    lo, hi = np.quantile(fds, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def _log_softmax64(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
