@@ -148,6 +148,8 @@ class _Request:
     clip_denoised: bool
     device: str | torch.device | None
     speed: dict[str, bool]
+    gamma_data: str | None = None  # Analytic-DPM's Gamma_t: the training data (None: the run's own)
+    gamma_samples: int = 200
 
 
 def sample_folder(
@@ -170,11 +172,15 @@ def sample_folder(
     cuda_graphs: bool = False,
     step_progress: bool = False,
     on_redraw: Callable[[Path], Any] | None = None,
+    gamma_data: str | None = None,
+    gamma_samples: int = 200,
 ) -> SampleFolderResult:
     """Draw samples start_index .. start_index + n - 1 of ``model`` (``models.load_model``'s path)
     into ``out_dir`` (see the module docstring); the missing ones only. ``batch_size`` None: all
     at once within a memory bound (``training.fit.auto_batch_size``). ``eta`` is DDIM's (None: 0).
-    ``step_progress`` adds a per-step bar; ``on_redraw(path)`` hears of each torn PNG drawn again."""
+    ``step_progress`` adds a per-step bar; ``on_redraw(path)`` hears of each torn PNG drawn again.
+    The analytic samplers' Gamma_t comes from ``gamma_file.model_gamma`` (``gamma_data``, default
+    the run's training data; ``gamma_samples`` Monte-Carlo images)."""
     sampler = parse_enum(SamplerType, sampler, "sampler")
     check_int(n, "n", low=1)
     if batch_size is not None:
@@ -191,7 +197,8 @@ def sample_folder(
     req = _Request(model=str(model), out_dir=out_dir, wanted=range(start_index, start_index + n),
                    sampler=sampler, steps=steps, timesteps=timesteps, eta=eta,
                    seed=seed, batch_size=batch_size, ema=ema, clip_denoised=clip_denoised, device=device,
-                   speed={"compile": compile, "bf16": bf16, "cuda_graphs": cuda_graphs})
+                   speed={"compile": compile, "bf16": bf16, "cuda_graphs": cuda_graphs},
+                   gamma_data=gamma_data, gamma_samples=check_int(gamma_samples, "gamma_samples", low=2))
     with RunLock(out_dir):  # one sampler per folder; an unwritable folder fails here, before any work
         return _run(req, step_progress=step_progress, on_redraw=on_redraw)
 
@@ -213,25 +220,41 @@ def _run(req: _Request, *, step_progress: bool,
     kept = resolve_timesteps(req.sampler, diffusion, steps=req.steps, timesteps=req.timesteps)
     cfg = loaded.unet.config
     shape = (cfg.in_channels, cfg.resolution, cfg.resolution)  # (C, H, W)
+    sha = weights_sha256(loaded.unet)
+    gamma, gamma_settings = _gamma(req, loaded, diffusion, sha, device)
     _check_settings(req.out_dir, {
-        "model": loaded.source, "sampler": req.sampler.value, "steps": len(kept),
+        **gamma_settings, "model": loaded.source, "sampler": req.sampler.value, "steps": len(kept),
         **({"timesteps": kept} if req.timesteps is not None else {}), "eta": req.eta, "seed": req.seed,
         "clip_denoised": req.clip_denoised, "ema": req.ema, "image_shape": list(shape), "num_timesteps": T,
-        "model_sha256": weights_sha256(loaded.unet),
+        "model_sha256": sha,
     })
     done = drop_torn_pngs(req.out_dir, existing_indices(req.out_dir), shape, on_redraw)
     todo = [i for i in req.wanted if i not in done]
     net = prepare_model(loaded.unet, device=device, **req.speed)
     batch = req.batch_size or auto_batch_size(cfg, max(1, len(todo)), device)
     start = time.perf_counter()
-    _draw(req, net, diffusion, kept, shape, todo, batch, device, step_progress=step_progress)
+    _draw(req, net, diffusion, kept, gamma, shape, todo, batch, device, step_progress=step_progress)
     elapsed = time.perf_counter() - start
     npz, grid = write_npz_and_grid(req.out_dir)
     return SampleFolderResult(npz=npz, grid=grid, sampled=len(todo), skipped=len(req.wanted) - len(todo),
                               seconds=elapsed, batch_size=batch, device=device)
 
 
-def _draw(req: _Request, net: Any, diffusion: Any, kept: list[int], shape: tuple[int, int, int],
+def _gamma(req: _Request, loaded: Any, diffusion: Any, sha: str, device: Any) -> tuple[Any, dict[str, Any]]:
+    """Analytic-DPM's Gamma_t for the analytic samplers (else None), and what sampling.json records of it."""
+    from ddpmkit.gamma_file import model_gamma, training_data_of
+    from ddpmkit.models import resolve_model_path
+
+    if not req.sampler.needs_gamma:
+        return None, {}
+    data = req.gamma_data if req.gamma_data is not None else training_data_of(req.model)
+    folder = resolve_model_path(req.model, ema=req.ema)[1]
+    gamma = model_gamma(loaded.unet, diffusion, folder, weights_sha256=sha, data=data,
+                        num_samples=req.gamma_samples, device=device, progress=True)
+    return gamma, {"gamma": {"data": data, "num_samples": req.gamma_samples}}
+
+
+def _draw(req: _Request, net: Any, diffusion: Any, kept: list[int], gamma: Any, shape: tuple[int, int, int],
           todo: list[int], batch: int, device: torch.device, *, step_progress: bool) -> None:
     """Sample the indices ``todo``, ``batch`` at a time, each into its PNG."""
     from ddpmkit.images import save_image
@@ -243,8 +266,8 @@ def _draw(req: _Request, net: Any, diffusion: Any, kept: list[int], shape: tuple
         for k in range(0, len(todo), batch):
             idx = todo[k : k + batch]
             x0 = sample(net, diffusion, (len(idx), *shape), sampler=req.sampler, eta=req.eta, timesteps=kept,
-                        generator=sample_generators(req.seed, idx), clip_denoised=req.clip_denoised,
-                        device=device, progress=step_progress)
+                        gamma=gamma, generator=sample_generators(req.seed, idx),
+                        clip_denoised=req.clip_denoised, device=device, progress=step_progress)
             for i, img in zip(idx, x0.float().cpu(), strict=True):
                 save_image(img, req.out_dir / f"{i:06d}.png")
             bar.update(len(idx))

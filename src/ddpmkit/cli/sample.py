@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddpmkit.cli.args import add_speed_arguments
+from ddpmkit.cli.args import add_gamma_arguments, add_speed_arguments
 from ddpmkit.sampling import SamplerType
 
 
@@ -26,11 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=True, metavar="DIR", help="where the PNGs and the npz go")
     p.add_argument("--sampler", default=SamplerType.DDPM.value,
                    help=f"one of {', '.join(m.value for m in SamplerType)} (default ddpm: Algorithm 2, "
-                   "or respaced on fewer steps)")
+                   "or respaced on fewer steps; analytic-*: Analytic-DPM's variance; dpm-solver++: "
+                   "20 logSNR-uniform steps by default)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps S <= T (default: all T)")
     p.add_argument("--timesteps", default=None, metavar="SPEC",
-                   help="instead of --steps: improved-diffusion's 'ddim50' or '10,15,20', "
-                   "or 'list:0,250,999'")
+                   help="instead of --steps: 'quad20' (DDIM's quadratic), 'linspace20', 'logsnr20', "
+                   "improved-diffusion's 'ddim50' or '10,15,20', or 'list:0,250,999'")
     p.add_argument("--eta", type=float, default=None, help="DDIM's eta (default 0: deterministic)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses the stream (seed, i))")
     p.add_argument("--batch-size", type=int, default=None, help="samples per network call (default: "
@@ -39,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ema", dest="ema", action="store_false",
                    help="a run directory's raw weights instead of the EMA ones")
     p.add_argument("--no-clip", dest="clip", action="store_false", help="do not clip predicted x0 to [-1, 1]")
+    add_gamma_arguments(p)
     add_speed_arguments(p)
     p.set_defaults(func=run)
 
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, batch_size=args.batch_size, start_index=args.start_index, ema=args.ema,
         clip_denoised=args.clip, device=args.device, compile=args.compile, bf16=args.bf16,
         cuda_graphs=args.cuda_graphs, step_progress=sys.stderr.isatty(),  # a per-step bar on terminals only
-        on_redraw=_redraw,
+        on_redraw=_redraw, gamma_data=args.gamma_data, gamma_samples=args.gamma_samples,
     )
     rate = res.sampled / res.seconds if res.sampled and res.seconds > 0 else 0.0
     print(f"sampled {res.sampled} images in {res.seconds:.1f} s on {res.device}, batch {res.batch_size}; "
