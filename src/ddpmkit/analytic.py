@@ -22,18 +22,23 @@ them on Gaussian data, where Var(x_s | x_t) is known.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import torch
 
 from ddpmkit.checks import check_float, check_int
-from ddpmkit.diffusion import GaussianDiffusion
+from ddpmkit.diffusion import DiffusionConfig, GaussianDiffusion, VarType
+from ddpmkit.enums import parse_enum
 from ddpmkit.respace import chain_on
 
 __all__ = [
     "GammaEstimate",
+    "ReverseVariance",
+    "reverse_chain",
     "analytic_chain",
     "chain_variance",
     "chain_alphas_cumprod",
@@ -100,6 +105,29 @@ def analytic_chain(diffusion: GaussianDiffusion, kept: list[int], gamma: np.ndar
     sampling and the bound through it are Analytic-DDPM's."""
     chain = chain_on(diffusion, kept)
     return chain.with_fixed_variance(torch.from_numpy(chain_variance(diffusion, kept, gamma, eta=1.0)))
+
+
+class ReverseVariance(str, Enum):
+    """The variance of a (respaced) reverse chain, for sampling or the bound."""
+
+    MODEL = "model"  # the model's own var_type
+    FIXED_LARGE = "fixedlarge"  # sigma^2 = beta of the chain
+    FIXED_SMALL = "fixedsmall"  # sigma^2 = beta-tilde of the chain
+    ANALYTIC = "analytic"  # Analytic-DPM's optimal variance (needs Gamma_t)
+
+
+def reverse_chain(config: DiffusionConfig, kept: list[int], variance: ReverseVariance | str = "model",
+                  gamma: np.ndarray | GammaEstimate | None = None) -> GaussianDiffusion:
+    """The DDPM chain over ``kept`` timesteps of ``config`` with the given ``variance``: what
+    ``ddpm eval bpd --timesteps K --variance V`` takes the bound through."""
+    variance = parse_enum(ReverseVariance, variance, "variance")
+    if variance is ReverseVariance.ANALYTIC:
+        if gamma is None:
+            raise ValueError("the analytic variance needs Gamma_t of the model (analytic.estimate_gamma)")
+        return analytic_chain(config.build(), kept, gamma)
+    if variance is not ReverseVariance.MODEL:
+        config = dataclasses.replace(config, var_type=VarType(variance.value))
+    return chain_on(config.build(), kept)
 
 
 @dataclass(frozen=True, kw_only=True)

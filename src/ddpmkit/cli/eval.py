@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ddpmkit.cli.args import add_gamma_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="bits/dim (eq. 5), FID and IS, or the offline digits metric",
@@ -34,6 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--no-ema", dest="ema", action="store_false", help="a run directory's raw weights")
     b.add_argument("--no-clip", dest="clip", action="store_false",
                    help="do not clip predicted x0 to [-1, 1] (the authors clip)")
+    b.add_argument("--timesteps", default=None, metavar="SPEC",
+                   help="the bound of a respaced chain: a count K or any 'ddpm sample --timesteps' SPEC "
+                   "(default: all T)")
+    b.add_argument("--variance", default="model",
+                   help="the reverse variance: model (default: the model's own), fixedlarge (beta), "
+                   "fixedsmall (beta-tilde) or analytic (Analytic-DPM's optimal one, from Gamma_t)")
+    add_gamma_arguments(b)
     b.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     b.add_argument("--out", default=None, metavar="FILE", help="result JSON (default MODEL/eval_bpd.json)")
     b.set_defaults(func=run_bpd)
@@ -115,10 +124,11 @@ def run_bpd(args: argparse.Namespace) -> int:
     ds = open_source(args.data, resolution=cfg.resolution, channels=cfg.in_channels, split=args.split)
     partial = out.with_name(out.stem + ".partial.jsonl")
     unet = loaded.unet.to(device).eval()
+    chain, chain_settings = _bound_chain(args, loaded, device)
     settings = {"model": loaded.source, "ema": args.ema, "data": ds.description, "split": args.split,
-                "diffusion": loaded.diffusion.to_dict()}
+                "diffusion": loaded.diffusion.to_dict(), **chain_settings}
     with torch.inference_mode():
-        res = evaluate_bpd(unet, loaded.diffusion.build(), ds, n=args.n, batch_size=args.batch_size,
+        res = evaluate_bpd(unet, chain, ds, n=args.n, batch_size=args.batch_size,
                            t_chunk=args.t_chunk, clip_denoised=args.clip, seed=args.seed,
                            partial_path=partial, settings=settings, device=device, progress=True)
     res["kind"] = "bpd"
@@ -137,6 +147,32 @@ def run_bpd(args: argparse.Namespace) -> int:
         print(f"{row['reverse_time']:>22}  {row['rate_bpd']:>16.5f}  {row['distortion_rmse']:>26.5f}")
     print(f"wrote {out} (per-batch results: {partial})")
     return 0
+
+
+def _bound_chain(args: argparse.Namespace, loaded: Any, device: Any) -> tuple[Any, dict[str, Any]]:
+    """The chain --timesteps / --variance ask for, and what the result records of them."""
+    from ddpmkit.analytic import reverse_chain
+    from ddpmkit.gamma_file import model_gamma, training_data_of
+    from ddpmkit.models import resolve_model_path
+    from ddpmkit.nn.folder import weights_sha256
+    from ddpmkit.respace import diffusion_timesteps, timesteps_from_text
+
+    full = loaded.diffusion.build()
+    spec = None if args.timesteps is None else timesteps_from_text(args.timesteps)
+    if isinstance(spec, str) and spec.isdigit():
+        spec = int(spec)  # a count K: K evenly strided timesteps
+    kept = diffusion_timesteps(full, spec)
+    if args.timesteps is None and args.variance == "model":
+        return full, {}
+    gamma, extra = None, {}
+    if args.variance == "analytic":  # any other value is parsed (and refused) by reverse_chain
+        data = args.gamma_data if args.gamma_data is not None else training_data_of(args.model)
+        gamma = model_gamma(loaded.unet, full, resolve_model_path(args.model, ema=args.ema)[1],
+                            weights_sha256=weights_sha256(loaded.unet), data=data,
+                            num_samples=args.gamma_samples, device=device, progress=True)
+        extra = {"gamma": {"data": data, "num_samples": args.gamma_samples}}
+    chain = reverse_chain(loaded.diffusion, kept, args.variance, gamma)
+    return chain, {"timesteps": kept, "variance": args.variance, **extra}
 
 
 def run_fid(args: argparse.Namespace) -> int:
