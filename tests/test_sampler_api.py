@@ -238,7 +238,7 @@ def test_ddim_step_is_eq_12() -> None:
     torch.testing.assert_close(ddim_step(model, d, x, 12, 5, eta=0.7, noise=z)["sample"], ref.float())
     with pytest.raises(ValueError, match="pass noise"):
         ddim_step(model, d, x, 12, 5, eta=0.7)
-    with pytest.raises(ValueError, match=r"t_prev must be an int in \[-1, t - 1\] = \[-1, 11\]"):
+    with pytest.raises(ValueError, match=r"^t_prev must be an int in \[-1, 11\] \(t - 1; -1 lands on x_0\), got 12$"):
         ddim_step(model, d, x, 12, 12)
     mean, _ = ddim_mean_variance(d, x, 12, 5, p["pred_x0"], p["pred_eps"], 0.0)
     assert torch.equal(ddim_step(model, d, x, 12, 5)["sample"], mean)

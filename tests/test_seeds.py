@@ -42,7 +42,7 @@ def test_stream_numbers_are_a_file_format():
     """Renumbering a stream changes the numbers every saved run and published table came from."""
     assert {s.name: int(s) for s in Stream} == {
         "TRAINING_NOISE": 1, "LOADER": 2, "SAMPLES": 3, "BPD_BATCH": 4, "INTERPOLATION": 5,
-        "SHARED_XT": 6, "DROPOUT": 1000}
+        "SHARED_XT": 6, "BOOTSTRAP": 7, "DROPOUT": 1000}
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "3", None])

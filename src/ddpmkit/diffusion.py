@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ddpmkit.checks import check_int
 from ddpmkit.distributions import CDFType, discretized_gaussian_log_likelihood, normal_kl
 from ddpmkit.enums import parse_enum, unknown_choice
 from ddpmkit.schedules import BETA_SCHEDULES, get_named_beta_schedule
@@ -128,8 +129,7 @@ class DiffusionConfig:
         if self.schedule not in BETA_SCHEDULES:
             raise unknown_choice("beta schedule", self.schedule, sorted(BETA_SCHEDULES))
         t = self.num_timesteps
-        if isinstance(t, bool) or not isinstance(t, int) or t < 2:
-            raise ValueError(f"num_timesteps must be an int >= 2, got {t!r}")
+        check_int(t, "num_timesteps", low=2)
         if t > MAX_NUM_TIMESTEPS:  # checked before betas() below allocates T float64 values
             raise ValueError(
                 f"num_timesteps={t:,} needs at least ~{_COEFF_TABLES * 8 * t / 2**30:,.1f} GiB of float64 "
@@ -664,8 +664,7 @@ class GaussianDiffusion:
             raise ValueError("x0 must be data scaled to [-1, 1] (the decoder, eq. 13, bins 256 levels there)")
         if t_chunk is None:
             t_chunk = 1
-        if isinstance(t_chunk, bool) or not isinstance(t_chunk, int) or t_chunk < 1:
-            raise ValueError(f"t_chunk must be a positive int or None, got {t_chunk!r}")
+        check_int(t_chunk, "t_chunk", low=1)
         T = self.num_timesteps
         terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         with progress_bar(total=T, disable=not progress, desc="bits/dim", unit="t") as bar:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpmkit.checks import check_int
+from ddpmkit.checks import check_int, is_int
 from ddpmkit.diffusion import GaussianDiffusion, VarType
 
 __all__ = [
@@ -160,11 +160,11 @@ def parse_timesteps(num_timesteps: int, timesteps: Timesteps, *,
         return list(range(T))
     if isinstance(timesteps, str):
         return _parse_text(T, timesteps, alphas_cumprod)
-    if isinstance(timesteps, (int, np.integer)) and not isinstance(timesteps, bool):
+    if is_int(timesteps):
         return space_timesteps(T, int(timesteps))
     if isinstance(timesteps, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(timesteps, bool):
         ks = [k.item() if hasattr(k, "item") else k for k in timesteps]
-        if ks and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < T for k in ks) and (
+        if ks and all(is_int(k) and 0 <= k < T for k in ks) and (
             len(set(ks)) == len(ks)
         ):
             return sorted(ks)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ddpmkit.analytic import analytic_chain, chain_variance
-from ddpmkit.checks import check_float
+from ddpmkit.checks import check_float, check_int, is_int
 from ddpmkit.diffusion import GaussianDiffusion, Model, check_same_shape, check_tensor
 from ddpmkit.dpm_solver import dpm_solver_2m_update, half_log_snr
 from ddpmkit.enums import parse_enum
@@ -171,7 +171,7 @@ def p_sample(
         check_tensor(x_t, "x_t", min_ndim=2)
         if noise is not None:
             check_same_shape(noise, x_t, "noise", "x_t")
-    tt = t_batch(t, x_t) if isinstance(t, int) and not isinstance(t, bool) else t
+    tt = t_batch(t, x_t) if is_int(t) else t
     # 1. mu_theta(x_t, t) and sigma_t^2, eq. (11) and Sec. 3.2
     p = diffusion.p_mean_variance(model, x_t, tt, clip_denoised, check=check)
     if noise is None:
@@ -303,8 +303,7 @@ def ddim_step(
     if check:
         check_tensor(x_t, "x_t", min_ndim=2)
         t = check_timestep(diffusion.num_timesteps, t)
-        if isinstance(t_prev, bool) or not isinstance(t_prev, int) or not -1 <= t_prev < t:
-            raise ValueError(f"t_prev must be an int in [-1, t - 1] = [-1, {t - 1}], got {t_prev!r}")
+        check_int(t_prev, "t_prev", low=-1, high=t - 1, hint="(t - 1; -1 lands on x_0)")
         eta = check_float(eta, "eta", low=0)
         if isinstance(noise, torch.Tensor):
             check_same_shape(noise, x_t, "noise", "x_t")

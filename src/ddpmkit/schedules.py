@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from ddpmkit.checks import check_int
 from ddpmkit.enums import unknown_choice
 
 __all__ = [
@@ -117,8 +118,7 @@ def get_named_beta_schedule(
     """
     if name not in BETA_SCHEDULES:
         raise unknown_choice("beta schedule", name, sorted(BETA_SCHEDULES))
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
-        raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
+    check_int(num_timesteps, "num_timesteps", low=2)
     betas = BETA_SCHEDULES[name](num_timesteps, float(beta_start), float(beta_end))
     if not bool(((betas > 0) & (betas <= 1)).all()):
         raise ValueError(

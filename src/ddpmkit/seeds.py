@@ -53,6 +53,7 @@ class Stream(IntEnum):
     BPD_BATCH = 4  # the bound's noise for evaluation batch b: (BPD_BATCH, b)
     INTERPOLATION = 5  # the encoder noise of interpolation pair b: (INTERPOLATION, b)
     SHARED_XT = 6  # Fig. 7: the draws from the chain's x_t at snapshot k: (SHARED_XT, k)
+    BOOTSTRAP = 7  # the resampling of an FD interval: (BOOTSTRAP,)
     DROPOUT = 1000  # rank r's dropout: (DROPOUT + r); resumed on another world size: (DROPOUT + r, step)
 
 

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ddpmkit.checks import check_int
 from ddpmkit.data import cifar
 from ddpmkit.data.convert import from_uint8_nhwc
 from ddpmkit.data.image_files import (
@@ -398,8 +399,7 @@ def open_source(
     on_bad_image = parse_enum(OnBadImage, on_bad_image, "on_bad_image")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+    check_int(resolution, "resolution", low=1)
     r = _resolve(src, download=download)
     if r.kind is SourceKind.DIGITS:
         images, labels = load_digits_uint8(split)

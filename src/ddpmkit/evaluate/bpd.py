@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ddpmkit import schema
+from ddpmkit.checks import check_int
 from ddpmkit.fileio import RunLock, append_line_synced, atomic_write_bytes, read_json_lines
 from ddpmkit.nn.folder import weights_sha256
 from ddpmkit.seeds import Stream, derived_generator
@@ -139,8 +140,7 @@ def evaluate_bpd(
     total = len(dataset) if n is None else int(n)
     if total < 1 or total > len(dataset):
         raise ValueError(f"n must be between 1 and the {len(dataset)} examples of the data, got {n}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int(batch_size, "batch_size", low=1)
     header = {"format": PARTIAL_FORMAT, "version": 2, "n": total, "batch_size": batch_size, "seed": seed,
               "num_timesteps": diffusion.num_timesteps, "clip_denoised": clip_denoised, **(settings or {}),
               "weights_sha256": _weights_sha256(model),

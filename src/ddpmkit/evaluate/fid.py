@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpmkit.checks import check_int
 from ddpmkit.evaluate.frechet import FeatureStats, frechet_distance, inception_score
 from ddpmkit.fileio import atomic_write
 from ddpmkit.images import to_uint8_nhwc
@@ -113,8 +114,7 @@ def feature_statistics(
     """
     from ddpmkit.logs import progress_bar
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int(batch_size, "batch_size", low=1)
     chunks = _batches(images, batch_size) if isinstance(images, np.ndarray) else images
     total = images.shape[0] if isinstance(images, np.ndarray) else None
     stats: FeatureStats | None = None

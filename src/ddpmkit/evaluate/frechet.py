@@ -22,6 +22,9 @@ import statistics
 import numpy as np
 import torch
 
+from ddpmkit.checks import check_int
+from ddpmkit.seeds import Stream, seed_sequence
+
 __all__ = ["FeatureStats", "bootstrap_frechet", "classifier_score", "frechet_distance", "inception_score"]
 
 
@@ -109,9 +112,8 @@ def bootstrap_frechet(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarr
     feats = np.asarray(feats, np.float64)
     if feats.ndim != 2 or feats.shape[0] < 2:
         raise ValueError(f"feats must be (N, D) with N >= 2, got {feats.shape}")
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 2:
-        raise ValueError(f"resamples must be an int >= 2, got {resamples!r}")
-    rng = np.random.default_rng(np.random.SeedSequence([seed]))
+    check_int(resamples, "resamples", low=2)
+    rng = np.random.default_rng(seed_sequence(seed, Stream.BOOTSTRAP))
     n = feats.shape[0]
     fds = []
     for _ in range(resamples):
@@ -156,8 +158,7 @@ def inception_score(logits: torch.Tensor | np.ndarray, splits: int = 10, *,
     """
     logp = _log_softmax64(logits)
     n = logp.shape[0]
-    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"splits must be a positive int, got {splits!r}")
+    check_int(splits, "splits", low=1)
     if n < splits:
         raise ValueError(f"the Inception Score needs at least {splits} images ({splits} splits), got {n}")
     if shuffle_seed is not None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
+from ddpmkit.checks import is_int
 from ddpmkit.diffusion import DiffusionConfig, LossType, MeanType, VarType
 from ddpmkit.fileio import atomic_write_bytes, atomic_write_json
 from ddpmkit.nn import UNet, UNetConfig
@@ -223,7 +224,7 @@ def _block_channels(cfg: dict[str, Any], source: str) -> tuple[int, list[int]]:
     channels = cfg["block_out_channels"]
     if (
         not isinstance(channels, (list, tuple)) or not channels
-        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)
+        or not all(is_int(c) and c > 0 for c in channels)
         or any(c % channels[0] for c in channels)
     ):  # fmt: skip
         raise _unsupported(
@@ -237,7 +238,7 @@ def _sample_size(cfg: dict[str, Any], source: str) -> int:
     size = cfg["sample_size"]
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+    if not is_int(size) or size < 1:
         raise _unsupported(source, "sample_size", cfg["sample_size"], "a positive int (square images)")
     return size
 

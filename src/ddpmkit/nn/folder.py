@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from ddpmkit.checks import is_int
 from ddpmkit.fileio import atomic_write_bytes, atomic_write_json, read_json_object
 
 __all__ = [
@@ -160,8 +161,7 @@ def read_model_config(path: Path) -> dict[str, Any]:
         )
     version = config.get("version")
     if (
-        not isinstance(version, int)
-        or isinstance(version, bool)
+        not is_int(version)
         or version > MODEL_FORMAT_VERSION
         or version < 1
     ):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddpmkit.checks import check_int
 from ddpmkit.enums import unknown_choice
 from ddpmkit.nn.folder import (
     CONFIG_NAME,
@@ -50,9 +51,7 @@ __all__ = ["UNET_PRESETS", "UNet", "UNetConfig", "read_model_folder"]
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"UNetConfig.{name} must be a positive int, got {value!r}")
-    return value
+    return check_int(value, f"UNetConfig.{name}", low=1)
 
 
 def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
