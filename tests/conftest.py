@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from stand_ins import TINY_T
+from tiny_runs import N_IMAGES, RES, Recorder
+
+from ddpmkit.data.sources import ArrayImageDataset
+from ddpmkit.diffusion import GaussianDiffusion
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +52,75 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny"
     net.save(path, diffusion=DiffusionConfig(num_timesteps=TINY_T, beta_start=0.01, beta_end=0.4))
     return path
+
+
+@pytest.fixture(scope="module")
+def noise_npz(tmp_path_factory) -> Path:
+    """24 distinct uniform-noise 8x8 grey images: none is mirror-symmetric along either axis, so a
+    seen image tells which flip (if any) was applied."""
+    rng = np.random.default_rng(12)
+    images = rng.integers(0, 256, (N_IMAGES, RES, RES, 1), dtype=np.uint8)
+    for a in images:
+        assert not np.array_equal(a, a[:, ::-1]) and not np.array_equal(a, a[::-1])
+    path = tmp_path_factory.mktemp("data") / "noise.npz"
+    np.savez(path, images)
+    return path
+
+
+@pytest.fixture
+def rec(monkeypatch) -> Recorder:
+    r = Recorder()
+    adam = torch.optim.Adam
+
+    class RecordingAdam(adam):
+        def __init__(self, params, **kw):
+            params = list(params)
+            super().__init__(params, **kw)
+            r.w0 = [p.detach().clone() for p in params]
+            self._grads: list[torch.Tensor | None] = [None] * len(params)
+            for i, p in enumerate(params):
+                p.register_post_accumulate_grad_hook(
+                    lambda p, i=i: self._grads.__setitem__(i, p.grad.clone()))
+
+        def step(self, closure=None):
+            g = self.param_groups[0]
+            r.lrs.append(float(g["lr"]))
+            r.groups.append({"betas": tuple(g["betas"]), "eps": g["eps"]})
+            r.raw_grads.append(list(self._grads))
+            r.step_grads.append([p.grad.clone() for p in g["params"]])
+            r.w_before.append([p.detach().clone() for p in g["params"]])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+
+    get_batch = ArrayImageDataset.get_batch
+
+    def recording_get_batch(self, indices):
+        out = get_batch(self, indices)
+        r.indices.append(np.asarray(indices).copy())
+        r.batches.append(out.clone())
+        return out
+
+    monkeypatch.setattr(ArrayImageDataset, "get_batch", recording_get_batch)
+
+    losses = GaussianDiffusion.training_losses
+
+    def recording_losses(self, model, x0, t, noise=None, **kw):
+        out = losses(self, model, x0, t, noise, **kw)
+        r.x0.append(x0.detach().clone())
+        r.train_mode.append(model.training)
+        r.losses.append((self, x0.detach().clone(), t.clone(), noise.clone(), out["loss"].detach().clone()))
+        return out
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", recording_losses)
+
+    import ddpmkit.sampling
+
+    sample = ddpmkit.sampling.sample_ancestral
+
+    def recording_sample(net, *a, **kw):
+        r.sampled.append(({k: v.detach().clone() for k, v in net.state_dict().items()}, net.training))
+        return sample(net, *a, **kw)
+
+    monkeypatch.setattr(ddpmkit.sampling, "sample_ancestral", recording_sample)
+    return r

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 TINY_T = 8  # timesteps of the tiny saved model (conftest.tiny_model_dir)
@@ -38,3 +40,25 @@ def diffusers_ddpm_chain(sched, model, kept: list[int], shape: tuple[int, ...], 
     for t in sched.timesteps:
         x = sched.step(model(x, torch.full((shape[0],), int(t))), t, x, generator=g).prev_sample
     return x
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random, so that zero or near-zero inits cannot hide a wiring mistake: conv and
+    dense weights U(-a, a) at the fan_avg scale (activations stay O(1)), biases N(0, 0.1), GroupNorm
+    scales 1 + N(0, 0.2) and shifts N(0, 0.2). Works on ours and on diffusers' UNet2DModel alike."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(shape, std):
+        return torch.randn(shape, generator=g) * std
+
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                receptive = m.weight[0, 0].numel()
+                a = math.sqrt(6 / (m.weight.shape[1] * receptive + m.weight.shape[0] * receptive))
+                m.weight.copy_((torch.rand(m.weight.shape, generator=g) * 2 - 1) * a)
+                m.bias.copy_(rand(m.bias.shape, 0.1))
+            elif isinstance(m, torch.nn.GroupNorm):
+                m.weight.copy_(1 + rand(m.weight.shape, 0.2))
+                m.bias.copy_(rand(m.bias.shape, 0.2))
+    return module

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import assert_states_equal, cli_args, final_state, metric_losses, tiny_overrides
+from tiny_runs import assert_states_equal, cli_args, final_state, metric_losses, tiny_overrides
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.config import apply_overrides, train_preset

@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_train import tiny_config
+from tiny_runs import tiny_config
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit import fileio

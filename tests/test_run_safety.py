@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import tiny_config
+from tiny_runs import tiny_config
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.train import train
@@ -119,7 +119,7 @@ def test_an_update_whose_result_is_non_finite_is_skipped_like_a_nan_loss(tmp_pat
     """Update 1 writes a NaN into one weight after Adam's step: the weights, the optimiser and the EMA
     must end exactly as in a run whose update 1 had a NaN loss (skipped)."""
     c = tiny_config(tiny_npz, steps=4, max_nonfinite=2)
-    from test_train import inject_nonfinite
+    from tiny_runs import inject_nonfinite
 
     with monkeypatch.context() as m, pytest.warns(RuntimeWarning, match="non-finite"):
         inject_nonfinite(m, lambda step: step == 1)
@@ -138,7 +138,7 @@ def test_an_update_whose_result_is_non_finite_is_skipped_like_a_nan_loss(tmp_pat
     with pytest.warns(RuntimeWarning, match="non-finite"):
         result = train(c, tmp_path / "poison", progress=False)
     assert result.exit_code == 0 and sorted(result.losses) == sorted(reference.losses) == [1, 3, 4]
-    from test_train import assert_states_equal, final_state
+    from tiny_runs import assert_states_equal, final_state
 
     assert_states_equal(final_state(tmp_path / "poison"), final_state(tmp_path / "ref"))
 

@@ -15,6 +15,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import (
+    assert_states_equal,
+    cli_args,
+    final_state,
+    inject_nonfinite,
+    metric_losses,
+    tiny_config,
+    tiny_overrides,
+)
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.cli import build_parser
@@ -24,62 +33,6 @@ from ddpmkit.data import load_digits_uint8
 from ddpmkit.train import EXIT_NONFINITE, batch_indices, epoch_permutation, learning_rate, train
 
 NUM_IMAGES = 40  # the tiny data set: the first 40 training digits
-
-
-def tiny_overrides(npz: Path, **extra) -> dict[str, str]:
-    """A one-level ch-32 U-Net with dropout and flips on (both draw random numbers to restore)."""
-    over = {"data": str(npz), "unet.ch": "32", "unet.ch_mult": "1", "unet.num_res_blocks": "1",
-            "unet.attn_resolutions": "", "unet.dropout": "0.1", "random_flip": "true",
-            "diffusion.num_timesteps": "100", "batch_size": "16", "steps": "6", "checkpoint_every": "3",
-            "log_every": "1", "sample_every": "1000", "num_samples": "0", "warmup_steps": "2", "lr": "1e-3"}
-    over.update({k: str(v) for k, v in extra.items()})
-    return over
-
-
-def tiny_config(npz: Path, **extra):
-    return apply_overrides(train_preset("digits"), tiny_overrides(npz, **extra))
-
-
-def inject_nonfinite(monkeypatch, at) -> None:
-    """Make the loss of every 0-based update ``step`` with ``at(step)`` NaN (a test seam: the update
-    step's ``loss`` is wrapped here, production code has no hook)."""
-    from ddpmkit.training.step import UpdateStep
-
-    call, loss, current = UpdateStep.__call__, UpdateStep.loss, [None]
-
-    def call_noting_the_step(self, x0, step):
-        current[0] = step
-        return call(self, x0, step)
-
-    def nonfinite_loss(self, *args, **kwargs):
-        out = loss(self, *args, **kwargs)
-        return out * float("nan") if at(current[0]) else out
-
-    monkeypatch.setattr(UpdateStep, "__call__", call_noting_the_step)
-    monkeypatch.setattr(UpdateStep, "loss", nonfinite_loss)
-
-
-def cli_args(over: dict[str, str]) -> list[str]:
-    return [a for k, v in over.items() for a in ("--set", f"{k}={v}")]
-
-
-def metric_losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in lines]
-    assert steps == sorted(set(steps)), "metrics.jsonl must hold each step once, in order"
-    return {r["step"]: r["loss"] for r in lines}
-
-
-def final_state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    c = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
-    return {"model": c.tensors["model"], "ema": c.tensors["ema"], "optimizer": c.tensors["optimizer"]}
-
-
-def assert_states_equal(a, b) -> None:
-    for group in ("model", "ema", "optimizer"):
-        assert set(a[group]) == set(b[group])
-        for k in a[group]:
-            assert torch.equal(a[group][k], b[group][k]), f"{group}/{k} differs"
 
 
 # ------------------------------------------------------------------------- pure functions

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_train_values
 import torch
-from test_train import assert_states_equal, final_state, metric_losses, tiny_config
-from test_train_values import config, global_norm, named
+from tiny_runs import assert_states_equal, config, final_state, global_norm, metric_losses, named, tiny_config
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.cli import build_parser
@@ -28,8 +26,6 @@ from ddpmkit.config import LrSchedule, Tracker, TrainConfig, load_config, save_c
 from ddpmkit.data import load_digits_uint8
 from ddpmkit.train import EventKind, TrainEvent, learning_rate, train
 from ddpmkit.training.state import ema_decay_at
-
-noise_npz, rec = test_train_values.noise_npz, test_train_values.rec  # fixtures
 
 
 # ------------------------------------------------------------------------- gradient accumulation

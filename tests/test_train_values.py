@@ -11,128 +11,17 @@ diffusion's ``training_losses``, the sampler), all through the public ``train()`
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_runs import N_IMAGES, config, global_norm, named
 
 from ddpmkit import checkpoint as ckpt
-from ddpmkit.config import apply_overrides, train_preset
-from ddpmkit.data.sources import ArrayImageDataset
 from ddpmkit.diffusion import GaussianDiffusion
 from ddpmkit.train import train
 
-N_IMAGES, RES = 24, 8
 _ORIGINAL_LOSSES = GaussianDiffusion.training_losses  # before any monkeypatch
-
-
-@pytest.fixture(scope="module")
-def noise_npz(tmp_path_factory) -> Path:
-    """24 distinct uniform-noise 8x8 grey images: none is mirror-symmetric along either axis, so a
-    seen image tells which flip (if any) was applied."""
-    rng = np.random.default_rng(12)
-    images = rng.integers(0, 256, (N_IMAGES, RES, RES, 1), dtype=np.uint8)
-    for a in images:
-        assert not np.array_equal(a, a[:, ::-1]) and not np.array_equal(a, a[::-1])
-    path = tmp_path_factory.mktemp("data") / "noise.npz"
-    np.savez(path, images)
-    return path
-
-
-def config(npz: Path, **extra):
-    over = {"data": str(npz), "unet.ch": "32", "unet.ch_mult": "1", "unet.num_res_blocks": "1",
-            "unet.attn_resolutions": "", "unet.dropout": "0.0", "random_flip": "false",
-            "diffusion.num_timesteps": "20", "batch_size": "8", "steps": "1", "checkpoint_every": "1000",
-            "log_every": "1000", "sample_every": "1000", "num_samples": "0", "warmup_steps": "0",
-            "lr": "1e-3", "ema_decay": "0.75", "keep_last": "1000"}
-    over.update({k: str(v) for k, v in extra.items()})
-    return apply_overrides(train_preset("digits"), over)
-
-
-class Recorder:
-    """What the trainer handed to the optimizer, the data set and the loss, step by step."""
-
-    def __init__(self) -> None:
-        self.w0: list[torch.Tensor] = []  # parameters when the optimizer was built
-        self.raw_grads: list[list[torch.Tensor]] = []  # per update: grads as backward left them
-        self.step_grads: list[list[torch.Tensor]] = []  # per update: grads the optimizer saw
-        self.w_before: list[list[torch.Tensor]] = []  # per update: parameters just before step()
-        self.lrs: list[float] = []  # per update: lr of the (single) param group at step()
-        self.groups: list[dict] = []  # per update: betas, eps of the group at step()
-        self.indices: list[np.ndarray] = []  # per get_batch call
-        self.batches: list[torch.Tensor] = []  # get_batch outputs (B, C, H, W)
-        self.x0: list[torch.Tensor] = []  # x0 reaching training_losses
-        self.train_mode: list[bool] = []  # model.training at each training_losses call
-        self.losses: list[tuple] = []  # (diffusion, x0, t, noise, loss) per training_losses call
-        self.sampled: list[tuple[dict, bool]] = []  # (net weights, net.training) per grid
-
-
-@pytest.fixture
-def rec(monkeypatch) -> Recorder:
-    r = Recorder()
-    adam = torch.optim.Adam
-
-    class RecordingAdam(adam):
-        def __init__(self, params, **kw):
-            params = list(params)
-            super().__init__(params, **kw)
-            r.w0 = [p.detach().clone() for p in params]
-            self._grads: list[torch.Tensor | None] = [None] * len(params)
-            for i, p in enumerate(params):
-                p.register_post_accumulate_grad_hook(
-                    lambda p, i=i: self._grads.__setitem__(i, p.grad.clone()))
-
-        def step(self, closure=None):
-            g = self.param_groups[0]
-            r.lrs.append(float(g["lr"]))
-            r.groups.append({"betas": tuple(g["betas"]), "eps": g["eps"]})
-            r.raw_grads.append(list(self._grads))
-            r.step_grads.append([p.grad.clone() for p in g["params"]])
-            r.w_before.append([p.detach().clone() for p in g["params"]])
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
-
-    get_batch = ArrayImageDataset.get_batch
-
-    def recording_get_batch(self, indices):
-        out = get_batch(self, indices)
-        r.indices.append(np.asarray(indices).copy())
-        r.batches.append(out.clone())
-        return out
-
-    monkeypatch.setattr(ArrayImageDataset, "get_batch", recording_get_batch)
-
-    losses = GaussianDiffusion.training_losses
-
-    def recording_losses(self, model, x0, t, noise=None, **kw):
-        out = losses(self, model, x0, t, noise, **kw)
-        r.x0.append(x0.detach().clone())
-        r.train_mode.append(model.training)
-        r.losses.append((self, x0.detach().clone(), t.clone(), noise.clone(), out["loss"].detach().clone()))
-        return out
-
-    monkeypatch.setattr(GaussianDiffusion, "training_losses", recording_losses)
-
-    import ddpmkit.sampling
-
-    sample = ddpmkit.sampling.sample_ancestral
-
-    def recording_sample(net, *a, **kw):
-        r.sampled.append(({k: v.detach().clone() for k, v in net.state_dict().items()}, net.training))
-        return sample(net, *a, **kw)
-
-    monkeypatch.setattr(ddpmkit.sampling, "sample_ancestral", recording_sample)
-    return r
-
-
-def named(result, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: t for (name, _), t in zip(result.model.named_parameters(), tensors, strict=True)}
-
-
-def global_norm(grads: list[torch.Tensor]) -> float:
-    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
 
 
 # ------------------------------------------------------------------------- EMA

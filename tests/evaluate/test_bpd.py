@@ -209,7 +209,7 @@ def test_the_partial_header_holds_the_weights_and_data_hashes(tmp_path):
 _BPD_HOLDER = """
 import sys, time, torch
 sys.path[:0] = sys.argv[2:]
-from test_evaluate_bpd import _TinyModel, _Tensors, _digits
+from test_bpd import _TinyModel, _Tensors, _digits
 from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.evaluate.bpd import evaluate_bpd
 model = _TinyModel().eval()

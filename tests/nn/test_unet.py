@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
+from stand_ins import randomize_
 
 from ddpmkit.nn import UNET_PRESETS, UNet, UNetConfig
 from ddpmkit.nn.layers import AttnBlock, Downsample, ResBlock, Upsample, timestep_embedding
@@ -17,31 +18,6 @@ TINY = UNetConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_r
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random, so that zero or near-zero inits cannot hide a wiring mistake: conv and
-    dense weights U(-a, a) at the fan_avg scale (activations stay O(1)), biases N(0, 0.1), GroupNorm
-    scales 1 + N(0, 0.2) and shifts N(0, 0.2). Works on ours and on diffusers' UNet2DModel alike."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(shape, std):
-        return torch.randn(shape, generator=g) * std
-
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-                receptive = m.weight[0, 0].numel()
-                a = math.sqrt(6 / (m.weight.shape[1] * receptive + m.weight.shape[0] * receptive))
-                m.weight.copy_((torch.rand(m.weight.shape, generator=g) * 2 - 1) * a)
-                m.bias.copy_(rand(m.bias.shape, 0.1))
-            elif isinstance(m, torch.nn.GroupNorm):
-                m.weight.copy_(1 + rand(m.weight.shape, 0.2))
-                m.bias.copy_(rand(m.bias.shape, 0.2))
-    return module
-
-
-# --- sizes ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -86,9 +62,6 @@ def test_learned_variance_doubles_the_output_channels():
     unet = UNet(config=TINY.replace(learned_variance=True))
     assert unet(torch.randn(2, 3, 16, 16), torch.tensor([3, 7])).shape == (2, 6, 16, 16)
     assert unet.conv_out.out_channels == 6
-
-
-# --- layers against explicit formulas ------------------------------------------------------------
 
 
 def test_timestep_embedding_is_the_papers_sinusoid():
@@ -170,9 +143,6 @@ def test_resblock_matches_the_papers_equations(in_ch, out_ch):
     torch.testing.assert_close(block(x, temb), skip + h, rtol=1e-4, atol=1e-5)
 
 
-# --- init ----------------------------------------------------------------------------------------
-
-
 def _fan_avg_limit(weight: torch.Tensor) -> float:
     receptive = weight[0, 0].numel() if weight.ndim == 4 else 1
     fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
@@ -201,9 +171,6 @@ def test_init_is_variance_scaling_fan_avg_uniform_with_near_zero_last_layers():
     assert checked["normal"] > 20
     y = unet(torch.randn(2, 3, 16, 16), torch.tensor([1, 500]))
     assert float(y.detach().abs().max()) < 1e-3  # the output conv starts near zero
-
-
-# --- the whole network ---------------------------------------------------------------------------
 
 
 def test_every_parameter_gets_a_gradient():
@@ -259,9 +226,6 @@ def test_other_image_sizes_divisible_by_the_downsampling_work():
 def test_bad_inputs_are_refused(x_shape, t, match):
     with pytest.raises(ValueError, match=match):
         UNet(config=TINY)(torch.randn(x_shape), t)
-
-
-# --- config --------------------------------------------------------------------------------------
 
 
 def test_config_round_trips_through_a_dict_and_is_frozen():
