@@ -4,6 +4,7 @@ SIGTERM (at an epoch boundary and mid-epoch), NaN guard, run directory contents,
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,11 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_runs import (
+    Boom,
     assert_states_equal,
     cli_args,
+    config,
     final_state,
     inject_nonfinite,
     metric_losses,
+    named,
+    raise_at,
     tiny_config,
     tiny_overrides,
 )
@@ -28,9 +33,20 @@ from tiny_runs import (
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.cli import build_parser
 from ddpmkit.cli.train import resolve_config
-from ddpmkit.config import apply_overrides, train_preset
+from ddpmkit.config import (
+    apply_overrides,
+    train_preset,
+)
 from ddpmkit.data import load_digits_uint8
-from ddpmkit.train import EXIT_NONFINITE, batch_indices, epoch_permutation, learning_rate, train
+from ddpmkit.train import (
+    EXIT_NONFINITE,
+    EventKind,
+    TrainEvent,
+    batch_indices,
+    epoch_permutation,
+    learning_rate,
+    train,
+)
 
 NUM_IMAGES = 40  # the tiny data set: the first 40 training digits
 
@@ -275,3 +291,112 @@ def test_training_steps_skip_the_t_range_check_that_public_calls_keep(tmp_path, 
     with pytest.raises(ValueError, match=r"t must lie in \[0, 9\]"):
         d.training_losses(lambda x, t: x, x0, torch.tensor([0, 10]))
     assert calls == [1]
+
+
+# ------------------------------------------------------------------------- learning rate
+def test_lr_used_at_updates_0_1_and_warmup_is_the_authors(tmp_path, noise_npz, rec):
+    """lr * min(1, s / warmup) at 0-based update s (the authors' TF code); written out by hand."""
+    c = config(noise_npz, steps=5, warmup_steps=4, lr=2e-3)
+    train(c, tmp_path, progress=False)
+    assert len(rec.lrs) == 5
+    assert rec.lrs[0] == 0.0 and rec.lrs[1] == pytest.approx(5e-4, rel=1e-12)
+    assert rec.lrs[4] == pytest.approx(2e-3, rel=1e-12)
+    assert rec.lrs == pytest.approx([0.0, 5e-4, 1e-3, 1.5e-3, 2e-3], rel=1e-12)
+
+
+# ------------------------------------------------------------------------- which weights go where
+def test_grid_and_model_folder_hold_the_ema_model_raw_the_raw_weights(tmp_path, noise_npz, rec):
+    """One update, so the EMA is known in closed form (decay w0 + (1 - decay) w1) and differs from
+    w1; a grid mid-run (after step 1) and one at the end; training goes on in train mode."""
+    from safetensors.torch import load_file
+
+    c = config(noise_npz, steps=2, sample_every=1, num_samples=4, ema_decay=0.5, lr=1e-2)
+    result = train(c, tmp_path, progress=False)
+    assert len(rec.sampled) == 2 and all(not training for _, training in rec.sampled)
+    assert rec.train_mode == [True, True]  # the step after the mid-run grid too
+    assert result.model.training
+    final_ema = {k: v.detach() for k, v in result.ema.state_dict().items()}
+    raw = {k: v.detach() for k, v in result.model.state_dict().items()}
+    grid_weights = rec.sampled[-1][0]
+    assert any(not torch.equal(final_ema[k], raw[k]) for k in raw)
+    for k in raw:
+        assert torch.equal(grid_weights[k], final_ema[k]), k
+    folder_ema = load_file(tmp_path / "model" / "model.safetensors")
+    folder_raw = load_file(tmp_path / "model_raw" / "model.safetensors")
+    for k in raw:
+        assert torch.equal(folder_ema[k], final_ema[k].cpu()), k
+        assert torch.equal(folder_raw[k], raw[k].cpu()), k
+    # the EMA in closed form, from the weights the optimizer held (d = 0.5):
+    # grid 1 = d w0 + (1 - d) w1, grid 2 = d grid1 + (1 - d) w2
+    w0, w1 = named(result, rec.w0), named(result, rec.w_before[1])
+    grid1 = rec.sampled[0][0]
+    for k in w0:
+        torch.testing.assert_close(grid1[k].double(), 0.5 * w0[k].double() + 0.5 * w1[k].double(),
+                                   rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(grid_weights[k].double(), 0.5 * grid1[k].double() + 0.5 * raw[k].double(),
+                                   rtol=0, atol=1e-6, msg=k)
+
+
+# ------------------------------------------------------------------------- learning-rate decay
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_lr_decay_after_the_warmup_is_the_closed_form(tmp_path, noise_npz, rec, schedule):
+    lr, lr_min, warmup, steps = 2e-3, 1e-4, 2, 7
+    c = config(noise_npz, steps=steps, warmup_steps=warmup, lr=lr, lr_min=lr_min, lr_schedule=schedule)
+    train(c, tmp_path, progress=False)
+    expected = []
+    for s in range(steps):  # 0-based updates
+        p = (s - warmup) / (steps - warmup)
+        shape = (1 - p) if schedule == "linear" else (1 + math.cos(math.pi * p)) / 2
+        expected.append(lr * s / warmup if s < warmup else lr_min + (lr - lr_min) * shape)
+    assert expected[:3] == pytest.approx([0.0, 1e-3, 2e-3], rel=1e-12)
+    assert rec.lrs == pytest.approx(expected, rel=1e-12)
+    assert rec.lrs[-1] > lr_min  # the last update is one step short of the end
+
+
+def test_constant_lr_after_the_warmup_is_unchanged(tmp_path, noise_npz):
+    c = config(noise_npz, steps=10, warmup_steps=3, lr=2e-3)
+    assert [learning_rate(c, s) for s in range(3, 10)] == [2e-3] * 7
+
+
+# ------------------------------------------------------------------------- callbacks
+def test_callbacks_see_every_update_checkpoint_and_grid(tmp_path, noise_npz):
+    events: list[TrainEvent] = []
+    c = config(noise_npz, steps=4, checkpoint_every=2, sample_every=2, num_samples=1, warmup_steps=2)
+    result = train(c, tmp_path, progress=False, callbacks=[events.append])
+    seen = [(e.kind, e.step) for e in events]
+    U, C, G = EventKind.UPDATE, EventKind.CHECKPOINT, EventKind.GRID
+    assert seen == [(U, 1), (U, 2), (C, 2), (G, 2), (U, 3), (U, 4), (C, 4), (G, 4)]
+    updates = [e for e in events if e.kind is U]
+    assert [e.loss for e in updates] == [result.losses[s] for s in (1, 2, 3, 4)]
+    assert [e.lr for e in updates] == [learning_rate(c, s) for s in range(4)]
+    assert events[2].path == tmp_path / "checkpoints" / "step-000000002" and events[2].path.is_dir()
+    assert events[3].path == tmp_path / "samples" / "step-000000002.png" and events[3].path.is_file()
+    assert all(e.run_dir == tmp_path and e.model is result.model and e.ema is result.ema for e in events)
+
+
+FEATURES = {
+    "grad_accum": {"grad_accum": "2"},
+    "cosine_lr": {"lr_schedule": "cosine", "lr_min": "1e-5"},
+    "ema_warmup": {"ema_warmup": "true", "ema_power": "0.75"},
+    "all": {"grad_accum": "4", "lr_schedule": "linear", "ema_warmup": "true", "logger": "tensorboard"},
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_a_raising_callback_stops_the_run_and_resume_is_bit_identical(tmp_path, feature):
+    """The run stopped by a callback at update 4 resumes from its step-3 checkpoint and ends with the
+    straight run's weights, EMA, optimizer state and losses, bit for bit (dropout and flips on)."""
+    if FEATURES[feature].get("logger") == "tensorboard":
+        pytest.importorskip("tensorboard")
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, load_digits_uint8("train")[0][:40])
+    c = tiny_config(npz, steps=6, checkpoint_every=3, **FEATURES[feature])
+    straight = train(c, tmp_path / "straight", progress=False)
+    with pytest.raises(Boom, match="stop at 4"):
+        train(c, tmp_path / "cut", progress=False, callbacks=[raise_at(4)])
+    assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step-000000003"
+    resumed = train(c, tmp_path / "cut", resume="auto", progress=False)  # the lock was released
+    assert resumed.exit_code == 0 and sorted(resumed.losses) == [4, 5, 6]
+    assert all(resumed.losses[s] == straight.losses[s] for s in resumed.losses)
+    assert metric_losses(tmp_path / "cut") == metric_losses(tmp_path / "straight")
+    assert_states_equal(final_state(tmp_path / "cut"), final_state(tmp_path / "straight"))

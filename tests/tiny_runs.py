@@ -10,7 +10,11 @@ import numpy as np
 import torch
 
 from ddpmkit import checkpoint as ckpt
-from ddpmkit.config import apply_overrides, train_preset
+from ddpmkit.config import (
+    apply_overrides,
+    train_preset,
+)
+from ddpmkit.train import EventKind, TrainEvent
 
 
 def tiny_overrides(npz: Path, **extra) -> dict[str, str]:
@@ -106,3 +110,14 @@ def named(result, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def global_norm(grads: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def raise_at(step: int):
+    def callback(event: TrainEvent) -> None:
+        if event.kind is EventKind.UPDATE and event.step == step:
+            raise Boom(f"stop at {step}")
+    return callback

@@ -1,23 +1,15 @@
-"""The trainer pinned to values it does not compute itself.
-
-test_train.py compares runs with runs (resumed vs straight, NaN vs reference); here each test
-checks what one run did against a closed form written in the test: the EMA formula, the authors'
-warm-up numbers, the clipped norm, the flip statistics, the data-order invariants, which weights
-the grid and the model folders hold, Adam's first step. Nothing in the trainer is modified: the
-tests watch it through monkeypatched seams (the optimizer class, the dataset's ``get_batch``, the
-diffusion's ``training_losses``, the sampler), all through the public ``train()``.
-"""
+"""One update of Algorithm 1 (training.step) as train() runs it, pinned to values it does not
+compute itself: the EMA, clipping, Adam, the flips, gradient accumulation, the configured loss."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
-import numpy as np
 import pytest
 import torch
-from tiny_runs import N_IMAGES, config, global_norm, named
+from tiny_runs import config, global_norm, named
 
-from ddpmkit import checkpoint as ckpt
 from ddpmkit.diffusion import GaussianDiffusion
 from ddpmkit.train import train
 
@@ -36,17 +28,6 @@ def test_ema_after_one_update_is_decay_w0_plus_one_minus_decay_w1(tmp_path, nois
         torch.testing.assert_close(ema[k].detach().double(), expected, rtol=0, atol=1e-6, msg=k)
         moved += not torch.equal(w0[k], w1[k].detach())
     assert moved > len(w0) // 2, "the update must move the weights for the test to mean anything"
-
-
-# ------------------------------------------------------------------------- learning rate
-def test_lr_used_at_updates_0_1_and_warmup_is_the_authors(tmp_path, noise_npz, rec):
-    """lr * min(1, s / warmup) at 0-based update s (the authors' TF code); written out by hand."""
-    c = config(noise_npz, steps=5, warmup_steps=4, lr=2e-3)
-    train(c, tmp_path, progress=False)
-    assert len(rec.lrs) == 5
-    assert rec.lrs[0] == 0.0 and rec.lrs[1] == pytest.approx(5e-4, rel=1e-12)
-    assert rec.lrs[4] == pytest.approx(2e-3, rel=1e-12)
-    assert rec.lrs == pytest.approx([0.0, 5e-4, 1e-3, 1.5e-3, 2e-3], rel=1e-12)
 
 
 def test_update_0_under_the_papers_warmup_leaves_the_weights_unchanged(tmp_path, noise_npz, rec):
@@ -124,67 +105,6 @@ def test_no_flips_when_random_flip_is_off(tmp_path, noise_npz, rec):
     assert _flip_kinds(rec.batches, rec.x0) == {"none": 128, "left-right": 0, "other": 0}
 
 
-# ------------------------------------------------------------------------- data order
-def test_each_epoch_sees_every_example_once_and_seeds_give_different_orders(tmp_path, noise_npz, rec):
-    steps = 3 * N_IMAGES // 8  # three epochs of batch 8
-    train(config(noise_npz, steps=steps, seed=1), tmp_path / "a", progress=False)
-    order_a = np.concatenate(rec.indices)
-    rec.indices.clear()
-    train(config(noise_npz, steps=steps, seed=2), tmp_path / "b", progress=False)
-    order_b = np.concatenate(rec.indices)
-    for order in (order_a, order_b):
-        assert order.shape == (3 * N_IMAGES,)
-        epochs = order.reshape(3, N_IMAGES)
-        for e in epochs:
-            assert sorted(e.tolist()) == list(range(N_IMAGES))
-        assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
-    assert not np.array_equal(order_a, order_b)
-
-
-def test_resume_keeps_the_data_order(tmp_path, noise_npz, rec):
-    steps = 5  # 40 examples: the resume point (step 2) and the end straddle an epoch boundary
-    train(config(noise_npz, steps=steps, seed=3), tmp_path / "straight", progress=False)
-    straight = np.concatenate(rec.indices)
-    rec.indices.clear()
-    run = tmp_path / "cut"
-    train(config(noise_npz, steps=2, seed=3, checkpoint_every=1), run, progress=False)
-    train(config(noise_npz, steps=steps, seed=3), run, resume="auto", progress=False)
-    np.testing.assert_array_equal(np.concatenate(rec.indices), straight)
-
-
-# ------------------------------------------------------------------------- which weights go where
-def test_grid_and_model_folder_hold_the_ema_model_raw_the_raw_weights(tmp_path, noise_npz, rec):
-    """One update, so the EMA is known in closed form (decay w0 + (1 - decay) w1) and differs from
-    w1; a grid mid-run (after step 1) and one at the end; training goes on in train mode."""
-    from safetensors.torch import load_file
-
-    c = config(noise_npz, steps=2, sample_every=1, num_samples=4, ema_decay=0.5, lr=1e-2)
-    result = train(c, tmp_path, progress=False)
-    assert len(rec.sampled) == 2 and all(not training for _, training in rec.sampled)
-    assert rec.train_mode == [True, True]  # the step after the mid-run grid too
-    assert result.model.training
-    final_ema = {k: v.detach() for k, v in result.ema.state_dict().items()}
-    raw = {k: v.detach() for k, v in result.model.state_dict().items()}
-    grid_weights = rec.sampled[-1][0]
-    assert any(not torch.equal(final_ema[k], raw[k]) for k in raw)
-    for k in raw:
-        assert torch.equal(grid_weights[k], final_ema[k]), k
-    folder_ema = load_file(tmp_path / "model" / "model.safetensors")
-    folder_raw = load_file(tmp_path / "model_raw" / "model.safetensors")
-    for k in raw:
-        assert torch.equal(folder_ema[k], final_ema[k].cpu()), k
-        assert torch.equal(folder_raw[k], raw[k].cpu()), k
-    # the EMA in closed form, from the weights the optimizer held (d = 0.5):
-    # grid 1 = d w0 + (1 - d) w1, grid 2 = d grid1 + (1 - d) w2
-    w0, w1 = named(result, rec.w0), named(result, rec.w_before[1])
-    grid1 = rec.sampled[0][0]
-    for k in w0:
-        torch.testing.assert_close(grid1[k].double(), 0.5 * w0[k].double() + 0.5 * w1[k].double(),
-                                   rtol=0, atol=1e-6, msg=k)
-        torch.testing.assert_close(grid_weights[k].double(), 0.5 * grid1[k].double() + 0.5 * raw[k].double(),
-                                   rtol=0, atol=1e-6, msg=k)
-
-
 # ------------------------------------------------------------------------- the loss
 @pytest.mark.parametrize("loss_type, var_type", [("mse", "fixedlarge"), ("kl", "fixedsmall"),
                                                  ("hybrid", "learned_range")])
@@ -216,17 +136,93 @@ def _original_training_losses(diffusion, net, x0, t, noise) -> torch.Tensor:
         return _ORIGINAL_LOSSES(diffusion, net, x0, t, noise)["loss"]
 
 
-# ------------------------------------------------------------------------- --keep-last
-def test_cli_keep_last_keeps_that_many_newest_checkpoints(tmp_path, noise_npz):
-    from ddpmkit.cli import main
+# ------------------------------------------------------------------------- gradient accumulation
+def test_grad_accum_gives_the_optimizer_the_full_batch_gradient(tmp_path, noise_npz, rec):
+    for accum in (1, 2, 4):
+        train(config(noise_npz, grad_accum=accum, grad_clip=1e6), tmp_path / str(accum), progress=False)
+    full, *accumulated = rec.step_grads
+    assert [x.shape[0] for x in rec.x0] == [8] + [4] * 2 + [2] * 4  # the micro-batches reached the loss
+    assert global_norm(full) > 0
+    for grads in accumulated:
+        for g_full, g in zip(full, grads, strict=True):
+            torch.testing.assert_close(g, g_full, rtol=0, atol=1e-6)
 
-    run = tmp_path / "run"
-    sets = {"data": str(noise_npz), "unet.ch": "32", "unet.ch_mult": "1", "unet.num_res_blocks": "1",
-            "unet.attn_resolutions": "", "diffusion.num_timesteps": "20", "batch_size": "8",
-            "num_samples": "0"}
-    argv = ["train", "-o", str(run), "--no-progress", "--steps", "5", "--checkpoint-every", "1",
-            "--keep-last", "2", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
-    assert main(argv) == 0
-    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert kept == ["step-000000004", "step-000000005"]
-    assert ckpt.latest_checkpoint(run).name == "step-000000005"
+
+def test_grad_accum_clips_the_accumulated_gradient(tmp_path, noise_npz, rec):
+    clip = 0.05
+    train(config(noise_npz, grad_clip=1e6), tmp_path / "full", progress=False)
+    train(config(noise_npz, grad_accum=2, grad_clip=clip), tmp_path / "accum", progress=False)
+    full, raw, seen = rec.raw_grads[0], rec.raw_grads[1], rec.step_grads[1]
+    norm = global_norm(full)
+    assert norm > 4 * clip
+    assert global_norm(raw) == pytest.approx(norm, rel=1e-5)  # .grad holds the sum of both halves
+    assert global_norm(seen) == pytest.approx(clip, rel=1e-5)
+    for g_full, g_seen in zip(full, seen, strict=True):
+        torch.testing.assert_close(g_seen, g_full * (clip / norm), rtol=1e-4, atol=1e-9)
+
+
+def test_grad_accum_a_nan_in_one_micro_batch_skips_the_whole_update(tmp_path, noise_npz, monkeypatch):
+    from ddpmkit.training.step import UpdateStep
+
+    reference = train(config(noise_npz, steps=1), tmp_path / "ref", progress=False)
+    loss, calls = UpdateStep.loss, [0]
+
+    def nan_in_micro_batch_3(self, *args, **kwargs):  # update 2's second half
+        calls[0] += 1
+        out = loss(self, *args, **kwargs)
+        return out * float("nan") if calls[0] == 4 else out
+
+    monkeypatch.setattr(UpdateStep, "loss", nan_in_micro_batch_3)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        result = train(config(noise_npz, steps=2, grad_accum=2), tmp_path / "nan", progress=False)
+    assert sorted(result.losses) == [1] and calls[0] == 4
+    for k, v in reference.model.state_dict().items():  # update 1 equals the full batch's; update 2 skipped
+        torch.testing.assert_close(result.model.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_grad_accum_under_ddp_syncs_only_the_last_micro_batch(tmp_path, noise_npz, monkeypatch):
+    """A stand-in for DistributedDataParallel (one process cannot build one) records which
+    micro-batches ran inside ``no_sync``."""
+    import ddpmkit.training.step as step_module
+    from ddpmkit.distributed import DistInfo
+    from ddpmkit.training.state import build_state
+    from ddpmkit.training.step import UpdateStep
+
+    inside: list[bool] = []
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.syncing = module, True
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.syncing = False
+            try:
+                yield
+            finally:
+                self.syncing = True
+
+        def forward(self, *args, **kwargs):
+            inside.append(not self.syncing)
+            return self.module(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "DistributedDataParallel", FakeDDP)
+    c = config(noise_npz, grad_accum=4)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    state = build_state(c, info)
+    update = UpdateStep(state=state, diffusion=c.diffusion.build(), net=FakeDDP(state.model), info=info)
+    assert update(torch.zeros(8, 1, 8, 8), 0).finite
+    assert inside == [True, True, True, False]
+
+
+def test_ema_warmup_averages_with_the_decay_of_each_update(tmp_path, noise_npz, rec):
+    c = config(noise_npz, steps=3, ema_warmup="true", ema_decay=0.9, ema_inv_gamma=2.0, ema_power=1.0)
+    result = train(c, tmp_path, progress=False)
+    weights = [named(result, w) for w in rec.w_before[1:]] + [dict(result.model.named_parameters())]
+    ema = {k: v.double() for k, v in named(result, rec.w0).items()}
+    for s, w in enumerate(weights):  # decay of update s: min(0.9, 1 - (1 + s / 2) ** -1)
+        d = min(0.9, 1 - 1 / (1 + s / 2))
+        ema = {k: d * ema[k] + (1 - d) * w[k].detach().double() for k in ema}
+    for k, v in result.ema.named_parameters():
+        torch.testing.assert_close(v.detach().double(), ema[k], rtol=0, atol=1e-6, msg=k)
