@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from stand_ins import TINY_T
-from tiny_runs import N_IMAGES, RES, Recorder
+from tiny_runs import N_IMAGES, RES, Recorder, tiny_config
 
 from ddpmkit.data.sources import ArrayImageDataset
 from ddpmkit.diffusion import GaussianDiffusion
+from ddpmkit.train import train
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,20 @@ def rec(monkeypatch) -> Recorder:
 
     monkeypatch.setattr(ddpmkit.sampling, "sample_ancestral", recording_sample)
     return r
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_npz, tmp_path_factory) -> Path:
+    """A 4-step run with checkpoints at steps 2 and 4 (keep_last 2), copied by each test that edits it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(tiny_config(tiny_npz, steps=4, checkpoint_every=2, keep_last=2), run, progress=False)
+    return run
+
+
+# ------------------------------------------------------------------------- checkpoint manifests
+@pytest.fixture(scope="module")
+def run(tiny_npz, tmp_path_factory) -> Path:
+    """A finished 2-step run with one checkpoint."""
+    path = tmp_path_factory.mktemp("props") / "run"
+    train(tiny_config(tiny_npz, steps=2, checkpoint_every=2), path, progress=False)
+    return path

@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 import pytest
-from tiny_runs import config
+from tiny_runs import config, tiny_config
 
 from ddpmkit.config import (
     TRAIN_PRESETS,
@@ -159,3 +159,10 @@ def test_bad_values_are_one_line_value_errors(noise_npz, key, value, message):
     base = config(noise_npz)
     with pytest.raises(ValueError, match=r"^" + message.replace("[", r"\[").replace("(", r"\(") + "$"):
         dataclasses.replace(base, **{key: value})
+
+
+# ------------------------------------------------------------------------- 9: non-finite update results
+def test_lr_inf_is_refused_up_front(tiny_npz):
+    for lr in ("inf", "nan"):
+        with pytest.raises(ValueError, match="lr must be"):
+            tiny_config(tiny_npz, lr=lr)

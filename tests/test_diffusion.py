@@ -15,6 +15,8 @@ import torch
 from ddpmkit.diffusion import DiffusionConfig, GaussianDiffusion, LossType, MeanType, VarType, mean_flat
 
 T = 1000
+
+
 LN2 = math.log(2.0)
 
 
@@ -33,7 +35,11 @@ def diffusion() -> GaussianDiffusion:
 
 # ---------------------------------------------------------------- eq. (4): q(x_t | x_0) by sampling
 N_SAMPLES = 200_000
+
+
 N_CHAIN = 50_000
+
+
 Z = 5.0  # every statistical bound below is a 5-sigma bound: two-sided p ~ 6e-7 per quantity
 
 
@@ -243,6 +249,8 @@ def test_clip_denoised_clamps_pred_x0() -> None:
 
 # ---------------------------------------------------------------- HF diffusers' DDPMScheduler
 DIFFUSERS_VAR = {"fixed_small": "fixedsmall", "fixed_large": "fixedlarge"}
+
+
 STEP_TS = [0, 1, 2, 17, 500, 998, 999]
 
 
@@ -606,3 +614,16 @@ def test_eq12_kl_is_the_weighted_eps_error(var_type: str) -> None:
     np.testing.assert_allclose(out["vb"][:, 1:].numpy(), expected, rtol=1e-8, atol=1e-12)
     if var_type == "fixedsmall":
         assert np.all(c[1:] == 0) and out["mse"][:, 1:].min() > 0.01
+
+
+def test_a_huge_num_timesteps_is_refused_before_the_schedule_is_built(monkeypatch):
+    # T = 10^9 would allocate 8 GB in betas() alone; the refusal must come first.
+    from ddpmkit.diffusion import DiffusionConfig
+
+    def built(self):
+        raise AssertionError("the schedule was built before the size check")
+
+    monkeypatch.setattr(DiffusionConfig, "betas", built)
+    expected = r"num_timesteps=1,000,000,000 needs at least ~\d.*GiB.*limit is 1,000,000"
+    with pytest.raises(ValueError, match=expected):
+        DiffusionConfig(num_timesteps=10**9)

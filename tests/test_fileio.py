@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from json_inputs import FAST, json_bytes, one_line
 
 import ddpmkit
 from ddpmkit import fileio
@@ -254,3 +256,18 @@ def test_a_full_disk_is_one_line_exit_2_and_leaves_no_temporary_files(small_disk
         fileio.atomic_write_bytes(small_disk / "big.bin", b"\0" * (4 * 2**20))
     assert [p.name for p in small_disk.iterdir() if p.name.startswith(".tmp-")] == []
     assert not (small_disk / "big.bin").exists()
+
+
+# ------------------------------------------------------------------------- the JSON reader (config.json)
+@FAST
+@given(data=json_bytes)
+def test_read_json_object_is_a_dict_or_a_one_line_value_error(tmp_path_factory, data):
+    path = tmp_path_factory.getbasetemp() / "config.json"
+    path.write_bytes(data)
+    try:
+        got = fileio.read_json_object(path)
+    except ValueError as e:
+        one_line(e)
+        assert "config.json" in str(e)
+    else:
+        assert isinstance(got, dict)

@@ -18,6 +18,9 @@ import torch
 from safetensors.torch import load_file
 from tiny_runs import (
     Boom,
+    _copy,
+    _resume,
+    _steps,
     assert_states_equal,
     cli_args,
     config,
@@ -400,3 +403,72 @@ def test_a_raising_callback_stops_the_run_and_resume_is_bit_identical(tmp_path, 
     assert all(resumed.losses[s] == straight.losses[s] for s in resumed.losses)
     assert metric_losses(tmp_path / "cut") == metric_losses(tmp_path / "straight")
     assert_states_equal(final_state(tmp_path / "cut"), final_state(tmp_path / "straight"))
+
+
+# ------------------------------------------------------------------------- 3, 10: one lock per run dir
+_HOLDER = """
+import sys, time
+from ddpmkit.fileio import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_trainer_on_a_live_run_dir_is_refused_and_a_dead_holders_lock_is_stale(tmp_path, tiny_npz):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        c = tiny_config(tiny_npz, steps=2)
+        with pytest.raises(ValueError, match=f"in use by .*{holder.pid}@{socket.gethostname()}"):
+            train(c, run, resume="auto", progress=False)
+        assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert (run / ".lock").read_text().startswith(f"{holder.pid}@")  # left behind by kill -9: stale
+    assert train(c, run, resume="auto", progress=False).exit_code == 0
+
+
+def test_an_unwritable_run_dir_is_a_one_line_error_before_any_work(tmp_path, tiny_npz, monkeypatch):
+    import ddpmkit.train as train_module
+
+    blocker = tmp_path / "a-file"  # a folder below a file cannot be created, not even by root
+    blocker.write_text("")
+    monkeypatch.setattr(train_module, "_build_run", None)  # building the run (data, model) must not start
+    with pytest.raises(ValueError, match="cannot write to .*a-file/run"):
+        train(tiny_config(tiny_npz, steps=2), blocker / "run", progress=False)
+
+
+def test_steps_below_the_checkpoint_says_there_is_nothing_to_train(tmp_path, tiny_npz, finished_run,
+                                                                   capsys):
+    run = _copy(finished_run, tmp_path)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    result, _ = _resume(run, tiny_npz, steps=2)
+    out = capsys.readouterr().out
+    assert "the checkpoint is at step 4, past --steps 2: nothing to train" in out
+    assert result.exit_code == 0 and result.step == 4
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert {k: v for k, v in after.items() if k.name != "config.json"} == \
+        {k: v for k, v in before.items() if k.name != "config.json"}  # weights, checkpoints untouched
+
+
+def test_a_deeply_nested_manifest_or_metrics_line_is_torn(tmp_path, tiny_npz, finished_run):
+    run = _copy(finished_run, tmp_path)
+    (run / "checkpoints" / "step-000000004" / "manifest.json").write_text("[" * 100000)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("[" * 100000 + "\n")
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("step-000000004/manifest.json" in w for w in warned), warned
+    assert any("metrics.jsonl line 5" in w for w in warned), warned
+    assert _steps(run) == [1, 2, 3, 4]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from ddpmkit.config import (
     apply_overrides,
     train_preset,
 )
-from ddpmkit.train import EventKind, TrainEvent
+from ddpmkit.train import EventKind, TrainEvent, train
 
 
 def tiny_overrides(npz: Path, **extra) -> dict[str, str]:
@@ -121,3 +122,47 @@ def raise_at(step: int):
         if event.kind is EventKind.UPDATE and event.step == step:
             raise Boom(f"stop at {step}")
     return callback
+
+
+def _copy(run: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dst / "run")
+    return dst / "run"
+
+
+def _resume(run: Path, tiny_npz: Path, steps: int = 4):
+    c = tiny_config(tiny_npz, steps=steps, checkpoint_every=2, keep_last=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(c, run, resume="auto", progress=False)
+    return result, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------- 5, 6, 7: torn checkpoints
+def _corrupt_same_size(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ------------------------------------------------------------------------- issue 27.10: strict reads
+def _rehash(folder: Path, name: str) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / name).read_bytes()
+    manifest["files"][name] = {"bytes": len(data), "sha256": ckpt.hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _set(state: dict, dotted: str, value) -> None:
+    *head, last = dotted.split(".")
+    for k in head:
+        state = state[int(k)] if isinstance(state, list) else state[k]
+    if isinstance(state, list):
+        state[int(last)] = value
+    else:
+        state[last] = value

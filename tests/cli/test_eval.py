@@ -17,6 +17,8 @@ from ddpmkit.nn import UNet, UNetConfig
 
 TINY = UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1,
                   attn_resolutions=())
+
+
 DIFF = DiffusionConfig(num_timesteps=10, beta_end=0.3)
 
 
@@ -168,3 +170,16 @@ def test_eval_bpd_of_a_retrained_model_is_not_the_stale_number(tmp_path, capsys)
     assert main(argv) == 0
     second = json.loads(out.read_text())
     assert second["settings"]["weights_sha256"] == weights_sha256(net) and second["bpd"] != first["bpd"]
+
+
+@pytest.mark.parametrize("kind", ["digits", "fid", "bpd"])
+def test_eval_with_an_unwritable_output_is_a_one_line_error_before_any_work(tmp_path, capsys, kind):
+    from ddpmkit.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    first = {"digits": ["missing.npz"], "fid": ["missing.npz", "--ref", "missing-ref.npz"],
+             "bpd": ["missing-model", "--data", "digits"]}[kind]
+    assert main(["eval", kind, *first, "--out", str(blocker / "x" / "out.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write to" in err, err  # not the missing input: checked first

@@ -13,10 +13,10 @@ from stand_ins import TINY_T
 
 from ddpmkit.cli import main
 
-T = TINY_T
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+T = TINY_T
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +186,21 @@ def test_figure_bad_input_exit_2(model_dir, tmp_path, capsys) -> None:
     assert main(["figure", "rate-distortion", str(model_dir), "--data", str(tmp_path / "nope.npz")]) == 2
     assert main(["figure"]) == 2
     assert "expected a figure KIND" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value", [("resolution", 100000), ("num_timesteps", 10**9)])
+def test_sample_refuses_a_model_config_that_cannot_fit(tmp_path, capsys, key, value):
+    from ddpmkit.cli import main
+    from ddpmkit.diffusion import DiffusionConfig
+    from ddpmkit.nn import UNet, UNetConfig
+
+    net = UNet(config=UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,),
+                                 num_res_blocks=1, attn_resolutions=()))
+    net.save(tmp_path / "m", diffusion=DiffusionConfig(num_timesteps=10, beta_start=0.01, beta_end=0.4))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (cfg["diffusion"] if key == "num_timesteps" else cfg["unet"] if "unet" in cfg else cfg)[key] = value
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert main(["sample", str(tmp_path / "m"), "--n", "1", "--output-dir", str(tmp_path / "s"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GiB" in err, err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.cli import build_parser
 from ddpmkit.cli.train import resolve_config
@@ -48,3 +50,36 @@ def test_cli_bad_grad_accum_exits_2(capsys):
     assert main(["train", "--grad-accum", "3", "--batch-size", "8", "--print-config"]) == 2
     err = capsys.readouterr().err
     assert "batch_size 8 must be divisible by grad_accum 3" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------- 14: one-line worker errors
+def test_a_data_error_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    from ddpmkit.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.png").write_bytes(b"not a png")
+    args = ["train", "-o", str(tmp_path / "run"), "--data", str(images), "--no-progress", "--steps", "2",
+            "--batch-size", "2", "--set", "unet.resolution=8", "--set", "unet.ch_mult=1"]
+    assert main([*args, "--num-workers", "0"]) == 2
+    plain = capsys.readouterr().err
+    assert main([*args, "--num-workers", "1", "-o", str(tmp_path / "run1")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "worker" not in err, err
+    assert err.split("error: ", 1)[1] == plain.split("error: ", 1)[1]
+
+
+# ------------------------------------------------------------------------- 13: sizes that cannot fit
+@pytest.mark.parametrize("flags", [
+    ["--set", "unet.ch=100000"],
+    ["--set", "unet.num_res_blocks=100000"],
+    ["--batch-size", "100000000"],
+])
+def test_train_refuses_sizes_that_cannot_fit_before_allocating(tmp_path, capsys, flags):
+    from ddpmkit.cli import main
+
+    assert main(["train", "-o", str(tmp_path / "run"), "--no-progress", "--steps", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GiB" in err and "more than the" in err, err
+    assert not (tmp_path / "run").exists()

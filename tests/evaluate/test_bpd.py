@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 import scipy.stats
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from json_inputs import FAST, _paths, _replaced, json_bytes, json_values, one_line
 
 from ddpmkit.data import load_digits_uint8
 from ddpmkit.diffusion import DiffusionConfig, VarType
-from ddpmkit.evaluate.bpd import evaluate_bpd, rate_distortion_table
+from ddpmkit.evaluate.bpd import _record_problem, evaluate_bpd, rate_distortion_table, summarize
 
 LN2 = math.log(2.0)
 
@@ -245,3 +249,51 @@ def test_a_second_evaluation_into_the_same_partial_file_is_refused(tmp_path):
     assert os.path.exists(part)
     assert evaluate_bpd(_TinyModel().eval(), DiffusionConfig(num_timesteps=5).build(), _Tensors(_digits(4)),
                         batch_size=2, partial_path=part)["num_examples"] == 4  # a dead holder's lock is stale
+
+
+# ------------------------------------------------------------------------- bits/dim partial files
+class _Zero(torch.nn.Module):
+    def forward(self, x, t):
+        return torch.zeros_like(x)
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+    """A finished 3-batch bits/dim partial file of 5 tiny examples, and how it was made."""
+    from ddpmkit.diffusion import DiffusionConfig
+
+    path = tmp_path_factory.mktemp("bpd") / "p.jsonl"
+    x = torch.linspace(-1, 1, 5 * 4).reshape(5, 1, 2, 2)
+    d = DiffusionConfig(num_timesteps=3).build()
+
+    def run_it():
+        return evaluate_bpd(_Zero(), d, list(x), batch_size=2, partial_path=path)
+    return path, run_it, run_it()
+
+
+@FAST
+@given(data=st.data())
+def test_a_bits_dim_partial_file_is_continued_redone_or_refused(partial, data):
+    path, run_it, full = partial
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    k = data.draw(st.integers(0, len(lines) - 1))
+    where = data.draw(st.sampled_from(sorted(_paths(lines[k]), key=str)))
+    edited = [*lines[:k], _replaced(lines[k], where, data.draw(json_values)), *lines[k + 1:]]
+    text = [json.dumps(x).encode() for x in edited]
+    if data.draw(st.booleans()):
+        text[k] = data.draw(json_bytes).replace(b"\n", b" ")
+    path.write_bytes(b"\n".join(text) + b"\n")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = run_it()
+    except ValueError as e:  # the header changed: the existing refusal
+        one_line(e)
+        assert k == 0 and "other settings" in str(e)
+    else:  # a record that fails the check is redone; one that passes it is used as it stands
+        records = [json.loads(x) for x in path.read_text().splitlines()[1:]]
+        assert [_record_problem(r, b, got["settings"]) for b, r in enumerate(records)] == [None] * 3
+        assert {k: v for k, v in got.items() if k not in ("seconds", "settings")} == summarize(
+            records, num_timesteps=3)
+    finally:
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import time
+import warnings
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from json_inputs import FAST, json_bytes
 from tiny_runs import (
     Boom,
+    _copy,
+    _resume,
+    _steps,
     config,
     raise_at,
 )
 
 from ddpmkit.train import train
+from ddpmkit.training.log import truncate_metrics
 
 
 # ------------------------------------------------------------------------- trackers
@@ -93,3 +102,30 @@ def test_the_training_bar_follows_the_output_mode(tmp_path, noise_npz, capsys):
         assert "2/2" in capsys.readouterr().err
     finally:
         logs.set_output_mode("terminal")
+
+
+# ------------------------------------------------------------------------- 4: torn metrics line
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, tiny_npz, finished_run):
+    run = _copy(finished_run, tmp_path)
+    (run / "checkpoints" / "step-000000004").rename(run / "checkpoints" / ".gone")  # resume from step 2
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a power cut mid-append
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("metrics.jsonl" in w and "line 5" in w for w in warned), warned
+    assert _steps(run) == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------- metrics.jsonl lines
+@FAST
+@given(lines=st.lists(st.one_of(json_bytes, st.integers(0, 9).map(lambda s: json.dumps({"step": s}).encode())
+                                 ), max_size=6))
+def test_metrics_lines_are_kept_or_dropped_with_a_warning(tmp_path_factory, lines):
+    path = tmp_path_factory.getbasetemp() / "metrics.jsonl"
+    path.write_bytes(b"".join(x.replace(b"\n", b" ") + b"\n" for x in lines))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        truncate_metrics(path, 5)
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        assert type(record["step"]) is int and record["step"] <= 5

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny_runs import config, global_norm, named
+from tiny_runs import config, global_norm, named, tiny_config
 
 from ddpmkit.diffusion import GaussianDiffusion
 from ddpmkit.train import train
@@ -226,3 +226,31 @@ def test_ema_warmup_averages_with_the_decay_of_each_update(tmp_path, noise_npz, 
         ema = {k: d * ema[k] + (1 - d) * w[k].detach().double() for k in ema}
     for k, v in result.ema.named_parameters():
         torch.testing.assert_close(v.detach().double(), ema[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_an_update_whose_result_is_non_finite_is_skipped_like_a_nan_loss(tmp_path, tiny_npz, monkeypatch):
+    """Update 1 writes a NaN into one weight after Adam's step: the weights, the optimiser and the EMA
+    must end exactly as in a run whose update 1 had a NaN loss (skipped)."""
+    c = tiny_config(tiny_npz, steps=4, max_nonfinite=2)
+    from tiny_runs import inject_nonfinite
+
+    with monkeypatch.context() as m, pytest.warns(RuntimeWarning, match="non-finite"):
+        inject_nonfinite(m, lambda step: step == 1)
+        reference = train(c, tmp_path / "ref", progress=False)
+    step_fn, calls = torch.optim.Adam.step, []
+
+    def poisoning_step(self, *a, **k):
+        out = step_fn(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:  # the second update (0-based update 1)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        result = train(c, tmp_path / "poison", progress=False)
+    assert result.exit_code == 0 and sorted(result.losses) == sorted(reference.losses) == [1, 3, 4]
+    from tiny_runs import assert_states_equal, final_state
+
+    assert_states_equal(final_state(tmp_path / "poison"), final_state(tmp_path / "ref"))
