@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stand_ins import LEGIBLE_T as T
 from stand_ins import TINY_T
 from tiny_runs import N_IMAGES, RES, Recorder, tiny_config
 
 from ddpmkit.data.sources import ArrayImageDataset
-from ddpmkit.diffusion import GaussianDiffusion
+from ddpmkit.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpmkit.nn import UNet, UNetConfig
 from ddpmkit.train import train
 
 
@@ -141,4 +143,14 @@ def run(tiny_npz, tmp_path_factory) -> Path:
     """A finished 2-step run with one checkpoint."""
     path = tmp_path_factory.mktemp("props") / "run"
     train(tiny_config(tiny_npz, steps=2, checkpoint_every=2), path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    net = UNet(config=UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,),
+                                 num_res_blocks=1, attn_resolutions=()))
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    net.save(path, diffusion=DiffusionConfig(num_timesteps=T, beta_start=0.01, beta_end=0.4))
     return path

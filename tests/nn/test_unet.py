@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from stand_ins import randomize_
+from unet_reference import ATOL, RTOL, _randomise_, ref_unet
 
 from ddpmkit.nn import UNET_PRESETS, UNet, UNetConfig
 from ddpmkit.nn.layers import AttnBlock, Downsample, ResBlock, Upsample, timestep_embedding
@@ -285,3 +286,79 @@ def test_the_network_never_imports_the_math():
                     path,
                     name,
                 )
+
+
+@pytest.fixture(scope="module")
+def small_unet() -> UNet:
+    # two levels (16 and 8 px), attention at 8 px, a channel change (1x1 shortcuts), no dropout
+    torch.manual_seed(0)
+    net = UNet.from_preset(
+        "cifar10", resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0
+    )
+    return _randomise_(net).eval()
+
+
+def _inputs(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 16, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+
+
+# ----------------------------------------------------------------------------- the checks
+def test_reference_output_is_not_trivial(small_unet):
+    x, t = _inputs(3)
+    with torch.no_grad():
+        ref = ref_unet(small_unet, x, t)
+    assert ref.abs().max() > 0.05  # the comparisons below are not between two near-zero tensors
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_unet_matches_reference_in_every_mode_and_layout(small_unet, mode, layout):
+    x, t = _inputs(3)
+    with torch.no_grad():
+        ref = ref_unet(small_unet, x, t)
+    xin = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.clone()
+    before = xin.clone()
+    ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    with ctx():
+        out = small_unet(xin, t)
+    torch.testing.assert_close(out.detach(), ref, atol=ATOL, rtol=RTOL)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)  # the output comes back in the input's layout
+    torch.testing.assert_close(xin, before, atol=0, rtol=0)  # the in-place ops never touch the input
+
+
+def test_channels_last_model_weights_give_the_same_numbers(small_unet):
+    x, t = _inputs(2)
+    cl = UNet(config=small_unet.config)
+    cl.load_state_dict(small_unet.state_dict())
+    cl = cl.to(memory_format=torch.channels_last).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(cl(x, t), small_unet(x, t), atol=ATOL, rtol=RTOL)
+
+
+def test_batch_of_one_equals_its_row_in_a_batch_of_three(small_unet):
+    x, t = _inputs(3)
+    with torch.inference_mode():
+        full = small_unet(x, t)
+        rows = torch.cat([small_unet(x[i : i + 1], t[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(rows, full, atol=ATOL, rtol=RTOL)
+
+
+def test_gradients_through_the_in_place_adds_equal_the_reference(small_unet):
+    """The in-place adds keep autograd exact: every parameter's gradient of a loss matches the
+    gradient through the out-of-place reference composition."""
+    x, t = _inputs(2)
+    target = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    net = small_unet.train()
+    try:
+        net.zero_grad(set_to_none=True)
+        F.mse_loss(net(x, t), target).backward()
+        fast = {n: p.grad.clone() for n, p in net.named_parameters()}
+        net.zero_grad(set_to_none=True)
+        F.mse_loss(ref_unet(net, x, t), target).backward()
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(fast[name], p.grad, atol=ATOL, rtol=1e-4, msg=name)
+    finally:
+        net.zero_grad(set_to_none=True)
+        net.eval()
