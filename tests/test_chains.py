@@ -1,5 +1,5 @@
 """The paper's Sec. 4.3 chains (ddpmkit.chains): progressive generation, interpolation, shared x_t,
-reconstruction and the reverse chain from a given x_t (DDIM inversion: tests/test_sampler_api.py)."""
+reconstruction and the reverse chain from a given x_t (DDIM inversion against the Gaussian flow at the end)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_shared_xt_and_reconstruction() -> None:
 
 
 def test_the_reverse_chain_from_x_T_is_algorithm_2_step_by_step():
-    """Issue 12 point 4: the reverse chain from x_T (``sample_from_xt``, its callback seeing each step)
+    """The reverse chain from x_T (``sample_from_xt``, its callback seeing each step)
     visits t = T-1 .. 0, each x_t is ``p_sample`` of the one before with the stream's next draw, and
     its x_0 is sample_ancestral's for the same noise streams."""
     diffusion = DiffusionConfig(num_timesteps=6).build()

@@ -222,7 +222,7 @@ def test_manifest_names_are_confined_to_the_checkpoint_folder(tmp_path, tiny_npz
     assert result.exit_code == 0 and any("step-000000004" in w for w in warned), warned
 
 
-# ------------------------------------------------------------------------- issue 27.12: symlinked entries
+# ------------------------------------------------------------------------- symlinked entries
 @pytest.mark.parametrize("target", ["/etc/passwd", "inside"])
 def test_a_manifest_entry_that_is_a_symlink_is_torn(tmp_path, tiny_npz, finished_run, target):
     run = _copy(finished_run, tmp_path)

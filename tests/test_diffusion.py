@@ -1,6 +1,6 @@
 """GaussianDiffusion against closed forms, Bayes' rule, the authors' conventions and HF diffusers.
 
-The single-image oracle for the bound (calc_bpd_loop) lives in tests/test_bound_oracle.py.
+The bound (calc_bpd_loop) against the single-image oracle (tests/oracles.py) is at the end.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 12 point 2: every random stream is derived from a user's seed one way (ddpmkit.seeds).
+"""Every random stream is derived from a user's seed one way (ddpmkit.seeds).
 
 The expected seeds are written here with numpy directly, from the formula the module documents
 (SeedSequence([seed, *keys]), first 64-bit word >> 1), and the training streams are pinned to the
@@ -133,7 +133,7 @@ def test_draw_is_the_cpu_stream_in_float32_moved_to_the_device():
 
 
 def test_one_noise_helper_for_the_samplers_and_the_losses():
-    """Issue 12: the samplers, the chains and the losses draw with seeds.draw_standard_normal, not a copy."""
+    """The samplers, the chains and the losses draw with seeds.draw_standard_normal, not a copy."""
     from ddpmkit import chains, diffusion, sampling
 
     assert sampling.draw_standard_normal is chains.draw_standard_normal is draw_standard_normal

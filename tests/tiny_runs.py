@@ -150,7 +150,7 @@ def _corrupt_same_size(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-# ------------------------------------------------------------------------- issue 27.10: strict reads
+# ------------------------------------------------------------------------- strict reads
 def _rehash(folder: Path, name: str) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     data = (folder / name).read_bytes()

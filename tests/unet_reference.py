@@ -1,4 +1,4 @@
-"""The U-Net written out plainly (F.conv2d, explicit softmax, ...): the reference its speed paths must equal."""
+"""The U-Net written out plainly (F.conv2d, explicit softmax): the reference its speed paths must equal."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ddpmkit.nn import UNet
 from ddpmkit.nn.layers import AttnBlock, ResBlock
 
-ATOL = 1e-4  # the U-Net parity tolerance (tests/test_nn.py, tests/test_interop_diffusers.py)
+ATOL = 1e-4  # the U-Net parity tolerance (tests/nn/test_unet.py, tests/interop/test_diffusers.py)
 
 
 RTOL = 0.0

@@ -146,7 +146,7 @@ def test_report_card(tmp_path, tiny_model, capsys):
 
 
 def test_eval_bpd_of_a_retrained_model_is_not_the_stale_number(tmp_path, capsys):
-    """Issue 27.1: `ddpm train --resume auto` changes RUN/model; eval bpd into the same --out must not
+    """`ddpm train --resume auto` changes RUN/model; eval bpd into the same --out must not
     print the old number from the partial file (its header names the weights' SHA-256)."""
     from ddpmkit.nn.folder import weights_sha256
 

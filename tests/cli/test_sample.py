@@ -154,7 +154,7 @@ def test_sample_refuses_to_mix_settings_in_one_folder(model_dir, tmp_path, capsy
     "kind,extra,size",
     [
         # default scale: the smallest reaching 512 px wide (and tiles >= 64 px), ceil(512 / 32) = 16;
-        # tiles 8 px + 2 px padding; the labels: tests/test_legible.py
+        # tiles 8 px + 2 px padding; the labels: tests/test_images.py
         ("shared-xt", ["--n", "2", "--t", "1,7"], (16 * (3 * 10 + 2), 16 * (2 * 10 + 2))),
         ("reconstruct", ["--data", "digits", "--n", "2", "--t", "3,7", "--scale", "1"],
          (5 * 10 + 2, 2 * 10 + 2)),

@@ -551,7 +551,7 @@ def test_data_root_default_and_override(monkeypatch, tmp_path):
     assert cifar_mod.data_root() == tmp_path
 
 
-# ------------------------------------------------------------------------- issue 27.7: bombs and FIFOs
+# ------------------------------------------------------------------------- bombs and FIFOs
 def _png_header_only(width: int, height: int) -> bytes:
     """A 1-bit grayscale PNG claiming ``width`` x ``height`` pixels, its data a few bytes."""
     import zlib
@@ -627,7 +627,7 @@ def test_train_on_a_folder_with_a_bomb_and_a_fifo(bad_folder, no_hang, tmp_path,
         assert rc == 2 and err.count("\n") == 1 and "are unreadable" in err, err
 
 
-# ------------------------------------------------------------------------- issue 27.13: npz edge cases
+# ------------------------------------------------------------------------- npz edge cases
 def _npz_claiming(path, shape, dtype="|u1", data=b"\0" * 64):
     """An .npz whose arr_0.npy header claims ``shape`` and ``dtype`` over ``data``."""
     import zipfile

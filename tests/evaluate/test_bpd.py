@@ -227,7 +227,7 @@ evaluate_bpd(model, DiffusionConfig(num_timesteps=5).build(), _Tensors(_digits(4
 
 
 def test_a_second_evaluation_into_the_same_partial_file_is_refused(tmp_path):
-    """Issue 27.3: two `ddpm eval bpd` into one --out would interleave their batches."""
+    """Two `ddpm eval bpd` into one --out would interleave their batches."""
     import os
     import subprocess
     import sys
