@@ -1,5 +1,5 @@
 """The paper's Sec. 4.3 chains (ddpmkit.chains): progressive generation, interpolation, shared x_t,
-reconstruction and the reverse chain from a given x_t (DDIM inversion against the Gaussian flow at the end)."""
+reconstruction and the reverse chain from a given x_t (and DDIM inversion against the Gaussian flow)."""
 
 from __future__ import annotations
 
