@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from oracles import exact_gamma, gaussian_eps
 
 from ddpmkit.analytic import (
     chain_alphas_cumprod,
@@ -24,11 +25,6 @@ def abar() -> np.ndarray:
     return DiffusionConfig(num_timesteps=T).build().alphas_cumprod.numpy()
 
 
-def exact_gamma(abar: np.ndarray) -> np.ndarray:
-    """E ||E[eps | x_t]||^2 / d = (1 - abar) / (abar VAR + 1 - abar) for N(MEAN, VAR) data."""
-    return (1 - abar) / (abar * VAR + 1 - abar)
-
-
 def conditional_variance(abar_t, abar_s, lambda2):
     """Var(x_s | x_t) under q_lambda, from the joint Gaussian of (x_s, x_t): x_t = sqrt(abar_t) x_0 +
     sqrt(1 - abar_t) eps, x_s = sqrt(abar_s) x_0 + sqrt(1 - abar_s - lambda^2) eps + lambda z."""
@@ -43,7 +39,7 @@ def conditional_variance(abar_t, abar_s, lambda2):
 def test_the_optimal_variance_is_the_true_conditional_variance(abar, kept, eta):
     a_t, a_s = chain_alphas_cumprod(abar, kept)
     lam2 = lambda_squared(a_t, a_s, eta)
-    ours = optimal_variance(a_t, a_s, lam2, exact_gamma(a_t))
+    ours = optimal_variance(a_t, a_s, lam2, exact_gamma(a_t, VAR))
     np.testing.assert_allclose(ours, conditional_variance(a_t, a_s, lam2), rtol=1e-9, atol=1e-15)
     if eta == 1.0:  # DDPM's Markov chain: Var(x_s | x_t) = v_s - (abar_t / abar_s) v_s^2 / v_t
         v_s, v_t = a_s * VAR + 1 - a_s, a_t * VAR + 1 - a_t
@@ -74,7 +70,7 @@ def test_gamma_estimate_converges_to_its_closed_form(abar):
     g = torch.Generator().manual_seed(0)
     data = MEAN + VAR**0.5 * torch.randn(4000, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     est = estimate_gamma(optimal_eps, abar_t, iter(data.split(500)), num_samples=400, generator=g)
-    z = (est.mean - exact_gamma(abar)) / est.stderr
+    z = (est.mean - exact_gamma(abar, VAR)) / est.stderr
     assert est.mean.shape == (T,) and est.num_samples == 400
     assert np.abs(z).max() < 4.5, np.abs(z).max()
     big = estimate_gamma(optimal_eps, abar_t, iter(data.split(500)), num_samples=1600,
@@ -89,14 +85,6 @@ def test_gamma_estimate_converges_to_its_closed_form(abar):
 MEAN2, VAR2 = 0.1, 0.04  # inside [-1, 1] to 4.5 standard deviations (the bound bins data there)
 
 
-def _gaussian_eps(abar_t: torch.Tensor, mean: float, var: float):
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = abar_t[t].view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        return (1 - ab).sqrt() * (x - ab.sqrt() * mean) / (ab * var + 1 - ab)
-
-    return eps
-
-
 @pytest.mark.parametrize("sampler", ["analytic-ddpm", "analytic-ddim"])
 def test_analytic_samplers_draw_the_data_distribution_in_few_steps(sampler):
     """For Gaussian data with the optimal model each optimal Gaussian kernel is the true reverse
@@ -106,8 +94,8 @@ def test_analytic_samplers_draw_the_data_distribution_in_few_steps(sampler):
 
     d = DiffusionConfig(num_timesteps=T, var_type="fixedsmall").build()
     abar_t = d.alphas_cumprod
-    eps = _gaussian_eps(abar_t, MEAN, VAR)
-    gamma = exact_gamma(abar_t.numpy())
+    eps = gaussian_eps(abar_t, MEAN, VAR)
+    gamma = exact_gamma(abar_t.numpy(), VAR)
     kept = list(range(0, T, 100))  # k_0 = 0: Var(x_0 | x_{k_0}) is 1e-4 of VAR
     shape = (20000, 1, 1, 1)
     g = torch.Generator().manual_seed(0)
@@ -131,7 +119,7 @@ def test_the_k_step_bound_equals_its_closed_form():
     The fixed beta and beta-tilde of the same 10-step chain give a larger bound."""
     d = DiffusionConfig(num_timesteps=T, var_type="fixedsmall").build()
     abar_t = d.alphas_cumprod
-    eps = _gaussian_eps(abar_t, MEAN2, VAR2)
+    eps = gaussian_eps(abar_t, MEAN2, VAR2)
     kept = list(range(0, T, 100))
     x0 = MEAN2 + VAR2**0.5 * torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(2),
                                          dtype=torch.float64)

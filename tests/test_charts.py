@@ -138,7 +138,7 @@ def test_plot_lines_log_axes_and_errors(tmp_path) -> None:
         plot_lines(tmp_path / "bad.png", {"y": ([1, 2, 3], [1, 2])})
 
 
-# ------------------------------------------------ bar charts (from tests/test_reproduce.py)
+# ------------------------------------------------ bar charts (the reproduction's charts)
 def _bar_lengths(path):
     """Blue pixels of each bar row in a Pillow bar chart, row by row (top to bottom)."""
     from PIL import Image

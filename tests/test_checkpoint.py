@@ -14,8 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from json_inputs import FAST, _paths, _replaced, json_bytes, json_values, one_line
+from safetensors.torch import load_file
+from tiny_runs import _copy, _corrupt_same_size, _rehash, _resume
 
 from ddpmkit import checkpoint as ckpt
+from ddpmkit.training import state as train_state
 
 
 def _tensors(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
@@ -169,3 +175,87 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     ckpt.save_checkpoint(tmp_path, 3, tensors=_tensors(3), state={}, keep_last=1)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000003"]
     assert Path(ckpt.latest_checkpoint(tmp_path)).name == "step-000000003"
+
+
+@pytest.mark.parametrize("name", ["ema.safetensors", "state.json"])
+def test_a_same_size_corruption_of_the_newest_checkpoint_falls_back_to_the_older(tmp_path, tiny_npz,
+                                                                                finished_run, name):
+    run = _copy(finished_run, tmp_path)
+    _corrupt_same_size(run / "checkpoints" / "step-000000004" / name)
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any(f"step-000000004/{name}" in w for w in warned), warned
+    want = load_file(finished_run / "model" / "model.safetensors")  # redone from step 2: same weights
+    got = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["files"].update({"model.safetensors": 7}),  # an entry that is not an object
+    lambda m: m["files"].pop("model.safetensors"),  # a required file missing
+    lambda m: m.update(files=[]),
+    lambda m: m["files"]["state.json"].update(bytes="12"),
+])
+def test_a_manifest_of_the_wrong_shape_is_torn(tmp_path, tiny_npz, finished_run, edit):
+    run = _copy(finished_run, tmp_path)
+    path = run / "checkpoints" / "step-000000004" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("step-000000004" in w for w in warned), warned
+
+
+@pytest.mark.parametrize("name", ["../../../outside.bin", "/ABS/outside.bin", ".", "sub/x"])
+def test_manifest_names_are_confined_to_the_checkpoint_folder(tmp_path, tiny_npz, finished_run, name):
+    run = _copy(finished_run, tmp_path)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret")
+    folder = run / "checkpoints" / "step-000000004"
+    name = name.replace("/ABS", str(tmp_path))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": 6, "sha256": ckpt.hashlib.sha256(b"secret").hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert not ckpt.is_complete(folder)
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and any("step-000000004" in w for w in warned), warned
+
+
+# ------------------------------------------------------------------------- symlinked entries
+@pytest.mark.parametrize("target", ["/etc/passwd", "inside"])
+def test_a_manifest_entry_that_is_a_symlink_is_torn(tmp_path, tiny_npz, finished_run, target):
+    run = _copy(finished_run, tmp_path)
+    folder = run / "checkpoints" / "step-000000004"
+    if target == "inside":  # a link to a faithful copy of the file, outside the folder
+        copy = tmp_path / "ema-copy.safetensors"
+        (folder / "ema.safetensors").rename(copy)
+        (folder / "ema.safetensors").symlink_to(copy)
+    else:
+        (folder / "passwd").symlink_to(target)
+        _rehash(folder, "passwd")
+    assert not ckpt.is_complete(folder)
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("step-000000004" in w and "not a regular file" in w for w in warned), warned
+
+
+@FAST
+@given(data=st.data())
+def test_a_manifest_gives_a_reason_or_a_checkpoint(run, data):
+    folder = ckpt.latest_checkpoint(run)
+    original = json.loads((folder / ckpt.MANIFEST).read_text())
+    where = data.draw(st.sampled_from(sorted(_paths(original), key=str)))
+    edited = _replaced(original, where, data.draw(json_values))
+    text = data.draw(st.one_of(st.just(json.dumps(edited).encode()), json_bytes))
+    try:
+        (folder / ckpt.MANIFEST).write_bytes(text)
+        assert isinstance(ckpt.manifest_problem(folder) or "", str)
+        try:
+            c = train_state.load_resumable(folder)
+        except ValueError as e:
+            one_line(e)
+        else:
+            assert c.step == 2
+    finally:
+        (folder / ckpt.MANIFEST).write_text(json.dumps(original))

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+from tiny_runs import config, tiny_config
 
 from ddpmkit.config import (
     TRAIN_PRESETS,
@@ -141,3 +142,27 @@ def test_a_deeply_nested_config_file_is_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(path), "-o", str(tmp_path / "run"), "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config.json: JSON nested deeper than" in err, err
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("grad_accum", 0, "grad_accum must be an integer >= 1, got 0"),
+    ("grad_accum", 3, "batch_size 8 must be divisible by grad_accum 3"),
+    ("lr_schedule", "step", "unknown lr_schedule 'step'; choose one of constant, linear, cosine"),
+    ("logger", "mlflow", "unknown logger 'mlflow'; choose one of none, tensorboard, wandb"),
+    ("lr_min", 1.0, "lr_min must be in [0, lr=0.001], got 1.0"),
+    ("ema_power", 0.0, "ema_power must be a finite number > 0, got 0.0"),
+    ("ema_inv_gamma", -1.0, "ema_inv_gamma must be a finite number > 0, got -1.0"),
+    ("ema_min_decay", 0.9, "ema_min_decay must be in [0, ema_decay=0.75], got 0.9"),
+    ("ema_warmup", 1, "ema_warmup must be true or false, got 1"),
+])
+def test_bad_values_are_one_line_value_errors(noise_npz, key, value, message):
+    base = config(noise_npz)
+    with pytest.raises(ValueError, match=r"^" + message.replace("[", r"\[").replace("(", r"\(") + "$"):
+        dataclasses.replace(base, **{key: value})
+
+
+# ------------------------------------------------------------------------- 9: non-finite update results
+def test_lr_inf_is_refused_up_front(tiny_npz):
+    for lr in ("inf", "nan"):
+        with pytest.raises(ValueError, match="lr must be"):
+            tiny_config(tiny_npz, lr=lr)

@@ -1,4 +1,4 @@
-"""Issue 17: kill -9 a tiny run at evenly spread moments (mid-step, during checkpoint writes, pruning
+"""Kill -9 a tiny run at evenly spread moments (mid-step, during checkpoint writes, pruning
 and the final model write); ``--resume auto`` must then end bit-identical to an uninterrupted run:
 every logged loss, the checkpoint's model / EMA / optimiser, RUN/model and RUN/model_raw, and
 ``--keep-last`` still bounding the checkpoints on disk. Dropout and data-loader workers are on."""
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import assert_states_equal, cli_args, final_state, metric_losses, tiny_overrides
+from tiny_runs import assert_states_equal, cli_args, final_state, metric_losses, tiny_overrides
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.config import apply_overrides, train_preset

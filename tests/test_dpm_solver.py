@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
+from oracles import gaussian_eps
 
 from ddpmkit.chains import ddim_invert
 from ddpmkit.diffusion import DiffusionConfig
-from ddpmkit.respace import linspace_timesteps, logsnr_timesteps, quad_timesteps
+from ddpmkit.respace import linspace_timesteps, logsnr_timesteps
 from ddpmkit.sampling import sample_ddim, sample_dpm_solver
 
 T = 1000
@@ -21,21 +22,6 @@ S2 = torch.tensor([0.04, 0.25], dtype=torch.float64)
 @pytest.fixture(scope="module")
 def diffusion():
     return DiffusionConfig(num_timesteps=T).build()
-
-
-def gaussian_eps(d):
-    """The optimal eps-model of x_0 ~ N(M, diag(S2)): E[eps | x_t] in closed form."""
-    abar = d.alphas_cumprod
-
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = abar[t].view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        m, s2 = (
-            M.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2))),
-            S2.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2))),
-        )
-        return (1 - ab).sqrt() * (x - ab.sqrt() * m) / (ab * s2 + 1 - ab)
-
-    return eps
 
 
 def flow_map(d, x: torch.Tensor, k_from: int, k_to: int) -> torch.Tensor:
@@ -56,7 +42,7 @@ def lambda_grid(d, steps: int, lo: int = 20) -> list[int]:
 def error_at_the_last_step(sampler, d, kept: list[int], x_T: torch.Tensor) -> float:
     seen = {}
     sampler(
-        gaussian_eps(d),
+        gaussian_eps(d.alphas_cumprod, M, S2),
         d,
         x_T.shape,
         timesteps=kept,
@@ -99,7 +85,7 @@ def test_the_last_step_lands_on_the_data_prediction(diffusion):
     seen = {}
     kept = logsnr_timesteps(diffusion.alphas_cumprod, 10)
     x0 = sample_dpm_solver(
-        gaussian_eps(diffusion),
+        gaussian_eps(diffusion.alphas_cumprod, M, S2),
         diffusion,
         x_T.shape,
         timesteps=kept,
@@ -154,41 +140,10 @@ def test_ddim_inversion_round_trips_through_the_solver(diffusion):
     errs = []
     for S in (20, 100):
         kept = logsnr_timesteps(diffusion.alphas_cumprod, S)
-        x_T = ddim_invert(gaussian_eps(diffusion), diffusion, x0, kept)
+        x_T = ddim_invert(gaussian_eps(diffusion.alphas_cumprod, M, S2), diffusion, x0, kept)
         back = sample_dpm_solver(
-            gaussian_eps(diffusion), diffusion, x0.shape, timesteps=kept, x_T=x_T, clip_denoised=False
+            gaussian_eps(diffusion.alphas_cumprod, M, S2), diffusion, x0.shape, timesteps=kept, x_T=x_T,
+            clip_denoised=False,
         )
         errs.append((back - x0).abs().max().item())
     assert errs[1] < errs[0] / 3 and errs[1] < 0.05, errs
-
-
-def test_step_choices():
-    d = DiffusionConfig(num_timesteps=T).build()
-    assert linspace_timesteps(T, 10) == [100, 200, 300, 400, 500, 599, 699, 799, 899, 999]
-    ks = logsnr_timesteps(d.alphas_cumprod, 10)
-    assert ks[-1] == T - 1 and ks == sorted(set(ks))
-    abar = d.alphas_cumprod.numpy()
-    lam = 0.5 * (np.log(abar) - np.log1p(-abar))
-    steps = np.diff(lam[ks[::-1]])  # equal lambda steps, up to rounding to integer timesteps
-    assert np.all(steps > 0) and steps.max() / steps.min() < 1.3, steps
-    assert len(set(logsnr_timesteps(d.alphas_cumprod, T - 1))) == T - 1
-    with pytest.raises(ValueError, match=r"steps must be an int in \[1, 999\]"):
-        linspace_timesteps(T, T)
-
-
-def test_quad_is_ddims_selection_and_the_strings_reach_every_choice():
-    """DDIM's code: seq = (np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(int); at T = 1000, S = 10
-    that is the list below. Its duplicates at many steps move up (S = 100 keeps 100 distinct)."""
-    assert quad_timesteps(T, 10) == [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]
-    many = quad_timesteps(T, 100)
-    assert len(set(many)) == 100 and many == sorted(many) and many[-1] == 800
-    d = DiffusionConfig(num_timesteps=T).build()
-    from ddpmkit.respace import diffusion_timesteps, parse_timesteps
-
-    assert diffusion_timesteps(d, "quad10") == quad_timesteps(T, 10)
-    assert diffusion_timesteps(d, "linspace10") == linspace_timesteps(T, 10)
-    assert diffusion_timesteps(d, "logsnr10") == logsnr_timesteps(d.alphas_cumprod, 10)
-    with pytest.raises(ValueError, match="logSNR spacing needs the diffusion's schedule"):
-        parse_timesteps(T, "logsnr10")
-    with pytest.raises(ValueError, match=r"expected 'quadN'"):
-        parse_timesteps(T, "quadx")

@@ -1,4 +1,4 @@
-"""Issue 12: one enum parser, one message. Every place that turns a user's name into a mode or a
+"""One enum parser, one message. Every place that turns a user's name into a mode or a
 registry entry refuses an unknown one with ``unknown <what> 'x'; choose one of a, b, c``."""
 
 from __future__ import annotations

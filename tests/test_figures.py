@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from stand_ins import LEGIBLE_T as T
 
 from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.evaluate.bpd import format_rate_distortion_table, rate_distortion
 from ddpmkit.figures import (
     interpolation_figure,
     progressive_figure,
+    progressive_labels,
     rate_distortion_figure,
     reconstruction_figure,
     shared_xt_figure,
@@ -76,3 +78,45 @@ def test_rate_distortion_from_the_bound_terms(diffusion, tmp_path) -> None:
     assert "reverse time" in text and len(text.splitlines()) == 12
     path = rate_distortion_figure(rd, tmp_path / "rd.png", size=(400, 300))
     assert Image.open(path).size == (1200, 300)
+
+
+def test_progressive_labels_name_the_chain_timesteps_in_order():
+    from ddpmkit.chains import sample_progressive
+
+    diffusion = DiffusionConfig(num_timesteps=T, beta_start=0.01, beta_end=0.4).build()
+    out = sample_progressive(lambda x, t: torch.zeros_like(x), diffusion, (1, 1, 4, 4),
+                             snapshot_ts=__import__("ddpmkit.respace").respace.space_timesteps(T, 3),
+                             generator=torch.Generator().manual_seed(0))
+    cols, rows = progressive_labels(T, 3)
+    assert cols == [f"t = {int(t)}" for t in out["t"]] and cols[0] == f"t = {T - 1}" and cols[-1] == "t = 0"
+    assert rows == ["x_t", "pred x_0"] and progressive_labels(T, 3, "x0")[1] == ["pred x_0"]
+
+
+def test_figure_labels_match_the_figures_layout():
+    from ddpmkit.chains import sample_progressive
+    from ddpmkit.figures import (
+        interpolation_figure,
+        interpolation_labels,
+        reconstruction_figure,
+        reconstruction_labels,
+        shared_xt_figure,
+        shared_xt_labels,
+    )
+
+    diffusion = DiffusionConfig(num_timesteps=T, beta_start=0.01, beta_end=0.4).build()
+    eps = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images, cols = reconstruction_figure(eps, diffusion, x, [1, 4])
+    labels, rows = reconstruction_labels([1, 4])
+    assert len(labels) == cols and rows == []
+    assert labels == ["data\nx_0", "t = 1\nx_t", "t = 1\ndecoded", "t = 4\nx_t", "t = 4\ndecoded"]
+    images, cols = interpolation_figure(eps, diffusion, x[:1], x[1:], [2, 5], num_lambdas=3)
+    labels, rows = interpolation_labels([2, 5], 3)
+    assert labels == ["source\nx_0", "0", "0.5", "1", "source\nx'_0"] and len(labels) == cols
+    assert rows == ["t = 2", "t = 5"] and len(rows) == images.shape[0] // cols
+    assert interpolation_labels([2], 3, 2)[1] == ["pair 1\nt = 2", "pair 2\nt = 2"]
+    images, cols = shared_xt_figure(eps, diffusion, (1, 1, 4, 4), [1, 5, 3], num_samples=2)
+    labels, rows = shared_xt_labels([1, 5, 3], 2)
+    out = sample_progressive(eps, diffusion, (1, 1, 4, 4), snapshot_ts=[1, 5, 3])
+    assert labels == ["x_t", "x_0 (1)", "x_0 (2)"] and len(labels) == cols
+    assert rows == [f"t = {int(t)}" for t in out["t"]] == ["t = 5", "t = 3", "t = 1"]

@@ -1,4 +1,4 @@
-"""Issue 12: one home for atomic writes. Every file ddpmkit publishes (model folders, config.json,
+"""One home for atomic writes. Every file ddpmkit publishes (model folders, config.json,
 metrics.jsonl's truncation, the diffusers export, images, charts, JSON results) goes through
 ``ddpmkit.fileio.atomic_write``; nothing else in the package renames a temp file into place."""
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from json_inputs import FAST, json_bytes, one_line
 
 import ddpmkit
 from ddpmkit import fileio
@@ -137,7 +139,7 @@ def test_read_json_object_names_the_file(tmp_path):
 
 
 def test_json_files_are_read_only_through_fileio():
-    """Issue 12 point 2: one home for JSON I/O. Outside fileio.py no module parses a file's text
+    """One home for JSON I/O. Outside fileio.py no module parses a file's text
     with json.load / json.loads, or writes one with json.dump (only fileio's atomic writers)."""
     src = Path(ddpmkit.__file__).parent
     offenders = []
@@ -157,7 +159,7 @@ def test_json_files_are_read_only_through_fileio():
     assert not offenders, offenders
 
 
-# ------------------------------------------------------------------------- issue 27.2: lock symlinks
+# ------------------------------------------------------------------------- lock symlinks
 @pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "folder"])
 def test_a_lock_path_that_is_not_a_plain_file_is_refused_and_nothing_is_written(tmp_path, kind):
     import os
@@ -201,7 +203,7 @@ def test_sample_and_resume_refuse_a_lock_symlink(tmp_path, tiny_model_dir, tiny_
     assert victim.read_text() == "keep me\n"
 
 
-# ------------------------------------------------------------------------- issue 27.10: strict JSON
+# ------------------------------------------------------------------------- strict JSON
 def test_deeply_nested_or_huge_json_is_a_value_error_naming_the_file(tmp_path, monkeypatch):
     path = tmp_path / "deep.json"
     path.write_text("[" * 100000)
@@ -221,7 +223,7 @@ def test_deeply_nested_or_huge_json_is_a_value_error_naming_the_file(tmp_path, m
     assert [v for _, v in fileio.read_json_lines(lines)] == [{"step": 1}, None]
 
 
-# ------------------------------------------------------------------------- issue 27.5: a full disk
+# ------------------------------------------------------------------------- a full disk
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 2 MiB filesystem (tmpfs), so that writes fail with ENOSPC; skipped where mounting is not
@@ -254,3 +256,18 @@ def test_a_full_disk_is_one_line_exit_2_and_leaves_no_temporary_files(small_disk
         fileio.atomic_write_bytes(small_disk / "big.bin", b"\0" * (4 * 2**20))
     assert [p.name for p in small_disk.iterdir() if p.name.startswith(".tmp-")] == []
     assert not (small_disk / "big.bin").exists()
+
+
+# ------------------------------------------------------------------------- the JSON reader (config.json)
+@FAST
+@given(data=json_bytes)
+def test_read_json_object_is_a_dict_or_a_one_line_value_error(tmp_path_factory, data):
+    path = tmp_path_factory.getbasetemp() / "config.json"
+    path.write_bytes(data)
+    try:
+        got = fileio.read_json_object(path)
+    except ValueError as e:
+        one_line(e)
+        assert "config.json" in str(e)
+    else:
+        assert isinstance(got, dict)

@@ -24,7 +24,7 @@ def model(tmp_path, tiny_model_dir):
 
 
 def _sample(model, out, *extra):
-    return main(["-q", "sample", str(model), "--n", "2", "--output-dir", str(out), "--gamma-data", "digits",
+    return main(["sample", str(model), "--n", "2", "--output-dir", str(out), "--gamma-data", "digits",
                  "--gamma-samples", "8", *extra])
 
 

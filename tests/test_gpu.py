@@ -184,7 +184,7 @@ def test_a_nonfinite_step_is_skipped_without_touching_weights_or_ema(tmp_path, t
     # Update 2 (0-based) gets a NaN loss: under fp16 the grad scaler finds inf/NaN gradients, skips
     # the optimiser step and halves its scale; the EMA must not average that step either.
     over = overrides(tiny_npz, steps=4, checkpoint_every=1, keep_last=10, precision=precision)
-    from test_train import inject_nonfinite
+    from tiny_runs import inject_nonfinite
 
     with pytest.warns(RuntimeWarning, match="step 3: non-finite"):
         inject_nonfinite(monkeypatch, lambda step: step == 2)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from stand_ins import _dark
 
-from ddpmkit.images import image_grid, save_image, save_image_grid, to_uint8_nhwc
+from ddpmkit.images import image_grid, label_grid, save_image, save_image_grid, to_uint8_nhwc
 
 
 def test_image_grid_layout_and_pixels() -> None:
@@ -67,3 +68,51 @@ def test_grid_rejects_bad_layout(tmp_path) -> None:
         save_image_grid(a, tmp_path / "g.png", scale=0)
     with pytest.raises(ValueError, match="cannot tell the image format"):
         save_image_grid(a, tmp_path / "g.unknown")
+
+
+def test_small_grids_are_upscaled_nearest_neighbour_to_512_px(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
+    path = save_image_grid(a, tmp_path / "g.png", nrow=8, min_width=512)
+    got = np.asarray(Image.open(path))
+    small = np.asarray(image_grid(a, nrow=8))  # 82 x 82
+    s = -(-512 // 82)  # 7: the smallest whole factor reaching 512 px
+    assert got.shape[:2] == (82 * s, 82 * s)
+    assert np.array_equal(got, small.repeat(s, axis=0).repeat(s, axis=1))  # nearest neighbour
+    # already wide enough: left alone
+    big = rng.integers(0, 256, (4, 300, 300, 3), dtype=np.uint8)
+    assert Image.open(save_image_grid(big, tmp_path / "b.png", min_width=512)).width == 2 * 302 + 2
+
+
+def test_labels_sit_over_every_column_and_beside_every_row():
+    tile, pad, cols, rows = 40, 4, 5, 4
+    grid = Image.new("RGB", (cols * (tile + pad) + pad, rows * (tile + pad) + pad), (200, 200, 200))
+    out = np.asarray(label_grid(grid, col_labels=[f"t = {t}" for t in range(cols)],
+                                row_labels=["x_t", "pred x_0"], tile=tile, padding=pad).convert("L"))
+    top = out.shape[0] - grid.height
+    left = out.shape[1] - grid.width
+    assert top > 0 and left > 0
+    for j in range(cols):  # text over each column, in that column's span
+        x0 = left + pad + j * (tile + pad)
+        assert _dark(out[:top, x0:x0 + tile]), j
+    for i in range(rows):  # text beside each row
+        y0 = top + pad + i * (tile + pad)
+        assert _dark(out[y0:y0 + tile, :left]), i
+    assert np.array_equal(out[top:, left:], np.asarray(grid.convert("L")))  # the grid is untouched
+
+
+def test_multiline_labels_and_corner_are_drawn_and_long_labels_shrink_to_fit():
+    tile, pad, cols = 48, 6, 4
+    grid = Image.new("RGB", (cols * (tile + pad) + pad, tile + 2 * pad), (200, 200, 200))
+    one = np.asarray(label_grid(grid, col_labels=["a"] * cols, tile=tile, padding=pad).convert("L"))
+    two = np.asarray(label_grid(grid, col_labels=["a\nb"] * cols, tile=tile, padding=pad).convert("L"))
+    assert two.shape[0] > one.shape[0]  # a taller band for two lines
+    band = two[: two.shape[0] - grid.height]
+    dark_rows = np.flatnonzero((band < 100).any(axis=1))
+    assert dark_rows.size and np.diff(dark_rows).max() > 1  # two separate lines of text
+    long = np.asarray(label_grid(grid, col_labels=["a very long column label"] * cols, corner="lambda",
+                                 tile=tile, padding=pad).convert("L"))
+    top, left = long.shape[0] - grid.height, long.shape[1] - grid.width
+    assert left > 0 and _dark(long[:top, :left])  # the corner text
+    for j in range(1, cols):
+        assert not _dark(long[:top, left + j * (tile + pad) + pad // 2])  # shrunk: the gaps stay clear

@@ -1,4 +1,4 @@
-"""Issue 12 point 4 / DESIGN.md: the import graph is one-way. The math never imports the network and
+"""DESIGN.md: the import graph is one-way. The math never imports the network and
 the network never imports the math; interop maps (state dicts, configs, folders) and imports nothing
 above it; no import cycle between modules (top-level imports) or between units (lazy imports too)."""
 
@@ -90,7 +90,7 @@ def test_no_import_cycle():
 
 
 def test_no_import_cycle_between_modules_lazy_imports_included():
-    """Issue 22: e.g. nn.folder <-> nn.unet, once closed by a lazy import inside a function."""
+    """E.g. nn.folder <-> nn.unet, once closed by a lazy import inside a function."""
     graph = {m: {i for i in imports(m) if not m.startswith(i + ".")} - {"ddpmkit"} for m in MODULES
              if m != "ddpmkit"}
     assert _cycles(graph) == []
@@ -102,7 +102,7 @@ def test_the_checker_sees_an_upward_import_and_a_cycle():
 
 
 def test_the_trainer_is_split_into_short_functions():
-    """Issue 12 point 3: no function of the trainer (train.py, training/) over 60 lines, the loop
+    """No function of the trainer (train.py, training/) over 60 lines, the loop
     (train._loop) at most 100."""
     long = []
     for m, path in MODULES.items():
@@ -118,7 +118,7 @@ def test_the_trainer_is_split_into_short_functions():
 
 
 def test_accel_imports_torch_only():
-    """Issue 22: the speed wrappers know neither the math nor the network."""
+    """The speed wrappers know neither the math nor the network."""
     assert imports("ddpmkit.accel") == set()
     tree = ast.parse(MODULES["ddpmkit.accel"].read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -127,7 +127,7 @@ def test_accel_imports_torch_only():
 
 
 def test_the_samplers_and_chains_call_only_public_methods_of_the_diffusion():
-    """Issue 22 / DESIGN.md point 8: one public API; no ``diffusion._...`` outside ddpmkit.diffusion."""
+    """DESIGN.md point 8: one public API; no ``diffusion._...`` outside ddpmkit.diffusion."""
     private = []
     for m in ("ddpmkit.sampling", "ddpmkit.chains"):
         for node in ast.walk(ast.parse(MODULES[m].read_text())):
@@ -139,7 +139,7 @@ def test_the_samplers_and_chains_call_only_public_methods_of_the_diffusion():
 
 
 def test_the_math_is_split_into_short_functions():
-    """Issue 22: no function of the math modules over 60 lines."""
+    """No function of the math modules over 60 lines."""
     long = []
     for m in ("ddpmkit.diffusion", "ddpmkit.respace", "ddpmkit.sampling", "ddpmkit.chains", "ddpmkit.accel",
               "ddpmkit.seeds"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
-from test_nn import randomize_
+from stand_ins import randomize_
 
 from ddpmkit.diffusion import DiffusionConfig, LossType, MeanType, VarType
 from ddpmkit.models import LoadedModel, load_model, load_unet

@@ -10,42 +10,26 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from stand_ins import diffusers_ddpm_chain
+from stand_ins import (
+    SHAPE,
+    SHAPE4,
+    T_SMALL,
+    ToyEps,
+    beta_range,
+    diffusers_ddpm_chain,
+    diffusion_of,
+    make_diffusion,
+)
 
 from ddpmkit.accel import prepare_model
 from ddpmkit.diffusion import DiffusionConfig, GaussianDiffusion
-from ddpmkit.respace import respace_diffusion, space_timesteps
-from ddpmkit.sampling import ddim_mean_variance, sample, sample_ancestral, sample_ddim
+from ddpmkit.respace import (
+    parse_timesteps,
+    respace_diffusion,
+    space_timesteps,
+)
+from ddpmkit.sampling import ddim_mean_variance, ddim_step, p_sample, sample, sample_ancestral, sample_ddim
 from ddpmkit.seeds import draw_standard_normal, sample_generators, sample_seed
-
-T_SMALL = 20
-SHAPE = (8, 2, 4, 4)
-
-
-def beta_range(T: int) -> tuple[float, float]:
-    """The paper's linear schedule stretched to T steps (x 1000 / T), the end capped at 0.4."""
-    return 1e-4 * 1000 / T, min(0.02 * 1000 / T, 0.4)
-
-
-def make_diffusion(var_type: str = "fixedlarge", T: int = T_SMALL) -> GaussianDiffusion:
-    b0, b1 = beta_range(T)
-    return DiffusionConfig(num_timesteps=T, beta_start=b0, beta_end=b1, var_type=var_type).build()
-
-
-class ToyEps:
-    """A deterministic eps-predictor that treats each sample on its own (elementwise maps and a
-    per-sample mean), so its output for a sample does not depend on the rest of the batch."""
-
-    def __init__(self, T: int) -> None:
-        g = torch.Generator().manual_seed(123)
-        self.a = 0.5 + torch.rand(T, generator=g)
-        self.b = 0.3 * torch.randn(T, generator=g)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = self.a[t].view(-1, *([1] * (x.ndim - 1)))
-        b = self.b[t].view(-1, *([1] * (x.ndim - 1)))
-        return torch.tanh(a * x + b) + 0.1 * x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -322,3 +306,95 @@ def test_prepare_model_default_path_keeps_the_numbers(tiny_unet: torch.nn.Module
     torch.testing.assert_close(fast, ref, atol=0.05, rtol=0.05)
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         prepare_model(tiny_unet, device="cpu", cuda_graphs=True)
+
+
+class ToyXprev:
+    """A nonlinear x_prev model (not an oracle)."""
+
+    def __init__(self, d: GaussianDiffusion) -> None:
+        self.d, self.eps = d, ToyEps(d.num_timesteps, per_sample_mean=False)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x0 = self.d.predict_x0_from_eps(x, t, self.eps(x, t)).clamp(-1, 1)
+        return self.d.q_posterior_mean_variance(x0, x, t)[0]
+
+
+def test_ddim_and_respaced_ddpm_agree_on_x_prev_models() -> None:
+    """DDIM with eta = 1 over kept steps is the respaced chain with sigma^2 = beta-tilde (eq. 7 of
+    the respaced chain): on an x_prev model they agree only if respacing converts its output."""
+    d = diffusion_of(100, "x_prev", "fixedsmall")
+    model = ToyXprev(d)
+    for spec in (12, "ddim20", [0, 40, 41, 99]):
+        a = sample_ancestral(model, d, SHAPE4, timesteps=spec, generator=sample_generators(2, range(4)))
+        b = sample_ddim(model, d, SHAPE4, timesteps=spec, eta=1.0, generator=sample_generators(2, range(4)))
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- single steps
+def test_p_sample_is_algorithm_2_line_4() -> None:
+    d, model = diffusion_of(20), ToyEps(20, per_sample_mean=False)
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(SHAPE4, generator=g), torch.randn(SHAPE4, generator=g)
+    t = torch.tensor([7, 0, 19, 3])
+    out = p_sample(model, d, x, t, noise=z)
+    p = d.p_mean_variance(model, x, t)
+    sigma = torch.exp(0.5 * p["log_variance"]) * (t != 0).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out["sample"], p["mean"] + sigma * z)
+    assert torch.equal(out["sample"][1], p["mean"][1])  # no noise at the paper's t = 1
+    assert torch.equal(p_sample(model, d, x, 5, noise=None)["sample"], d.p_mean_variance(
+        model, x, torch.full((4,), 5))["mean"])
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 19\]"):
+        p_sample(model, d, x, 20, noise=z)
+    with pytest.raises(ValueError, match="noise must have the shape"):
+        p_sample(model, d, x, 3, noise=z[:2])
+
+
+def test_ddim_step_is_eq_12() -> None:
+    d, model = diffusion_of(20), ToyEps(20, per_sample_mean=False)
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(SHAPE4, generator=g), torch.randn(SHAPE4, generator=g)
+    p = d.p_mean_variance(model, x, torch.full((4,), 12))
+    abar, abar_prev = d.alphas_cumprod[12], d.alphas_cumprod[5]
+    sig2 = 0.49 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+    ref = abar_prev.sqrt() * p["pred_x0"] + (1 - abar_prev - sig2).sqrt() * p["pred_eps"] + sig2.sqrt() * z
+    torch.testing.assert_close(ddim_step(model, d, x, 12, 5, eta=0.7, noise=z)["sample"], ref.float())
+    with pytest.raises(ValueError, match="pass noise"):
+        ddim_step(model, d, x, 12, 5, eta=0.7)
+    t_prev_message = r"^t_prev must be an int in \[-1, 11\] \(t - 1; -1 lands on x_0\), got 12$"
+    with pytest.raises(ValueError, match=t_prev_message):
+        ddim_step(model, d, x, 12, 12)
+    mean, _ = ddim_mean_variance(d, x, 12, 5, p["pred_x0"], p["pred_eps"], 0.0)
+    assert torch.equal(ddim_step(model, d, x, 12, 5)["sample"], mean)
+
+
+# ---------------------------------------------------------------------------------- the contract
+@pytest.mark.parametrize("sampler,spec", [("ddpm", None), ("ddpm", "ddim4"), ("ddim", [2, 9, 17])])
+def test_callback_sees_each_step(sampler: str, spec) -> None:
+    d, model = diffusion_of(20), ToyEps(20, per_sample_mean=False)
+    seen = []
+    x_T = torch.randn(SHAPE4, generator=torch.Generator().manual_seed(5))
+    fn = sample_ancestral if sampler == "ddpm" else sample_ddim
+    x0 = fn(model, d, SHAPE4, timesteps=spec, x_T=x_T, generator=sample_generators(0, range(4)),
+            callback=lambda step, t, x_t, pred_x0: seen.append((step, t, x_t, pred_x0)))
+    kept = parse_timesteps(20, spec)
+    assert [(s, t) for s, t, _, _ in seen] == list(enumerate(kept[::-1]))
+    assert torch.equal(seen[0][2], x_T)
+    torch.testing.assert_close(seen[-1][3], x0)  # the last step lands on its pred_x0
+
+
+def test_samplers_validate_once_not_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The t range check (torch.aminmax: a device sync on a GPU) runs at the public boundary only."""
+    d, model = diffusion_of(20), ToyEps(20, per_sample_mean=False)
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sample_ancestral(model, d, SHAPE4, generator=torch.Generator().manual_seed(0))
+    sample_ancestral(model, d, SHAPE4, timesteps=5, generator=torch.Generator().manual_seed(0))
+    sample_ddim(model, d, SHAPE4, timesteps=5, eta=0.5, generator=torch.Generator().manual_seed(0))
+    assert calls == []
+    p_sample(model, d, torch.zeros(SHAPE4), 3, noise=None)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="eta must be a float >= 0"):
+        sample_ddim(model, d, SHAPE4, eta=-1.0)
+    with pytest.raises(ValueError, match="x_T must have shape"):
+        sample_ancestral(model, d, SHAPE4, x_T=torch.zeros(2, 2))

@@ -1,4 +1,4 @@
-"""Issue 12 point 2: every random stream is derived from a user's seed one way (ddpmkit.seeds).
+"""Every random stream is derived from a user's seed one way (ddpmkit.seeds).
 
 The expected seeds are written here with numpy directly, from the formula the module documents
 (SeedSequence([seed, *keys]), first 64-bit word >> 1), and the training streams are pinned to the
@@ -17,9 +17,19 @@ import torch
 import ddpmkit
 from ddpmkit.config import apply_overrides, train_preset
 from ddpmkit.distributed import DistInfo
-from ddpmkit.seeds import Stream, derive_seed, derived_generator, sample_seed, seed_sequence
+from ddpmkit.seeds import (
+    Stream,
+    derive_seed,
+    derived_generator,
+    draw_standard_normal,
+    sample_generators,
+    sample_seed,
+    seed_sequence,
+)
 
 SRC = Path(ddpmkit.__file__).parent
+
+
 DERIVERS = {"derive_seed", "sample_seed"}
 
 
@@ -106,3 +116,30 @@ def test_no_module_derives_a_seed_another_way():
                 if arg is not None and any(isinstance(n, ast.BinOp) for n in ast.walk(arg)):
                     offenders.append(f"{where}:{call.lineno}: {fn} of arithmetic on a seed")
     assert not offenders, offenders
+
+
+def test_draw_is_the_cpu_stream_in_float32_moved_to_the_device():
+    expected = torch.randn((2, 3), generator=torch.Generator().manual_seed(7), dtype=torch.float32)
+    got = draw_standard_normal((2, 3), torch.Generator().manual_seed(7), device=torch.device("cpu"),
+                               dtype=torch.float64)
+    assert got.dtype == torch.float64 and torch.equal(got, expected.double())
+    g = torch.Generator().manual_seed(7)
+    moved = draw_standard_normal((2, 3), g, device=torch.device("meta"), dtype=torch.float32)
+    assert moved.device.type == "meta" and moved.shape == (2, 3)
+    # the numbers were drawn from the CPU stream (which moved on), not on the target device
+    ref = torch.Generator().manual_seed(7)
+    torch.randn((2, 3), generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
+def test_one_noise_helper_for_the_samplers_and_the_losses():
+    """The samplers, the chains and the losses draw with seeds.draw_standard_normal, not a copy."""
+    from ddpmkit import chains, diffusion, sampling
+
+    assert sampling.draw_standard_normal is chains.draw_standard_normal is draw_standard_normal
+    assert diffusion.draw_standard_normal is draw_standard_normal
+    gens = sample_generators(3, range(2))
+    z = draw_standard_normal((2, 3), gens, device=torch.device("cpu"), dtype=torch.float64)
+    for b in range(2):
+        want = torch.randn((3,), generator=sample_generators(3, [b])[0], dtype=torch.float32)
+        assert torch.equal(z[b], want.double())

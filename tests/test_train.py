@@ -4,6 +4,7 @@ SIGTERM (at an epoch boundary and mid-epoch), NaN guard, run directory contents,
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,71 +16,42 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import (
+    Boom,
+    _copy,
+    _resume,
+    _steps,
+    assert_states_equal,
+    cli_args,
+    config,
+    final_state,
+    inject_nonfinite,
+    metric_losses,
+    named,
+    raise_at,
+    tiny_config,
+    tiny_overrides,
+)
 
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.cli import build_parser
 from ddpmkit.cli.train import resolve_config
-from ddpmkit.config import apply_overrides, train_preset
+from ddpmkit.config import (
+    apply_overrides,
+    train_preset,
+)
 from ddpmkit.data import load_digits_uint8
-from ddpmkit.train import EXIT_NONFINITE, batch_indices, epoch_permutation, learning_rate, train
+from ddpmkit.train import (
+    EXIT_NONFINITE,
+    EventKind,
+    TrainEvent,
+    batch_indices,
+    epoch_permutation,
+    learning_rate,
+    train,
+)
 
 NUM_IMAGES = 40  # the tiny data set: the first 40 training digits
-
-
-def tiny_overrides(npz: Path, **extra) -> dict[str, str]:
-    """A one-level ch-32 U-Net with dropout and flips on (both draw random numbers to restore)."""
-    over = {"data": str(npz), "unet.ch": "32", "unet.ch_mult": "1", "unet.num_res_blocks": "1",
-            "unet.attn_resolutions": "", "unet.dropout": "0.1", "random_flip": "true",
-            "diffusion.num_timesteps": "100", "batch_size": "16", "steps": "6", "checkpoint_every": "3",
-            "log_every": "1", "sample_every": "1000", "num_samples": "0", "warmup_steps": "2", "lr": "1e-3"}
-    over.update({k: str(v) for k, v in extra.items()})
-    return over
-
-
-def tiny_config(npz: Path, **extra):
-    return apply_overrides(train_preset("digits"), tiny_overrides(npz, **extra))
-
-
-def inject_nonfinite(monkeypatch, at) -> None:
-    """Make the loss of every 0-based update ``step`` with ``at(step)`` NaN (a test seam: the update
-    step's ``loss`` is wrapped here, production code has no hook)."""
-    from ddpmkit.training.step import UpdateStep
-
-    call, loss, current = UpdateStep.__call__, UpdateStep.loss, [None]
-
-    def call_noting_the_step(self, x0, step):
-        current[0] = step
-        return call(self, x0, step)
-
-    def nonfinite_loss(self, *args, **kwargs):
-        out = loss(self, *args, **kwargs)
-        return out * float("nan") if at(current[0]) else out
-
-    monkeypatch.setattr(UpdateStep, "__call__", call_noting_the_step)
-    monkeypatch.setattr(UpdateStep, "loss", nonfinite_loss)
-
-
-def cli_args(over: dict[str, str]) -> list[str]:
-    return [a for k, v in over.items() for a in ("--set", f"{k}={v}")]
-
-
-def metric_losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in lines]
-    assert steps == sorted(set(steps)), "metrics.jsonl must hold each step once, in order"
-    return {r["step"]: r["loss"] for r in lines}
-
-
-def final_state(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    c = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
-    return {"model": c.tensors["model"], "ema": c.tensors["ema"], "optimizer": c.tensors["optimizer"]}
-
-
-def assert_states_equal(a, b) -> None:
-    for group in ("model", "ema", "optimizer"):
-        assert set(a[group]) == set(b[group])
-        for k in a[group]:
-            assert torch.equal(a[group][k], b[group][k]), f"{group}/{k} differs"
 
 
 # ------------------------------------------------------------------------- pure functions
@@ -322,3 +294,181 @@ def test_training_steps_skip_the_t_range_check_that_public_calls_keep(tmp_path, 
     with pytest.raises(ValueError, match=r"t must lie in \[0, 9\]"):
         d.training_losses(lambda x, t: x, x0, torch.tensor([0, 10]))
     assert calls == [1]
+
+
+# ------------------------------------------------------------------------- learning rate
+def test_lr_used_at_updates_0_1_and_warmup_is_the_authors(tmp_path, noise_npz, rec):
+    """lr * min(1, s / warmup) at 0-based update s (the authors' TF code); written out by hand."""
+    c = config(noise_npz, steps=5, warmup_steps=4, lr=2e-3)
+    train(c, tmp_path, progress=False)
+    assert len(rec.lrs) == 5
+    assert rec.lrs[0] == 0.0 and rec.lrs[1] == pytest.approx(5e-4, rel=1e-12)
+    assert rec.lrs[4] == pytest.approx(2e-3, rel=1e-12)
+    assert rec.lrs == pytest.approx([0.0, 5e-4, 1e-3, 1.5e-3, 2e-3], rel=1e-12)
+
+
+# ------------------------------------------------------------------------- which weights go where
+def test_grid_and_model_folder_hold_the_ema_model_raw_the_raw_weights(tmp_path, noise_npz, rec):
+    """One update, so the EMA is known in closed form (decay w0 + (1 - decay) w1) and differs from
+    w1; a grid mid-run (after step 1) and one at the end; training goes on in train mode."""
+    from safetensors.torch import load_file
+
+    c = config(noise_npz, steps=2, sample_every=1, num_samples=4, ema_decay=0.5, lr=1e-2)
+    result = train(c, tmp_path, progress=False)
+    assert len(rec.sampled) == 2 and all(not training for _, training in rec.sampled)
+    assert rec.train_mode == [True, True]  # the step after the mid-run grid too
+    assert result.model.training
+    final_ema = {k: v.detach() for k, v in result.ema.state_dict().items()}
+    raw = {k: v.detach() for k, v in result.model.state_dict().items()}
+    grid_weights = rec.sampled[-1][0]
+    assert any(not torch.equal(final_ema[k], raw[k]) for k in raw)
+    for k in raw:
+        assert torch.equal(grid_weights[k], final_ema[k]), k
+    folder_ema = load_file(tmp_path / "model" / "model.safetensors")
+    folder_raw = load_file(tmp_path / "model_raw" / "model.safetensors")
+    for k in raw:
+        assert torch.equal(folder_ema[k], final_ema[k].cpu()), k
+        assert torch.equal(folder_raw[k], raw[k].cpu()), k
+    # the EMA in closed form, from the weights the optimizer held (d = 0.5):
+    # grid 1 = d w0 + (1 - d) w1, grid 2 = d grid1 + (1 - d) w2
+    w0, w1 = named(result, rec.w0), named(result, rec.w_before[1])
+    grid1 = rec.sampled[0][0]
+    for k in w0:
+        torch.testing.assert_close(grid1[k].double(), 0.5 * w0[k].double() + 0.5 * w1[k].double(),
+                                   rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(grid_weights[k].double(), 0.5 * grid1[k].double() + 0.5 * raw[k].double(),
+                                   rtol=0, atol=1e-6, msg=k)
+
+
+# ------------------------------------------------------------------------- learning-rate decay
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_lr_decay_after_the_warmup_is_the_closed_form(tmp_path, noise_npz, rec, schedule):
+    lr, lr_min, warmup, steps = 2e-3, 1e-4, 2, 7
+    c = config(noise_npz, steps=steps, warmup_steps=warmup, lr=lr, lr_min=lr_min, lr_schedule=schedule)
+    train(c, tmp_path, progress=False)
+    expected = []
+    for s in range(steps):  # 0-based updates
+        p = (s - warmup) / (steps - warmup)
+        shape = (1 - p) if schedule == "linear" else (1 + math.cos(math.pi * p)) / 2
+        expected.append(lr * s / warmup if s < warmup else lr_min + (lr - lr_min) * shape)
+    assert expected[:3] == pytest.approx([0.0, 1e-3, 2e-3], rel=1e-12)
+    assert rec.lrs == pytest.approx(expected, rel=1e-12)
+    assert rec.lrs[-1] > lr_min  # the last update is one step short of the end
+
+
+def test_constant_lr_after_the_warmup_is_unchanged(tmp_path, noise_npz):
+    c = config(noise_npz, steps=10, warmup_steps=3, lr=2e-3)
+    assert [learning_rate(c, s) for s in range(3, 10)] == [2e-3] * 7
+
+
+# ------------------------------------------------------------------------- callbacks
+def test_callbacks_see_every_update_checkpoint_and_grid(tmp_path, noise_npz):
+    events: list[TrainEvent] = []
+    c = config(noise_npz, steps=4, checkpoint_every=2, sample_every=2, num_samples=1, warmup_steps=2)
+    result = train(c, tmp_path, progress=False, callbacks=[events.append])
+    seen = [(e.kind, e.step) for e in events]
+    U, C, G = EventKind.UPDATE, EventKind.CHECKPOINT, EventKind.GRID
+    assert seen == [(U, 1), (U, 2), (C, 2), (G, 2), (U, 3), (U, 4), (C, 4), (G, 4)]
+    updates = [e for e in events if e.kind is U]
+    assert [e.loss for e in updates] == [result.losses[s] for s in (1, 2, 3, 4)]
+    assert [e.lr for e in updates] == [learning_rate(c, s) for s in range(4)]
+    assert events[2].path == tmp_path / "checkpoints" / "step-000000002" and events[2].path.is_dir()
+    assert events[3].path == tmp_path / "samples" / "step-000000002.png" and events[3].path.is_file()
+    assert all(e.run_dir == tmp_path and e.model is result.model and e.ema is result.ema for e in events)
+
+
+FEATURES = {
+    "grad_accum": {"grad_accum": "2"},
+    "cosine_lr": {"lr_schedule": "cosine", "lr_min": "1e-5"},
+    "ema_warmup": {"ema_warmup": "true", "ema_power": "0.75"},
+    "all": {"grad_accum": "4", "lr_schedule": "linear", "ema_warmup": "true", "logger": "tensorboard"},
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_a_raising_callback_stops_the_run_and_resume_is_bit_identical(tmp_path, feature):
+    """The run stopped by a callback at update 4 resumes from its step-3 checkpoint and ends with the
+    straight run's weights, EMA, optimizer state and losses, bit for bit (dropout and flips on)."""
+    if FEATURES[feature].get("logger") == "tensorboard":
+        pytest.importorskip("tensorboard")
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, load_digits_uint8("train")[0][:40])
+    c = tiny_config(npz, steps=6, checkpoint_every=3, **FEATURES[feature])
+    straight = train(c, tmp_path / "straight", progress=False)
+    with pytest.raises(Boom, match="stop at 4"):
+        train(c, tmp_path / "cut", progress=False, callbacks=[raise_at(4)])
+    assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step-000000003"
+    resumed = train(c, tmp_path / "cut", resume="auto", progress=False)  # the lock was released
+    assert resumed.exit_code == 0 and sorted(resumed.losses) == [4, 5, 6]
+    assert all(resumed.losses[s] == straight.losses[s] for s in resumed.losses)
+    assert metric_losses(tmp_path / "cut") == metric_losses(tmp_path / "straight")
+    assert_states_equal(final_state(tmp_path / "cut"), final_state(tmp_path / "straight"))
+
+
+# ------------------------------------------------------------------------- 3, 10: one lock per run dir
+_HOLDER = """
+import sys, time
+from ddpmkit.fileio import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_trainer_on_a_live_run_dir_is_refused_and_a_dead_holders_lock_is_stale(tmp_path, tiny_npz):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        c = tiny_config(tiny_npz, steps=2)
+        with pytest.raises(ValueError, match=f"in use by .*{holder.pid}@{socket.gethostname()}"):
+            train(c, run, resume="auto", progress=False)
+        assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert (run / ".lock").read_text().startswith(f"{holder.pid}@")  # left behind by kill -9: stale
+    assert train(c, run, resume="auto", progress=False).exit_code == 0
+
+
+def test_an_unwritable_run_dir_is_a_one_line_error_before_any_work(tmp_path, tiny_npz, monkeypatch):
+    import ddpmkit.train as train_module
+
+    blocker = tmp_path / "a-file"  # a folder below a file cannot be created, not even by root
+    blocker.write_text("")
+    monkeypatch.setattr(train_module, "_build_run", None)  # building the run (data, model) must not start
+    with pytest.raises(ValueError, match="cannot write to .*a-file/run"):
+        train(tiny_config(tiny_npz, steps=2), blocker / "run", progress=False)
+
+
+def test_steps_below_the_checkpoint_says_there_is_nothing_to_train(tmp_path, tiny_npz, finished_run,
+                                                                   capsys):
+    run = _copy(finished_run, tmp_path)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    result, _ = _resume(run, tiny_npz, steps=2)
+    out = capsys.readouterr().out
+    assert "the checkpoint is at step 4, past --steps 2: nothing to train" in out
+    assert result.exit_code == 0 and result.step == 4
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert {k: v for k, v in after.items() if k.name != "config.json"} == \
+        {k: v for k, v in before.items() if k.name != "config.json"}  # weights, checkpoints untouched
+
+
+def test_a_deeply_nested_manifest_or_metrics_line_is_torn(tmp_path, tiny_npz, finished_run):
+    run = _copy(finished_run, tmp_path)
+    (run / "checkpoints" / "step-000000004" / "manifest.json").write_text("[" * 100000)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("[" * 100000 + "\n")
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("step-000000004/manifest.json" in w for w in warned), warned
+    assert any("metrics.jsonl line 5" in w for w in warned), warned
+    assert _steps(run) == [1, 2, 3, 4]

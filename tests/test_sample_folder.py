@@ -1,5 +1,5 @@
-"""Issue 17 for `ddpm sample`: a rerun into a folder compares the model, redoes torn PNGs, holds
-a lock, and an unwritable folder is a one-line error."""
+"""The sample folder (`ddpm sample`): its grid legible, a rerun compares the model, torn PNGs redone,
+a folder in use refused."""
 
 from __future__ import annotations
 
@@ -11,9 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddpmkit.cli import main
 from ddpmkit.diffusion import DiffusionConfig
+
+
+def test_sample_grid_is_legible_and_batch_size_chosen(model_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sample", str(model_dir), "--n", "5", "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "batch 5;" in text and text.splitlines()[-2].endswith("images/s")
+    assert Image.open(out / "grid.png").width >= 512
 
 
 def _tiny_model(path: Path, seed: int) -> Path:

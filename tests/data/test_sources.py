@@ -15,11 +15,15 @@ import struct
 import tarfile
 import urllib.error
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from json_inputs import FAST, one_line
 from PIL import Image
 
 from ddpmkit.cli import main
@@ -29,6 +33,7 @@ from ddpmkit.data import (
     from_uint8_nhwc,
     inspect_source,
     load_digits_uint8,
+    load_npz_uint8,
     open_source,
     random_horizontal_flip,
     verify_source,
@@ -37,10 +42,6 @@ from ddpmkit.data import cifar as cifar_mod
 from ddpmkit.images import to_uint8_nhwc
 
 NOT_ACCEPTED = "not an image of an accepted type (PNG, JPEG, BMP, GIF, WEBP, TIFF)"
-
-
-# ------------------------------------------------------------------------------------------------
-# pixel conversions and flips
 
 
 def test_uint8_round_trip_is_exact_for_every_value():
@@ -72,10 +73,6 @@ def test_random_horizontal_flip_draws_b_uniforms_from_the_generator():
     for i in range(64):
         assert torch.equal(y[i], x[i].flip(-1) if flips[i] else x[i])
     assert torch.equal(random_horizontal_flip(x, generator=torch.Generator().manual_seed(7)), y)
-
-
-# ------------------------------------------------------------------------------------------------
-# digits
 
 
 def test_digits_scaled_split_and_deterministic():
@@ -125,10 +122,6 @@ def test_bad_arguments_are_value_errors():
         open_source("digits", resolution=8, channels=4)
     with pytest.raises(IndexError):
         open_source("digits", resolution=8, channels=1, split="test")[360]
-
-
-# ------------------------------------------------------------------------------------------------
-# image folders
 
 
 def _save(path, array, fmt=None):
@@ -285,10 +278,6 @@ def test_sixteen_bit_palette_and_alpha_images(tmp_path):
     expect = np.array([[10, 20, 30], [200, 100, 50]] * 32, np.uint8).reshape(8, 8, 3)
     np.testing.assert_array_equal(u8[1], expect)
     np.testing.assert_array_equal(u8[2], np.full((8, 8, 3), 77, np.uint8))  # alpha dropped
-
-
-# ------------------------------------------------------------------------------------------------
-# CIFAR-10
 
 
 def _pickle_str(b: bytes) -> bytes:
@@ -477,10 +466,6 @@ def test_cifar_download_checks_md5_and_never_leaves_partial_files(tmp_path, monk
         cifar_mod.find_cifar10(tmp_path / "other", download=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# .npz
-
-
 def test_npz_sources(tmp_path):
     images = np.random.default_rng(4).integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
     np.savez(tmp_path / "a.npz", images, np.arange(5))  # arr_0 and arr_1
@@ -520,10 +505,6 @@ def test_npz_unusable_files(tmp_path):
     np.savez(tmp_path / "ok.npz", np.zeros((1, 2, 2, 3), np.uint8))
     with pytest.raises(ValueError, match="has no test split"):
         open_source(tmp_path / "ok.npz", resolution=2, channels=3, split="test")
-
-
-# ------------------------------------------------------------------------------------------------
-# ddpm data verify
 
 
 def test_cli_data_verify_end_to_end(image_folder, tmp_path, capsys):
@@ -570,7 +551,7 @@ def test_data_root_default_and_override(monkeypatch, tmp_path):
     assert cifar_mod.data_root() == tmp_path
 
 
-# ------------------------------------------------------------------------- issue 27.7: bombs and FIFOs
+# ------------------------------------------------------------------------- bombs and FIFOs
 def _png_header_only(width: int, height: int) -> bytes:
     """A 1-bit grayscale PNG claiming ``width`` x ``height`` pixels, its data a few bytes."""
     import zlib
@@ -646,7 +627,7 @@ def test_train_on_a_folder_with_a_bomb_and_a_fifo(bad_folder, no_hang, tmp_path,
         assert rc == 2 and err.count("\n") == 1 and "are unreadable" in err, err
 
 
-# ------------------------------------------------------------------------- issue 27.13: npz edge cases
+# ------------------------------------------------------------------------- npz edge cases
 def _npz_claiming(path, shape, dtype="|u1", data=b"\0" * 64):
     """An .npz whose arr_0.npy header claims ``shape`` and ``dtype`` over ``data``."""
     import zipfile
@@ -686,3 +667,44 @@ def test_an_npz_input_is_checked_before_allocating(tmp_path, case, capsys, no_ha
         load_samples(path)
     assert main(["eval", "digits", str(path), "--out", str(tmp_path / "d.json")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------- npz inputs
+def _npz(header: dict, data: bytes, name: str = "arr_0.npy") -> bytes:
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, header)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr(name, member.getvalue() + data)
+    return out.getvalue()
+
+
+shapes = st.lists(st.integers(0, 10**12) | st.integers(0, 4), min_size=0, max_size=5).map(tuple)
+
+
+npz_files = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda shape, descr, data, name: _npz({"descr": descr, "fortran_order": False, "shape": shape},
+                                                    data, name),
+              shapes, st.sampled_from(["|u1", "<f4", "|b1", "<i8", "|O"]), st.binary(max_size=200),
+              st.sampled_from(["arr_0.npy", "x.npy", "arr_0"])),
+    st.builds(lambda n, c: _npz({"descr": "|u1", "fortran_order": False, "shape": (n, 2, 2, c)},
+                                b"\7" * (n * 4 * c)), st.integers(0, 3), st.sampled_from([1, 2, 3])),
+    st.builds(lambda n, h, c, data: _npz({"descr": "|u1", "fortran_order": False, "shape": (n, h, h, c)},
+                                         data),
+              st.integers(1, 10**13), st.integers(1, 8), st.sampled_from([1, 3]), st.binary(max_size=300)),
+)
+
+
+@FAST
+@given(data=npz_files)
+def test_an_npz_gives_images_or_a_one_line_value_error(tmp_path_factory, data):
+    path = tmp_path_factory.getbasetemp() / "x.npz"
+    path.write_bytes(data)
+    try:
+        a = load_npz_uint8(path)
+    except ValueError as e:
+        one_line(e)
+        assert str(e).startswith(str(path))
+    else:
+        assert a.dtype == np.uint8 and a.ndim == 4 and a.shape[0] > 0 and a.shape[-1] in (1, 3)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpmkit.data.convert import from_uint8_nhwc, horizontal_flip_where, quantize_uint8
+from ddpmkit.data.convert import horizontal_flip_where, quantize_uint8
 from ddpmkit.images import to_uint8_nhwc
 
 
@@ -91,15 +91,6 @@ def _trainer_grid_pixels(tmp_path, monkeypatch, x: torch.Tensor) -> np.ndarray:
         "num_samples": "4", "sample_every": "1000"})
     train(c, tmp_path / "run", progress=False)
     return got["u8"]
-
-
-def test_from_uint8_is_the_digits_metrics_input():
-    from ddpmkit.evaluate.digits_metric import _to_input
-
-    a = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1)
-    expected = torch.tensor([float(Fraction(int(v), 1) / Fraction(255, 2) - 1) for v in range(256)])
-    torch.testing.assert_close(_to_input(a).flatten(), expected, rtol=0, atol=1e-7)
-    assert torch.equal(_to_input(a), from_uint8_nhwc(a))
 
 
 def test_horizontal_flip_where_mirrors_the_width_axis_of_the_masked_images_only():

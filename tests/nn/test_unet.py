@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
+from stand_ins import randomize_
+from unet_reference import ATOL, RTOL, _randomise_, ref_unet
 
 from ddpmkit.nn import UNET_PRESETS, UNet, UNetConfig
 from ddpmkit.nn.layers import AttnBlock, Downsample, ResBlock, Upsample, timestep_embedding
@@ -17,31 +19,6 @@ TINY = UNetConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_r
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random, so that zero or near-zero inits cannot hide a wiring mistake: conv and
-    dense weights U(-a, a) at the fan_avg scale (activations stay O(1)), biases N(0, 0.1), GroupNorm
-    scales 1 + N(0, 0.2) and shifts N(0, 0.2). Works on ours and on diffusers' UNet2DModel alike."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(shape, std):
-        return torch.randn(shape, generator=g) * std
-
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-                receptive = m.weight[0, 0].numel()
-                a = math.sqrt(6 / (m.weight.shape[1] * receptive + m.weight.shape[0] * receptive))
-                m.weight.copy_((torch.rand(m.weight.shape, generator=g) * 2 - 1) * a)
-                m.bias.copy_(rand(m.bias.shape, 0.1))
-            elif isinstance(m, torch.nn.GroupNorm):
-                m.weight.copy_(1 + rand(m.weight.shape, 0.2))
-                m.bias.copy_(rand(m.bias.shape, 0.2))
-    return module
-
-
-# --- sizes ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -86,9 +63,6 @@ def test_learned_variance_doubles_the_output_channels():
     unet = UNet(config=TINY.replace(learned_variance=True))
     assert unet(torch.randn(2, 3, 16, 16), torch.tensor([3, 7])).shape == (2, 6, 16, 16)
     assert unet.conv_out.out_channels == 6
-
-
-# --- layers against explicit formulas ------------------------------------------------------------
 
 
 def test_timestep_embedding_is_the_papers_sinusoid():
@@ -170,9 +144,6 @@ def test_resblock_matches_the_papers_equations(in_ch, out_ch):
     torch.testing.assert_close(block(x, temb), skip + h, rtol=1e-4, atol=1e-5)
 
 
-# --- init ----------------------------------------------------------------------------------------
-
-
 def _fan_avg_limit(weight: torch.Tensor) -> float:
     receptive = weight[0, 0].numel() if weight.ndim == 4 else 1
     fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
@@ -201,9 +172,6 @@ def test_init_is_variance_scaling_fan_avg_uniform_with_near_zero_last_layers():
     assert checked["normal"] > 20
     y = unet(torch.randn(2, 3, 16, 16), torch.tensor([1, 500]))
     assert float(y.detach().abs().max()) < 1e-3  # the output conv starts near zero
-
-
-# --- the whole network ---------------------------------------------------------------------------
 
 
 def test_every_parameter_gets_a_gradient():
@@ -259,9 +227,6 @@ def test_other_image_sizes_divisible_by_the_downsampling_work():
 def test_bad_inputs_are_refused(x_shape, t, match):
     with pytest.raises(ValueError, match=match):
         UNet(config=TINY)(torch.randn(x_shape), t)
-
-
-# --- config --------------------------------------------------------------------------------------
 
 
 def test_config_round_trips_through_a_dict_and_is_frozen():
@@ -321,3 +286,79 @@ def test_the_network_never_imports_the_math():
                     path,
                     name,
                 )
+
+
+@pytest.fixture(scope="module")
+def small_unet() -> UNet:
+    # two levels (16 and 8 px), attention at 8 px, a channel change (1x1 shortcuts), no dropout
+    torch.manual_seed(0)
+    net = UNet.from_preset(
+        "cifar10", resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0
+    )
+    return _randomise_(net).eval()
+
+
+def _inputs(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 16, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+
+
+# ----------------------------------------------------------------------------- the checks
+def test_reference_output_is_not_trivial(small_unet):
+    x, t = _inputs(3)
+    with torch.no_grad():
+        ref = ref_unet(small_unet, x, t)
+    assert ref.abs().max() > 0.05  # the comparisons below are not between two near-zero tensors
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_unet_matches_reference_in_every_mode_and_layout(small_unet, mode, layout):
+    x, t = _inputs(3)
+    with torch.no_grad():
+        ref = ref_unet(small_unet, x, t)
+    xin = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.clone()
+    before = xin.clone()
+    ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    with ctx():
+        out = small_unet(xin, t)
+    torch.testing.assert_close(out.detach(), ref, atol=ATOL, rtol=RTOL)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)  # the output comes back in the input's layout
+    torch.testing.assert_close(xin, before, atol=0, rtol=0)  # the in-place ops never touch the input
+
+
+def test_channels_last_model_weights_give_the_same_numbers(small_unet):
+    x, t = _inputs(2)
+    cl = UNet(config=small_unet.config)
+    cl.load_state_dict(small_unet.state_dict())
+    cl = cl.to(memory_format=torch.channels_last).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(cl(x, t), small_unet(x, t), atol=ATOL, rtol=RTOL)
+
+
+def test_batch_of_one_equals_its_row_in_a_batch_of_three(small_unet):
+    x, t = _inputs(3)
+    with torch.inference_mode():
+        full = small_unet(x, t)
+        rows = torch.cat([small_unet(x[i : i + 1], t[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(rows, full, atol=ATOL, rtol=RTOL)
+
+
+def test_gradients_through_the_in_place_adds_equal_the_reference(small_unet):
+    """The in-place adds keep autograd exact: every parameter's gradient of a loss matches the
+    gradient through the out-of-place reference composition."""
+    x, t = _inputs(2)
+    target = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    net = small_unet.train()
+    try:
+        net.zero_grad(set_to_none=True)
+        F.mse_loss(net(x, t), target).backward()
+        fast = {n: p.grad.clone() for n, p in net.named_parameters()}
+        net.zero_grad(set_to_none=True)
+        F.mse_loss(ref_unet(net, x, t), target).backward()
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(fast[name], p.grad, atol=ATOL, rtol=1e-4, msg=name)
+    finally:
+        net.zero_grad(set_to_none=True)
+        net.eval()

@@ -8,15 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from stand_ins import TINY_T
 
+from ddpmkit.chains import interpolate
 from ddpmkit.cli import main
-
-T = TINY_T
-
+from ddpmkit.sampling import sample
+from ddpmkit.seeds import sample_generators
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+T = TINY_T
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +154,7 @@ def test_sample_refuses_to_mix_settings_in_one_folder(model_dir, tmp_path, capsy
     "kind,extra,size",
     [
         # default scale: the smallest reaching 512 px wide (and tiles >= 64 px), ceil(512 / 32) = 16;
-        # tiles 8 px + 2 px padding; the labels: tests/test_legible.py
+        # tiles 8 px + 2 px padding; the labels: tests/test_images.py
         ("shared-xt", ["--n", "2", "--t", "1,7"], (16 * (3 * 10 + 2), 16 * (2 * 10 + 2))),
         ("reconstruct", ["--data", "digits", "--n", "2", "--t", "3,7", "--scale", "1"],
          (5 * 10 + 2, 2 * 10 + 2)),
@@ -186,3 +190,89 @@ def test_figure_bad_input_exit_2(model_dir, tmp_path, capsys) -> None:
     assert main(["figure", "rate-distortion", str(model_dir), "--data", str(tmp_path / "nope.npz")]) == 2
     assert main(["figure"]) == 2
     assert "expected a figure KIND" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value", [("resolution", 100000), ("num_timesteps", 10**9)])
+def test_sample_refuses_a_model_config_that_cannot_fit(tmp_path, capsys, key, value):
+    from ddpmkit.cli import main
+    from ddpmkit.diffusion import DiffusionConfig
+    from ddpmkit.nn import UNet, UNetConfig
+
+    net = UNet(config=UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,),
+                                 num_res_blocks=1, attn_resolutions=()))
+    net.save(tmp_path / "m", diffusion=DiffusionConfig(num_timesteps=10, beta_start=0.01, beta_end=0.4))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (cfg["diffusion"] if key == "num_timesteps" else cfg["unet"] if "unet" in cfg else cfg)[key] = value
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert main(["sample", str(tmp_path / "m"), "--n", "1", "--output-dir", str(tmp_path / "s"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GiB" in err, err
+
+
+def _npz(folder: Path) -> np.ndarray:
+    (path,) = folder.glob("samples_*.npz")
+    with np.load(path) as f:
+        return f["arr_0"]
+
+
+@pytest.mark.parametrize("spec,kept,sampler", [
+    ("ddim4", [0, 2, 4, 6], "ddpm"), ("3,2", [0, 2, 3, 4, 7], "ddim"), ("list:7,0,3", [0, 3, 7], "ddpm"),
+])
+def test_sample_timesteps_option(model_dir, tmp_path, spec, kept, sampler) -> None:
+    from ddpmkit.models import load_model
+
+    out = tmp_path / "s"
+    assert main(["sample", str(model_dir), "--n", "3", "--output-dir", str(out), "--timesteps", spec,
+                 "--sampler", sampler, "--seed", "2", "--device", "cpu"]) == 0
+    settings = json.loads((out / "sampling.json").read_text())
+    assert settings["timesteps"] == kept and settings["steps"] == len(kept)
+    loaded = load_model(str(model_dir))
+    with torch.inference_mode():
+        x0 = sample(loaded.unet.eval(), loaded.diffusion.build(), (3, 1, 8, 8), sampler=sampler,
+                    timesteps=kept, generator=sample_generators(2, range(3)))
+    ref = ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(_npz(out).astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_sample_timesteps_errors_exit_2(model_dir, tmp_path, capsys) -> None:
+    base = ["sample", str(model_dir), "--n", "1", "--output-dir", str(tmp_path / "s")]
+    assert main([*base, "--steps", "4", "--timesteps", "ddim4"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*base, "--timesteps", "ddim7"]) == 2
+    assert "no integer stride" in capsys.readouterr().err
+    assert main([*base, "--timesteps", "list:0,9"]) == 2
+    assert "distinct ints in [0, 7]" in capsys.readouterr().err
+
+
+def test_interpolation_figure_with_ddim_encoding(model_dir, tmp_path) -> None:
+    out = tmp_path / "i.png"
+    args = ["figure", "interpolate", str(model_dir), "--data", "digits", "--n", "1", "--t", "5",
+            "--lambdas", "3", "--scale", "1", "--encode", "ddim", "--timesteps", "list:0,2",
+            "--out", str(out)]
+    assert main(args) == 0
+    im = Image.open(out).convert("L")  # the 52 x 12 grid, bottom right, under the label bands
+    (W, H), (w, h) = im.size, (5 * 10 + 2, 10 + 2)
+    assert W >= w and H > h and im.getpixel((W - w, H - h)) == 0 and im.getpixel((W - 1, H - h - 1)) == 255
+    assert main([*args[:-6], "--timesteps", "ddim4"]) == 2  # --timesteps needs --encode ddim
+
+
+def test_ddim_interpolation_endpoints_reconstruct_through_inversion(model_dir) -> None:
+    """lambda = 0 and 1 decode ddim_invert(x0_a) and ddim_invert(x0_b): with all steps kept up to t
+    these are the round trips; the middle mixes them."""
+    from ddpmkit.chains import ddim_invert
+    from ddpmkit.models import load_model
+    from ddpmkit.sampling import sample_ddim
+
+    loaded = load_model(str(model_dir))
+    net, d = loaded.unet.eval(), loaded.diffusion.build()
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(2, 1, 8, 8, generator=g) * 2 - 1 for _ in range(2))
+    with torch.inference_mode():
+        mix = interpolate(net, d, a, b, 5, [0.0, 0.5, 1.0], encoder="ddim")
+        x_t = ddim_invert(net, d, a, list(range(6)), clip_denoised=True)
+        ref_a = sample_ddim(net, d, a.shape, timesteps=list(range(6)), x_T=x_t)
+    torch.testing.assert_close(mix[:, 0], ref_a, atol=1e-5, rtol=0)
+    assert (mix[:, 1] - mix[:, 0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="unknown encoder 'x'"):
+        interpolate(net, d, a, b, 5, [0.5], encoder="x")

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 import scipy.stats
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from json_inputs import FAST, _paths, _replaced, json_bytes, json_values, one_line
 
 from ddpmkit.data import load_digits_uint8
 from ddpmkit.diffusion import DiffusionConfig, VarType
-from ddpmkit.evaluate.bpd import evaluate_bpd, rate_distortion_table
+from ddpmkit.evaluate.bpd import _record_problem, evaluate_bpd, rate_distortion_table, summarize
 
 LN2 = math.log(2.0)
 
@@ -209,7 +213,7 @@ def test_the_partial_header_holds_the_weights_and_data_hashes(tmp_path):
 _BPD_HOLDER = """
 import sys, time, torch
 sys.path[:0] = sys.argv[2:]
-from test_evaluate_bpd import _TinyModel, _Tensors, _digits
+from test_bpd import _TinyModel, _Tensors, _digits
 from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.evaluate.bpd import evaluate_bpd
 model = _TinyModel().eval()
@@ -223,7 +227,7 @@ evaluate_bpd(model, DiffusionConfig(num_timesteps=5).build(), _Tensors(_digits(4
 
 
 def test_a_second_evaluation_into_the_same_partial_file_is_refused(tmp_path):
-    """Issue 27.3: two `ddpm eval bpd` into one --out would interleave their batches."""
+    """Two `ddpm eval bpd` into one --out would interleave their batches."""
     import os
     import subprocess
     import sys
@@ -245,3 +249,127 @@ def test_a_second_evaluation_into_the_same_partial_file_is_refused(tmp_path):
     assert os.path.exists(part)
     assert evaluate_bpd(_TinyModel().eval(), DiffusionConfig(num_timesteps=5).build(), _Tensors(_digits(4)),
                         batch_size=2, partial_path=part)["num_examples"] == 4  # a dead holder's lock is stale
+
+
+# ------------------------------------------------------------------------- bits/dim partial files
+class _Zero(torch.nn.Module):
+    def forward(self, x, t):
+        return torch.zeros_like(x)
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+    """A finished 3-batch bits/dim partial file of 5 tiny examples, and how it was made."""
+    from ddpmkit.diffusion import DiffusionConfig
+
+    path = tmp_path_factory.mktemp("bpd") / "p.jsonl"
+    x = torch.linspace(-1, 1, 5 * 4).reshape(5, 1, 2, 2)
+    d = DiffusionConfig(num_timesteps=3).build()
+
+    def run_it():
+        return evaluate_bpd(_Zero(), d, list(x), batch_size=2, partial_path=path)
+    return path, run_it, run_it()
+
+
+@FAST
+@given(data=st.data())
+def test_a_bits_dim_partial_file_is_continued_redone_or_refused(partial, data):
+    path, run_it, full = partial
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    k = data.draw(st.integers(0, len(lines) - 1))
+    where = data.draw(st.sampled_from(sorted(_paths(lines[k]), key=str)))
+    edited = [*lines[:k], _replaced(lines[k], where, data.draw(json_values)), *lines[k + 1:]]
+    text = [json.dumps(x).encode() for x in edited]
+    if data.draw(st.booleans()):
+        text[k] = data.draw(json_bytes).replace(b"\n", b" ")
+    path.write_bytes(b"\n".join(text) + b"\n")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = run_it()
+    except ValueError as e:  # the header changed: the existing refusal
+        one_line(e)
+        assert k == 0 and "other settings" in str(e)
+    else:  # a record that fails the check is redone; one that passes it is used as it stands
+        records = [json.loads(x) for x in path.read_text().splitlines()[1:]]
+        assert [_record_problem(r, b, got["settings"]) for b, r in enumerate(records)] == [None] * 3
+        assert {k: v for k, v in got.items() if k not in ("seconds", "settings")} == summarize(
+            records, num_timesteps=3)
+    finally:
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_evaluate_bpd_seeds_a_cpu_generator_for_a_batch_on_any_device(monkeypatch):
+    from ddpmkit.evaluate import bpd
+
+    got = {}
+
+    class Stub:
+        num_timesteps = 3
+
+        def calc_bpd_loop(self, model, x0, *, generator, **kw):
+            got["generator"] = generator
+            z = torch.zeros(x0.shape[0])
+            return {"total_bpd": z, "prior_bpd": z, "vb": torch.zeros(x0.shape[0], 3),
+                    "x0_mse": torch.zeros(x0.shape[0], 3)}
+
+    x0 = torch.zeros(2, 1, 4, 4, device="meta")
+    bpd._run_batch(None, Stub(), x0, seed=5, batch=2, clip_denoised=True, t_chunk=None)
+    g = got["generator"]
+    # ddpmkit.seeds' documented hash of (seed, Stream.BPD_BATCH = 4, batch), written out with numpy
+    expected = int(np.random.SeedSequence([5, 4, 2]).generate_state(1, dtype=np.uint64)[0]) >> 1
+    assert g.device.type == "cpu" and g.initial_seed() == expected
+
+
+VB = [0.5, 1.0, 2.0, 3.0]  # L_0 (decoder), L_1, L_2, L_3 in bits/dim
+
+
+PRIOR = 0.25  # L_T
+
+
+RATE = [6.25, 5.25, 3.25, 0.25]  # L_T + sum_{s > i} L_s, by hand
+
+
+DIST = [1.0, 2.0, 3.0, 4.0]  # 127.5 sqrt(x0_mse)
+
+
+X0_MSE = [(d / 127.5) ** 2 for d in DIST]
+
+
+ROWS = [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]  # max(1, round(T (10 - i) / 10)) for T = 4, i = 0..9
+
+
+def test_rate_distortion_by_t_by_hand():
+    from ddpmkit.evaluate.bpd import rate_distortion_by_t
+
+    rate, dist = rate_distortion_by_t(np.array(VB), np.array(X0_MSE), PRIOR)
+    np.testing.assert_allclose(rate, RATE, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(dist, DIST, rtol=1e-12)
+
+
+def test_eval_bpd_summary_and_figure_agree_with_the_hand_written_values():
+    from ddpmkit.evaluate.bpd import rate_distortion, rate_distortion_table, summarize
+
+    s = summarize([{"total_bpd": [sum(VB) + PRIOR] * 2, "prior_bpd": [PRIOR] * 2,
+                    "vb_sum": [2 * v for v in VB], "x0_mse_sum": [2 * m for m in X0_MSE]}], num_timesteps=4)
+    assert s["by_t"]["rate"] == pytest.approx(RATE) and s["by_t"]["distortion"] == pytest.approx(DIST)
+    assert s["rate_bpd"] == pytest.approx(6.25) and s["distortion_rmse"] == pytest.approx(1.0)
+    assert [k for k, _, _ in rate_distortion_table(s)] == ROWS
+
+    class Stub:  # a diffusion whose bound terms are the example's, for 2 images
+        def calc_bpd_loop(self, model, x0, **kw):
+            rep = lambda v: torch.tensor([v, v], dtype=torch.float64)  # noqa: E731
+            return {"vb": rep(VB), "x0_mse": rep(X0_MSE), "prior_bpd": torch.full((2,), PRIOR),
+                    "total_bpd": torch.full((2,), sum(VB) + PRIOR)}
+
+    rd = rate_distortion(None, Stub(), torch.zeros(2, 1, 2, 2))
+    assert rd["rate"] == pytest.approx(RATE) and rd["distortion_rmse"] == pytest.approx(DIST)
+    assert [row["reverse_time"] for row in rd["table"]] == ROWS
+    assert [row["rate_bpd"] for row in rd["table"]] == pytest.approx([RATE[4 - k] for k in ROWS])
+
+
+def test_table4_rows_are_the_papers_reverse_times_and_stay_in_range_for_small_T():
+    from ddpmkit.evaluate.bpd import table4_reverse_times
+
+    assert table4_reverse_times(1000) == [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100]  # Table 4
+    assert table4_reverse_times(4) == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]  # round half even, at least 1

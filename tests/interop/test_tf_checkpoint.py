@@ -28,7 +28,7 @@ from ddpmkit.interop.tf_checkpoint import (
     read_tf_unet_variables,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "tf_small"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "tf_small"
 
 # --------------------------------------------------------------------------- a test-side writer
 # A minimal TF V2 bundle writer, written from the format description rather than from the reader:

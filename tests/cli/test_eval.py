@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from ddpmkit.analytic import reverse_chain
 from ddpmkit.cli import main
 from ddpmkit.data import load_digits_uint8, open_source
 from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.evaluate.bpd import evaluate_bpd
+from ddpmkit.models import load_model
 from ddpmkit.nn import UNet, UNetConfig
+from ddpmkit.respace import parse_timesteps
 
 TINY = UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1,
                   attn_resolutions=())
+
+
 DIFF = DiffusionConfig(num_timesteps=10, beta_end=0.3)
 
 
@@ -144,7 +150,7 @@ def test_report_card(tmp_path, tiny_model, capsys):
 
 
 def test_eval_bpd_of_a_retrained_model_is_not_the_stale_number(tmp_path, capsys):
-    """Issue 27.1: `ddpm train --resume auto` changes RUN/model; eval bpd into the same --out must not
+    """`ddpm train --resume auto` changes RUN/model; eval bpd into the same --out must not
     print the old number from the partial file (its header names the weights' SHA-256)."""
     from ddpmkit.nn.folder import weights_sha256
 
@@ -168,3 +174,43 @@ def test_eval_bpd_of_a_retrained_model_is_not_the_stale_number(tmp_path, capsys)
     assert main(argv) == 0
     second = json.loads(out.read_text())
     assert second["settings"]["weights_sha256"] == weights_sha256(net) and second["bpd"] != first["bpd"]
+
+
+@pytest.mark.parametrize("kind", ["digits", "fid", "bpd"])
+def test_eval_with_an_unwritable_output_is_a_one_line_error_before_any_work(tmp_path, capsys, kind):
+    from ddpmkit.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    first = {"digits": ["missing.npz"], "fid": ["missing.npz", "--ref", "missing-ref.npz"],
+             "bpd": ["missing-model", "--data", "digits"]}[kind]
+    assert main(["eval", kind, *first, "--out", str(blocker / "x" / "out.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write to" in err, err  # not the missing input: checked first
+
+
+def test_the_bound_of_a_respaced_chain_with_each_variance(tmp_path, tiny_model_dir, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    common = ["eval", "bpd", str(model), "--data", "digits", "--n", "8", "--batch-size", "8",
+              "--timesteps", "4", "--gamma-data", "digits", "--gamma-samples", "8"]
+    results = {}
+    for var in ("fixedlarge", "fixedsmall", "analytic"):
+        out = tmp_path / f"{var}.json"
+        assert main([*common, "--variance", var, "--out", str(out)]) == 0
+        results[var] = json.loads(out.read_text())
+        assert results[var]["settings"]["variance"] == var
+        T = load_model(model).diffusion.num_timesteps
+        assert results[var]["settings"]["timesteps"] == parse_timesteps(T, 4)
+    assert len({round(r["bpd"], 6) for r in results.values()}) == 3  # three different chains
+    loaded = load_model(model)
+    chain = reverse_chain(loaded.diffusion, results["fixedlarge"]["settings"]["timesteps"], "fixedlarge")
+    x0 = open_source("digits", resolution=8, channels=1, split="test").get_batch(list(range(8)))
+    from ddpmkit.evaluate.bpd import evaluate_bpd
+
+    with torch.inference_mode():
+        ref = evaluate_bpd(loaded.unet, chain, [x for x in x0], batch_size=8)
+    assert abs(ref["bpd"] - results["fixedlarge"]["bpd"]) < 1e-9
+    capsys.readouterr()
+    assert main([*common, "--variance", "fixedsmall", "--out", str(tmp_path / "fixedlarge.json")]) == 2
+    assert "other settings" in capsys.readouterr().err

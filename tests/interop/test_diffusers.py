@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
-from test_nn import randomize_
+from stand_ins import randomize_
 
 from ddpmkit.cli import main as cli_main
 from ddpmkit.convert import convert_from_diffusers, convert_to_diffusers

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
 from ddpmkit.data import load_digits_uint8
+from ddpmkit.data.convert import from_uint8_nhwc
 from ddpmkit.evaluate.digits_metric import _to_input, digits_fd, load_digits_classifier
 from ddpmkit.images import to_uint8_nhwc
 
@@ -95,3 +98,12 @@ def test_retraining_reproduces_the_shipped_classifier():
     # the distance tells recipes apart: one epoch fewer is outside the bound
     tv_short, _ = _predictive_distance(train_digits_classifier(epochs=29), shipped, test)
     assert tv_short > 0.02, tv_short
+
+
+def test_from_uint8_is_the_digits_metrics_input():
+    from ddpmkit.evaluate.digits_metric import _to_input
+
+    a = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1)
+    expected = torch.tensor([float(Fraction(int(v), 1) / Fraction(255, 2) - 1) for v in range(256)])
+    torch.testing.assert_close(_to_input(a).flatten(), expected, rtol=0, atol=1e-7)
+    assert torch.equal(_to_input(a), from_uint8_nhwc(a))

@@ -1,0 +1,131 @@
+"""The trainer's feedback (training.log): the trackers (TensorBoard, W&B), the bar, metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from json_inputs import FAST, json_bytes
+from tiny_runs import (
+    Boom,
+    _copy,
+    _resume,
+    _steps,
+    config,
+    raise_at,
+)
+
+from ddpmkit.train import train
+from ddpmkit.training.log import truncate_metrics
+
+
+# ------------------------------------------------------------------------- trackers
+def _tb_steps(folder: Path, tag: str = "train/loss") -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0}).Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_no_tracker_unless_asked(tmp_path, noise_npz):
+    pytest.importorskip("tensorboard")  # installed, and still not used
+    train(config(noise_npz, steps=2, log_every=1), tmp_path, progress=False)
+    assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "wandb").exists()
+
+
+def test_tensorboard_gets_metrics_grids_config_and_no_duplicates_after_resume(tmp_path, noise_npz):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    c = config(noise_npz, steps=5, log_every=1, checkpoint_every=2, sample_every=2, num_samples=1,
+               logger="tensorboard")
+    with pytest.raises(Boom):  # steps 3 and 4 reach TensorBoard, the checkpoint is at step 2
+        train(c, tmp_path, progress=False, callbacks=[raise_at(4)])
+    assert _tb_steps(tmp_path / "tensorboard") == [1, 2, 3, 4]
+    train(c, tmp_path, resume="auto", progress=False)
+    assert _tb_steps(tmp_path / "tensorboard") == [1, 2, 3, 4, 5]  # 3 and 4 once: purged, rewritten
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert [e.step for e in acc.Images("samples")] == [2, 4, 5]
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"logger": "tensorboard"' in text
+
+
+def test_wandb_offline_gets_metrics_grids_and_config(tmp_path, noise_npz, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    c = config(noise_npz, steps=2, log_every=1, num_samples=1, logger="wandb", lr=3e-3)
+    assert train(c, run, progress=False).exit_code == 0
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    (log,) = offline.glob("*.wandb")  # the run's records (what `wandb sync` uploads)
+
+    def written() -> bool:  # W&B's service process may still be writing after run.finish() returned
+        records = log.read_bytes()
+        return (b"ema_inv_gamma" in records and b"0.003" in records  # the config
+                and records.count(b"train/loss") >= 2  # the metrics of steps 1 and 2
+                and bool(list((offline / "files" / "media" / "images").glob("samples_2_*.png"))))  # the grid
+
+    deadline = time.monotonic() + 60
+    while not written() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert written()
+
+
+@pytest.mark.parametrize("kind,package", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_a_missing_tracker_package_is_one_clear_error(tmp_path, noise_npz, monkeypatch, kind, package):
+    import sys
+
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed: importing it raises
+    with pytest.raises(ValueError, match=rf"^--logger {kind} needs the {package} package: "
+                       rf"pip install 'ddpmkit\[{package}\]'$"):
+        train(config(noise_npz, logger=kind), tmp_path, progress=False)
+    assert not (tmp_path / "config.json").exists()  # refused before the run folder is touched
+
+
+# ------------------------------------------------------------------------- the progress bar
+def test_the_training_bar_follows_the_output_mode(tmp_path, noise_npz, capsys):
+    from ddpmkit import logs
+
+    try:
+        logs.set_output_mode("plain")
+        train(config(noise_npz, steps=2), tmp_path / "plain", progress=True)
+        assert "2/2" not in capsys.readouterr().err
+        logs.set_output_mode("terminal")
+        train(config(noise_npz, steps=2), tmp_path / "terminal", progress=True)
+        assert "2/2" in capsys.readouterr().err
+    finally:
+        logs.set_output_mode("terminal")
+
+
+# ------------------------------------------------------------------------- 4: torn metrics line
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, tiny_npz, finished_run):
+    run = _copy(finished_run, tmp_path)
+    (run / "checkpoints" / "step-000000004").rename(run / "checkpoints" / ".gone")  # resume from step 2
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a power cut mid-append
+    result, warned = _resume(run, tiny_npz)
+    assert result.exit_code == 0 and result.step == 4
+    assert any("metrics.jsonl" in w and "line 5" in w for w in warned), warned
+    assert _steps(run) == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------- metrics.jsonl lines
+@FAST
+@given(lines=st.lists(st.one_of(json_bytes, st.integers(0, 9).map(lambda s: json.dumps({"step": s}).encode())
+                                 ), max_size=6))
+def test_metrics_lines_are_kept_or_dropped_with_a_warning(tmp_path_factory, lines):
+    path = tmp_path_factory.getbasetemp() / "metrics.jsonl"
+    path.write_bytes(b"".join(x.replace(b"\n", b" ") + b"\n" for x in lines))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        truncate_metrics(path, 5)
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        assert type(record["step"]) is int and record["step"] <= 5
