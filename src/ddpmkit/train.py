@@ -295,9 +295,12 @@ def train(
     device: str | None = None,
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
+    deviations: bool = True,
 ) -> TrainResult:
     """Train ``config`` into ``run_dir``; ``resume``: None, "auto" (newest complete checkpoint) or a path.
     ``callbacks``: functions of a ``TrainEvent``, called on rank 0 (see the module docstring).
+    ``deviations``: list how the recipe differs from the paper's at the start (a caller that trains
+    many variants of one recipe lists them once itself).
 
     Under ``torchrun`` each process calls this; rank 0 writes. Returns a TrainResult whose
     ``exit_code`` is 0, ``EXIT_NONFINITE``, or 128 + signal.
@@ -318,7 +321,7 @@ def train(
         try:
             pending = _start(run, resume)
             run.log.summary(config, run.state.step, sum(p.numel() for p in run.state.model.parameters()),
-                            run.dataset)
+                            run.dataset, deviations=deviations)
             with _StopFlag() as stop:
                 code = _loop(run, stop, pending)
             return _finish(run, code)

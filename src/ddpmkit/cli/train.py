@@ -45,8 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "setting can be overridden with --set KEY=VALUE (e.g. --set lr=1e-4 --set unet.ch=64 "
         "--set diffusion.num_timesteps=500). Multi-GPU: torchrun --nproc-per-node=N -m ddpmkit.cli train ...",
     )
-    p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default=None,
-                   help="named recipe (default: digits)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help=f"named recipe, any case: {', '.join(sorted(TRAIN_PRESETS))} (default: digits)")
     p.add_argument("--config", metavar="FILE", help="JSON config (e.g. a run's config.json); keys not in it "
                    "come from its 'preset'")
     p.add_argument("--data", metavar="SRC", help="digits, cifar10, an image folder, a CIFAR-10 archive or "
@@ -115,12 +115,13 @@ def resolve_config(args: argparse.Namespace):
         apply_overrides,
         load_config,
         parse_overrides,
+        preset_name,
         train_preset,
     )
 
     if args.preset is not None and args.config is not None:
         raise ValueError("give --preset or --config, not both")
-    preset = args.preset
+    preset = None if args.preset is None else preset_name(args.preset)
     base = load_config(args.config) if args.config is not None else None
     custom = base is None and preset is None and _is_custom_data(args.data)
     if base is None and preset is None and args.data is not None and not custom:

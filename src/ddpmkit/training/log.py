@@ -18,7 +18,7 @@ from ddpmkit.config import Tracker, TrainConfig, deviations_from_paper
 from ddpmkit.distributed import DistInfo
 from ddpmkit.fileio import append_line_synced, atomic_write_bytes, read_json_lines
 
-__all__ = ["LOGGER_NAME", "TrainLog", "check_tracker", "truncate_metrics"]
+__all__ = ["LOGGER_NAME", "TrainLog", "check_tracker", "deviation_lines", "truncate_metrics"]
 
 LOGGER_NAME = "ddpmkit.train"
 
@@ -61,7 +61,10 @@ class TrainLog:
         self.bar = _progress_bar(config, start, enabled=self.progress and self.info.is_main)
         self._t_last, self._s_last, self._window = time.perf_counter(), start, []
 
-    def summary(self, config: TrainConfig, step: int, n_params: int, dataset: Any) -> None:
+    def summary(self, config: TrainConfig, step: int, n_params: int, dataset: Any, *,
+                deviations: bool = True) -> None:
+        """The run's start: folder, data, model, device, steps and (``deviations``) how the recipe
+        differs from the paper's."""
         c = config
         lines = [f"run directory: {self.run_dir}",
                  f"data: {dataset!r}" + (f", {dataset.num_skipped} unreadable skipped so far"
@@ -73,9 +76,8 @@ class TrainLog:
                  f"global batch {c.batch_size} ({c.batch_size // self.info.world_size} per rank), "
                  f"precision {c.precision.value}",
                  f"steps: {step} -> {c.steps}"]
-        devs = deviations_from_paper(c)
-        lines.append(f"deviations from the paper's recipe: {len(devs) or 'none'}")
-        lines += [f"  - {d}" for d in devs]
+        if deviations:
+            lines += deviation_lines(c)
         self.line("\n".join(lines))
 
     def update(self, loss: float | None) -> None:
@@ -124,6 +126,12 @@ def _progress_bar(config: TrainConfig, start: int, *, enabled: bool) -> Any:
     tty = sys.stderr.isatty()  # in a log file, one line every 30 s instead of a redraw per step
     return progress_bar(total=config.steps, initial=start, disable=not enabled, unit="step",
                         dynamic_ncols=True, smoothing=0.05, file=sys.stderr, mininterval=0.1 if tty else 30.0)
+
+
+def deviation_lines(config: TrainConfig) -> list[str]:
+    """"deviations from the paper's recipe: N" and one "  - ..." line for each."""
+    devs = deviations_from_paper(config)
+    return [f"deviations from the paper's recipe: {len(devs) or 'none'}"] + [f"  - {d}" for d in devs]
 
 
 _PACKAGES = {Tracker.TENSORBOARD: ("tensorboard", "tensorboard"), Tracker.WANDB: ("wandb", "wandb")}
