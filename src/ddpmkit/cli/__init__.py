@@ -38,7 +38,8 @@ class Parser(argparse.ArgumentParser):
                    if t.startswith("--") and t.partition("=")[0] not in self._option_string_actions]
         if unknown and "required" in message:  # the typo is the mistake, not the missing option
             close = difflib.get_close_matches(unknown[0], list(self._option_string_actions), n=1)
-            message = f"unrecognized argument {unknown[0]}" + (f" (did you mean {close[0]}?)" if close else "")
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            message = f"unrecognized argument {unknown[0]}{hint}"
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
