@@ -265,8 +265,8 @@ def _loop(run: _Run, stop: _StopFlag, pending: PendingRng | None) -> int:
             if s.step % c.sample_every == 0 and s.step != c.steps:
                 _sample_grid(run)
             if signum:
-                log.line(f"stopped by signal {signum} ({_signal_name(signum)}) after step {s.step}; checkpoint "
-                         f"saved; --resume auto resumes from {stop.resume_from()}")
+                log.line(f"stopped by signal {signum} after step {s.step}; checkpoint saved; --resume auto "
+                         f"resumes from {stop.resume_from()}")
                 return 128 + signum
         return 0
     finally:
