@@ -245,11 +245,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
     check_default_data(config, args, what=_origin(args, config))
-    if args.data is not None:
-        print(start_line(config), flush=True)
+    from ddpmkit.logs import logger
     from ddpmkit.train import train
 
+    if args.data is not None:
+        logger("ddpmkit.train").info(start_line(config))
     result = train(config, run_dir, resume=args.resume, device=args.device, progress=not args.no_progress)
     if result.exit_code == 0 and os.environ.get("RANK", "0") in ("", "0"):  # once under torchrun
-        print(f"model (EMA weights): {run_dir / 'model'}   raw weights: {run_dir / 'model_raw'}")
+        done = f"model (EMA weights): {run_dir / 'model'}   raw weights: {run_dir / 'model_raw'}"
+        if getattr(args, "log_format", "terminal") == "plain":  # stamped like every line (-q excludes plain)
+            logger("ddpmkit.train").info(done)
+        else:
+            print(done)  # the command's result: -q keeps it
     return result.exit_code
