@@ -85,7 +85,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-min", type=float, help="the lr that linear / cosine decay ends at (default 0)")
     p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="EMA decay 1 - (1 + step / inv_gamma)^-power capped at the EMA decay (diffusers' "
-                   "warm-up); default off: the constant decay")
+                   "warm-up); default on for --data without a preset, off for the presets (the paper's "
+                   "constant decay; the digits preset's too, whose weights stay as they were)")
     p.add_argument("--ema-inv-gamma", type=float, metavar="X", help="EMA warm-up inv_gamma (default 1)")
     p.add_argument("--ema-power", type=float, metavar="X", help="EMA warm-up power (default 2/3)")
     p.add_argument("--logger", choices=[m.value for m in Tracker],
