@@ -4,6 +4,7 @@ broken, truncated, mismatched or non-finite files refused with the file named.""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,12 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from stand_ins import randomize_
 
+from ddpmkit.cli import EXIT_USER_ERROR, main
+from ddpmkit.config import apply_overrides, train_preset
 from ddpmkit.diffusion import DiffusionConfig, LossType, MeanType, VarType
 from ddpmkit.models import LoadedModel, load_model, load_unet
 from ddpmkit.nn import UNet, UNetConfig
+from ddpmkit.train import EventKind, train
 
 SMALL = UNetConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.1)
 DIFFUSION = DiffusionConfig(
@@ -232,3 +236,48 @@ def test_loss_type_and_other_settings_survive_the_folder(tmp_path):
     diffusion = DiffusionConfig(var_type=VarType.LEARNED_RANGE, loss_type=LossType.HYBRID, hybrid_lambda=0.01)
     small_unet(learned_variance=True).save(tmp_path / "m", diffusion=diffusion)
     assert load_model(tmp_path / "m").diffusion == diffusion
+
+
+TINY = {"unet.ch": "32", "unet.ch_mult": "1", "unet.num_res_blocks": "1", "unet.attn_resolutions": "",
+        "diffusion.num_timesteps": "20", "batch_size": "8", "steps": "6", "checkpoint_every": "2",
+        "sample_every": "1000", "num_samples": "0"}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _train_until(run, step: int) -> None:
+    """Train and stop at ``step`` as if the trainer were still running there."""
+    def stop(event):
+        if event.kind is EventKind.UPDATE and event.step == step:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(apply_overrides(train_preset("digits"), TINY), run, progress=False, callbacks=[stop])
+
+
+def _sample_error(capsys, run, tmp_path) -> str:
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "1", "--output-dir", str(tmp_path / "s")]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "no model yet" in err and f"ddpm train --output-dir {run} --resume auto" in err, err
+    assert "neither our model format" not in err
+    return err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_before_the_first_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    _train_until(run, 1)  # checkpoint_every 2: nothing saved yet
+    assert not (run / "model").exists()
+    assert "no checkpoint yet" in _sample_error(capsys, run, tmp_path)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_after_a_checkpoint_without_its_model(tmp_path, capsys):
+    run = tmp_path / "run"
+    _train_until(run, 3)
+    shutil.rmtree(run / "model")  # killed between the checkpoint's rename and the model's write
+    shutil.rmtree(run / "model_raw")
+    assert "checkpoints/step-000000002 (step 2)" in _sample_error(capsys, run, tmp_path)

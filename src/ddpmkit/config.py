@@ -42,6 +42,7 @@ __all__ = [
     "deviations_from_paper",
     "load_config",
     "parse_overrides",
+    "preset_name",
     "save_config",
     "train_preset",
 ]
@@ -253,11 +254,17 @@ RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset(
 )
 
 
-def train_preset(name: str) -> TrainConfig:
-    """The named preset: ``digits``, ``cifar10``, ``celebahq256`` or ``lsun256``."""
-    if name not in TRAIN_PRESETS:
+def preset_name(name: str) -> str:
+    """The preset ``name`` names, in any case (``CIFAR10`` -> ``cifar10``); else a ValueError listing them."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in TRAIN_PRESETS:
         raise unknown_choice("preset", name, sorted(TRAIN_PRESETS))
-    return TRAIN_PRESETS[name]()
+    return key
+
+
+def train_preset(name: str) -> TrainConfig:
+    """The named preset (any case): ``digits``, ``cifar10``, ``celebahq256`` or ``lsun256``."""
+    return TRAIN_PRESETS[preset_name(name)]()
 
 
 def _parse_value(text: str, current: Any, key: str) -> Any:

@@ -64,6 +64,8 @@ def resolve_model_path(path: str | os.PathLike, *, ema: bool = True) -> tuple[st
         raise ValueError(
             f"{path}: run directory has no readable {RUN_EMA_DIR}/{CONFIG_NAME} (our model folder)"
         )
+    if (path / "checkpoints").is_dir() or _is_train_config(path / CONFIG_NAME):
+        raise ValueError(_no_model_yet(path))
     if (path / CONFIG_NAME).is_file():
         raise ValueError(
             f"{path / CONFIG_NAME}: neither our model format ('format': 'ddpmkit.model') nor a diffusers "
@@ -73,6 +75,31 @@ def resolve_model_path(path: str | os.PathLike, *, ema: bool = True) -> tuple[st
         f"{path}: not a model folder: expected {CONFIG_NAME} + model.safetensors (ddpmkit), "
         f"{RUN_EMA_DIR}/ (a training run), or unet/ + scheduler/ (diffusers)"
     )
+
+
+def _is_train_config(path: Path) -> bool:
+    """A run directory's config.json (a TrainConfig: steps and unet, no model "format")."""
+    from ddpmkit.fileio import read_json_object
+
+    if not path.is_file():
+        return False
+    try:
+        d = read_json_object(path)
+    except ValueError:
+        return False
+    return "format" not in d and "steps" in d and "unet" in d
+
+
+def _no_model_yet(run: Path) -> str:
+    """A run still in progress (no model folder yet): which checkpoint resumes it."""
+    from ddpmkit.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run)
+    where = (f"its newest checkpoint is {last.relative_to(run)} (step {int(last.name.split('-')[1])})"
+             if last is not None else "it has no checkpoint yet (the first one writes the model)")
+    return (f"{run}: a training run with no model yet ({RUN_EMA_DIR}/ is written with each checkpoint); "
+            f"{where}; `ddpm train --output-dir {run} --resume auto` finishes it once its trainer "
+            "has stopped")
 
 
 def load_model(path: str | os.PathLike, *, ema: bool = True) -> LoadedModel:

@@ -29,8 +29,8 @@ from ddpmkit.fileio import RunLock, atomic_write_bytes, atomic_write_json, read_
 from ddpmkit.respace import Timesteps
 from ddpmkit.sampling import SamplerType, resolve_timesteps
 
-__all__ = ["GRID_SIZE", "SETTINGS_NAME", "SampleFolderResult", "drop_torn_pngs", "existing_indices",
-           "sample_folder", "write_npz_and_grid"]
+__all__ = ["GRID_SIZE", "SETTINGS_NAME", "SampleFolderResult", "default_output_dir", "drop_torn_pngs",
+           "ema_warning", "existing_indices", "sample_folder", "write_npz_and_grid"]
 
 INDEX_PNG = re.compile(r"^(\d+)\.png$")
 NPZ_NAME = re.compile(r"^samples_(\d+)x\d+x\d+x\d+\.npz$")
@@ -51,6 +51,52 @@ class SampleFolderResult:
     seconds: float
     batch_size: int
     device: torch.device
+
+
+def default_output_dir(model: str | Path, *, sampler: SamplerType | str = SamplerType.DDPM,
+                       steps: int | None = None, timesteps: Timesteps = None, eta: float | None = None,
+                       seed: int = 0, ema: bool = True, clip_denoised: bool = True) -> Path:
+    """Where samples of a training run go without an ``out_dir``: one folder per setting inside the
+    run, ``RUN/samples/<sampler>-<S>[-timesteps][-eta<E>][-seed<N>][-raw][-noclip]`` (S: the number of
+    sampling steps), next to the training grids; ``ddpm report RUN`` finds their evaluations there."""
+    from ddpmkit.config import load_config
+
+    run = Path(model)
+    if not (run / "config.json").is_file() or not (run / "model").is_dir():
+        raise ValueError(f"{run} is not a training run directory, so samples have no default folder; "
+                         "pass --output-dir DIR")
+    sampler = parse_enum(SamplerType, sampler, "sampler")
+    diffusion = load_config(run / "config.json").diffusion.build()
+    kept = resolve_timesteps(sampler, diffusion, steps=steps, timesteps=timesteps)
+    name = f"{sampler.value}-{len(kept)}" + ("-timesteps" if timesteps is not None else "")
+    name += (f"-eta{eta:g}" if eta else "") + (f"-seed{seed}" if seed else "")
+    name += ("" if ema else "-raw") + ("" if clip_denoised else "-noclip")
+    return run / "samples" / name
+
+
+def ema_warning(model: str | Path) -> str | None:
+    """One line when ``model`` is a training run whose EMA still holds more than a tenth of the initial
+    (random) weights, computed from its config.json and newest checkpoint; else None."""
+    from ddpmkit.checkpoint import latest_checkpoint
+    from ddpmkit.config import load_config
+    from ddpmkit.training.state import ema_initial_weight
+
+    run = Path(model)
+    if not (run / "model").is_dir() or not (run / "config.json").is_file():
+        return None  # a model folder or a diffusers folder: one set of weights, no run to read
+    try:
+        config = load_config(run / "config.json")
+    except ValueError:
+        return None
+    last = latest_checkpoint(run)
+    steps = int(last.name.split("-")[1]) if last is not None else config.steps
+    share = ema_initial_weight(config, steps)
+    if share <= 0.1:
+        return None
+    how = "with warm-up" if config.ema_warmup else "no warm-up"
+    return (f"the EMA weights of {run} still hold {share:.0%} of the initial random weights after {steps} "
+            f"steps (ema_decay {config.ema_decay}, {how}), so the samples may be noise; --no-ema samples "
+            "the raw weights")
 
 
 def existing_indices(out_dir: Path) -> set[int]:
@@ -154,7 +200,7 @@ class _Request:
 
 def sample_folder(
     model: str | Path,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     *,
     n: int,
     sampler: SamplerType | str = SamplerType.DDPM,
@@ -176,7 +222,8 @@ def sample_folder(
     gamma_samples: int = 200,
 ) -> SampleFolderResult:
     """Draw samples start_index .. start_index + n - 1 of ``model`` (``models.load_model``'s path)
-    into ``out_dir`` (see the module docstring); the missing ones only. ``batch_size`` None: all
+    into ``out_dir`` (see the module docstring; None: ``default_output_dir``, for a training run);
+    the missing ones only. ``batch_size`` None: all
     at once within a memory bound (``training.fit.auto_batch_size``). ``eta`` is DDIM's (None: 0).
     ``step_progress`` adds a per-step bar; ``on_redraw(path)`` hears of each torn PNG drawn again.
     The analytic samplers' Gamma_t comes from ``gamma_file.model_gamma`` (``gamma_data``, default
@@ -191,6 +238,9 @@ def sample_folder(
         raise ValueError(f"eta applies to the {' and '.join(s.value for s in SamplerType if s.takes_eta)} "
                          "samplers only")
     eta = 0.0 if eta is None else check_float(eta, "eta", low=0)
+    if out_dir is None:
+        out_dir = default_output_dir(model, sampler=sampler, steps=steps, timesteps=timesteps, eta=eta,
+                                     seed=seed, ema=ema, clip_denoised=clip_denoised)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--output-dir {out_dir}: exists and is not a folder")

@@ -19,12 +19,15 @@ steps since the last checkpoint, which is complete (checkpoints are written atom
 
 Safety. A non-finite loss, gradient norm or update result (a weight) skips the update (weights,
 optimiser, EMA unchanged) and warns; ``max_nonfinite`` in a row stop the run with exit code
-``EXIT_NONFINITE``. SIGTERM and SIGINT finish the current step, save a checkpoint and return 128 + signal.
+``EXIT_NONFINITE``. SIGTERM and SIGINT (Ctrl-C) are answered at once: the run finishes the current
+step, saves a checkpoint and returns 128 + signal. A second one stops inside the step, without
+saving, naming the checkpoint that ``resume="auto"`` continues from, and also returns 128 + signal.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import signal
 import threading
@@ -105,12 +108,24 @@ class TrainEvent:
 Callback = Callable[[TrainEvent], None]
 
 
-class _StopFlag:
-    """Records SIGTERM / SIGINT; the loop checks it after each step."""
+class _StopNow(KeyboardInterrupt):
+    """Raised by a second SIGINT / SIGTERM: stop inside the current step, without saving."""
 
-    def __init__(self) -> None:
+
+def _signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+class _StopFlag:
+    """Records SIGTERM / SIGINT; the loop checks it after each step. The first signal is answered at
+    once (``say``): the run stops after the current step and saves; a second one raises ``_StopNow``
+    inside the step (nothing is saved; the newest checkpoint, ``resume_from()``, is where it resumes)."""
+
+    def __init__(self, say: Callable[[str], None] = lambda _: None,
+                 resume_from: Callable[[], str] = lambda: "its newest checkpoint") -> None:
         self.signum = 0
         self._old: dict[int, Any] = {}
+        self._say, self.resume_from = say, resume_from
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -119,11 +134,18 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = _signal_name(signum)
+        if self.signum:
+            self.__exit__()  # a third signal gets the default action
+            raise _StopNow(signum)
         self.signum = signum
+        self._say(f"{name}: stopping after the current step, then saving a checkpoint; {name} again stops "
+                  f"at once, and the run then resumes from {self.resume_from()}")
 
     def __exit__(self, *exc: Any) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+        self._old = {}
 
 
 @dataclass
@@ -243,11 +265,20 @@ def _loop(run: _Run, stop: _StopFlag, pending: PendingRng | None) -> int:
             if s.step % c.sample_every == 0 and s.step != c.steps:
                 _sample_grid(run)
             if signum:
-                log.line(f"stopped by signal {signum} after step {s.step}; checkpoint saved")
+                log.line(f"stopped by signal {signum} after step {s.step}; checkpoint saved; --resume auto "
+                         f"resumes from {stop.resume_from()}")
                 return 128 + signum
         return 0
     finally:
         log.close_loop()
+
+
+def _resume_point(run_dir: Path) -> str:
+    """Where ``resume="auto"`` would continue ``run_dir`` now: its newest complete checkpoint."""
+    last = ckpt.latest_checkpoint(run_dir)
+    if last is None:
+        return "step 0 (no checkpoint yet)"
+    return f"{last.relative_to(run_dir)} (step {int(last.name.split('-')[1])})"
 
 
 def _sample_grid(run: _Run) -> Path | None:
@@ -295,9 +326,12 @@ def train(
     device: str | None = None,
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
+    deviations: bool = True,
 ) -> TrainResult:
     """Train ``config`` into ``run_dir``; ``resume``: None, "auto" (newest complete checkpoint) or a path.
     ``callbacks``: functions of a ``TrainEvent``, called on rank 0 (see the module docstring).
+    ``deviations``: list how the recipe differs from the paper's at the start (a caller that trains
+    many variants of one recipe lists them once itself).
 
     Under ``torchrun`` each process calls this; rank 0 writes. Returns a TrainResult whose
     ``exit_code`` is 0, ``EXIT_NONFINITE``, or 128 + signal.
@@ -318,9 +352,16 @@ def train(
         try:
             pending = _start(run, resume)
             run.log.summary(config, run.state.step, sum(p.numel() for p in run.state.model.parameters()),
-                            run.dataset)
-            with _StopFlag() as stop:
-                code = _loop(run, stop, pending)
+                            run.dataset, deviations=deviations)
+            with _StopFlag(run.log.line, functools.partial(_resume_point, run_dir)) as stop:
+                try:
+                    code = _loop(run, stop, pending)
+                except _StopNow as now:
+                    signum = int(now.args[0])
+                    run.log.line(f"stopped at once by a second {_signal_name(signum)}, during step "
+                                 f"{run.state.step + 1}; nothing saved since the last checkpoint; "
+                                 f"--resume auto resumes from {stop.resume_from()}")
+                    code = 128 + signum
             return _finish(run, code)
         finally:
             run.log.close()  # the tracker too, when a callback or an error stops the run

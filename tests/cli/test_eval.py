@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from ddpmkit.analytic import reverse_chain
-from ddpmkit.cli import main
+from ddpmkit.cli import EXIT_USER_ERROR, main
 from ddpmkit.data import load_digits_uint8, open_source
 from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.evaluate.bpd import evaluate_bpd
@@ -214,3 +215,14 @@ def test_the_bound_of_a_respaced_chain_with_each_variance(tmp_path, tiny_model_d
     capsys.readouterr()
     assert main([*common, "--variance", "fixedsmall", "--out", str(tmp_path / "fixedlarge.json")]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_a_missing_torch_fidelity_is_named(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # importlib.util.find_spec -> None
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # no cached weights either
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    assert main(["eval", "fid", str(samples), "--ref", str(samples)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "torch-fidelity package" in err and "pip install --no-deps" in err
+    assert "weights" not in err.split("(")[0]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ddpmkit import checkpoint as ckpt
-from ddpmkit.cli import build_parser
+from ddpmkit.cli import EXIT_USER_ERROR, build_parser, main
 from ddpmkit.cli.train import resolve_config
 from ddpmkit.config import LrSchedule, Tracker, TrainConfig, load_config, save_config
 
@@ -83,3 +83,15 @@ def test_train_refuses_sizes_that_cannot_fit_before_allocating(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "GiB" in err and "more than the" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_preset_is_one_line(capsys):
+    assert main(["train", "--preset", "cifar"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err == ("ddpm train: error: unknown preset 'cifar'; choose one of celebahq256, cifar10, digits, "
+                   "lsun256\n")
+
+
+def test_presets_are_case_insensitive(capsys):
+    assert main(["train", "--preset", "CIFAR10", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["preset"] == "cifar10"

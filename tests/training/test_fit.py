@@ -6,6 +6,7 @@ The folders are built here: 32x32 RGB, 64x64 grayscale, mixed sizes, a non-squar
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,11 @@ from PIL import Image
 
 from ddpmkit.cli import build_parser, main
 from ddpmkit.cli.train import resolve_config
-from ddpmkit.config import train_preset
+from ddpmkit.config import TRAIN_PRESETS, train_preset
 from ddpmkit.data import open_source
 from ddpmkit.nn import UNET_PRESETS, UNet
-from ddpmkit.training.fit import auto_batch_size, unet_for_data
+from ddpmkit.training.fit import NetSize, auto_batch_size, config_for_data, unet_for_data
+from ddpmkit.training.state import ema_decay_at, ema_initial_weight
 
 CIFAR10_PARAMS = 35_746_307  # the authors' run_cifar.py network (the paper: 35.7M)
 
@@ -170,3 +172,26 @@ def test_auto_batch_size_respects_the_memory_bound():
     # the paper's CIFAR-10 U-Net holds ~7.5 MB of activations per image in a no_grad forward
     # (measured: peak RSS of one call at batch 32); the bound is at most 8 GiB
     assert 1 <= cifar <= (8 << 30) // (7 << 20)
+
+
+def test_the_small_recipe_warms_its_ema_up():
+    c = config_for_data("folder", 16, 3, NetSize.SMALL)
+    assert c.ema_warmup and c.ema_decay == 0.998
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_PRESETS))
+def test_presets_keep_their_ema(name):
+    assert not train_preset(name).ema_warmup
+
+
+def test_the_paper_network_keeps_the_papers_recipe():
+    c = config_for_data("folder", 32, 3, NetSize.PAPER)
+    assert (c.ema_warmup, c.ema_decay) == (False, 0.9999)
+
+
+def test_initial_weight_share():
+    c = train_preset("digits")
+    assert math.isclose(ema_initial_weight(c, 110), 0.998 ** 110)
+    warm = config_for_data("folder", 16, 3, NetSize.SMALL)
+    assert ema_decay_at(warm, 0) == 0.0 and ema_initial_weight(warm, 1) == 0.0
+    assert ema_initial_weight(warm, 0) == 1.0

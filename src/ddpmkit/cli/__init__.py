@@ -7,6 +7,7 @@ parser(s) and sets `func=handler`; the handler takes the parsed namespace and re
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -18,10 +19,34 @@ COMMAND_MODULES: tuple[str, ...] = ("train", "sample", "figure", "convert", "dat
 EXIT_USER_ERROR = 2
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser without prefix abbreviations, whose errors are one line (no usage block) and
+    name a mistyped option (``--outputdir``) rather than the required one it left out (``--output-dir``).
+    Its subparsers are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self._tokens: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        self._tokens = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):  # noqa: ANN201 - argparse's signature; never returns
+        unknown = [t.partition("=")[0] for t in self._tokens
+                   if t.startswith("--") and t.partition("=")[0] not in self._option_string_actions]
+        if unknown and "required" in message:  # the typo is the mistake, not the missing option
+            close = difflib.get_close_matches(unknown[0], list(self._option_string_actions), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            message = f"unrecognized argument {unknown[0]}{hint}"
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ddpmkit import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ddpm",
         description="Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020): "
         "train, sample, evaluate, convert weights, draw the paper's figures.",

@@ -175,11 +175,23 @@ def _bound_chain(args: argparse.Namespace, loaded: Any, device: Any) -> tuple[An
     return chain, {"timesteps": kept, "variance": args.variance, **extra}
 
 
+def _check_fidelity() -> None:
+    """The missing package, named before the weights it would load are looked for."""
+    import importlib.util
+
+    from ddpmkit.evaluate.inception import FIDELITY_INSTALL
+
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ValueError(f"FID and IS need the torch-fidelity package (its TF-compatible Inception), "
+                         f"which is not installed: {FIDELITY_INSTALL}")
+
+
 def run_fid(args: argparse.Namespace) -> int:
     from ddpmkit.distributed import resolve_device
     from ddpmkit.evaluate.fid import FewSamplesWarning, compute_fid
 
     _positive("batch-size", args.batch_size)
+    _check_fidelity()
     device = resolve_device(args.device)
     out = _check_writable(Path(args.out) if args.out else _default_out(args.samples, "eval_fid.json"))
     with warnings.catch_warnings():

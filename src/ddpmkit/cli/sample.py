@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="run directory, model folder, or diffusers folder")
     p.add_argument("--n", type=int, required=True, help="number of samples (indices START .. START+N-1)")
-    p.add_argument("--output-dir", required=True, metavar="DIR", help="where the PNGs and the npz go")
+    p.add_argument("--output-dir", default=None, metavar="DIR", help="where the PNGs and the npz go "
+                   "(default for a training run: RUN/samples/<sampler>-<steps>[-eta<E>][-seed<N>][-raw], "
+                   "where `ddpm report RUN` finds their evaluations)")
     p.add_argument("--sampler", default=SamplerType.DDPM.value,
                    help=f"one of {', '.join(m.value for m in SamplerType)} (default ddpm: Algorithm 2, "
                    "or respaced on fewer steps; analytic-*: Analytic-DPM's variance; dpm-solver++: "
@@ -51,8 +53,11 @@ def _redraw(path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ddpmkit.respace import timesteps_from_text
-    from ddpmkit.sample_folder import sample_folder
+    from ddpmkit.sample_folder import ema_warning, sample_folder
 
+    warning = ema_warning(args.model) if args.ema else None
+    if warning is not None:
+        print(f"ddpm sample: warning: {warning}", file=sys.stderr)
     res = sample_folder(
         args.model, args.output_dir, n=args.n, sampler=args.sampler, steps=args.steps,
         timesteps=None if args.timesteps is None else timesteps_from_text(args.timesteps), eta=args.eta,

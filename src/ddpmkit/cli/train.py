@@ -45,8 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "setting can be overridden with --set KEY=VALUE (e.g. --set lr=1e-4 --set unet.ch=64 "
         "--set diffusion.num_timesteps=500). Multi-GPU: torchrun --nproc-per-node=N -m ddpmkit.cli train ...",
     )
-    p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default=None,
-                   help="named recipe (default: digits)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help=f"named recipe, any case: {', '.join(sorted(TRAIN_PRESETS))} (default: digits)")
     p.add_argument("--config", metavar="FILE", help="JSON config (e.g. a run's config.json); keys not in it "
                    "come from its 'preset'")
     p.add_argument("--data", metavar="SRC", help="digits, cifar10, an image folder, a CIFAR-10 archive or "
@@ -85,7 +85,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-min", type=float, help="the lr that linear / cosine decay ends at (default 0)")
     p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="EMA decay 1 - (1 + step / inv_gamma)^-power capped at the EMA decay (diffusers' "
-                   "warm-up); default off: the constant decay")
+                   "warm-up); default on for --data without a preset, off for the presets (the paper's "
+                   "constant decay; the digits preset's too, whose weights stay as they were)")
     p.add_argument("--ema-inv-gamma", type=float, metavar="X", help="EMA warm-up inv_gamma (default 1)")
     p.add_argument("--ema-power", type=float, metavar="X", help="EMA warm-up power (default 2/3)")
     p.add_argument("--logger", choices=[m.value for m in Tracker],
@@ -115,12 +116,13 @@ def resolve_config(args: argparse.Namespace):
         apply_overrides,
         load_config,
         parse_overrides,
+        preset_name,
         train_preset,
     )
 
     if args.preset is not None and args.config is not None:
         raise ValueError("give --preset or --config, not both")
-    preset = args.preset
+    preset = None if args.preset is None else preset_name(args.preset)
     base = load_config(args.config) if args.config is not None else None
     custom = base is None and preset is None and _is_custom_data(args.data)
     if base is None and preset is None and args.data is not None and not custom:
@@ -244,11 +246,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
     check_default_data(config, args, what=_origin(args, config))
-    if args.data is not None:
-        print(start_line(config), flush=True)
+    from ddpmkit.logs import logger
     from ddpmkit.train import train
 
+    if args.data is not None:
+        logger("ddpmkit.train").info(start_line(config))
     result = train(config, run_dir, resume=args.resume, device=args.device, progress=not args.no_progress)
     if result.exit_code == 0 and os.environ.get("RANK", "0") in ("", "0"):  # once under torchrun
-        print(f"model (EMA weights): {run_dir / 'model'}   raw weights: {run_dir / 'model_raw'}")
+        done = f"model (EMA weights): {run_dir / 'model'}   raw weights: {run_dir / 'model_raw'}"
+        if getattr(args, "log_format", "terminal") == "plain":  # stamped like every line (-q excludes plain)
+            logger("ddpmkit.train").info(done)
+        else:
+            print(done)  # the command's result: -q keeps it
     return result.exit_code

@@ -3,9 +3,10 @@
 Reads RUN/config.json (the TrainConfig), RUN/metrics.jsonl (per-step loss and throughput),
 RUN/model/ (the EMA U-Net: parameter count), the newest sample grid RUN/samples/step-*.png and
 the results of ``ddpm eval`` found in RUN (``eval_bpd*.json``, ``eval_fid*.json``,
-``eval_digits*.json``, in RUN or one folder below). Writes OUT/report.md, OUT/report.json,
-OUT/loss_curve.png and OUT/samples.png (the grid, enlarged nearest-neighbour to >= 512 px wide).
-Missing pieces are reported as such.
+``eval_digits*.json``: in RUN or one folder below, or deeper, such as beside the samples of
+``ddpm sample RUN`` in RUN/samples/<sampler>-<steps>/, when their sampling.json names this run's
+weights). Writes OUT/report.md, OUT/report.json, OUT/loss_curve.png and OUT/samples.png (the
+grid, enlarged nearest-neighbour to >= 512 px wide). Missing pieces are reported as such.
 """
 
 from __future__ import annotations
@@ -69,19 +70,53 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _find_evals(run: Path) -> dict[str, dict[str, Any]]:
-    """The newest ``eval_<kind>*.json`` of each kind in RUN or one folder below."""
+    """The newest ``eval_<kind>*.json`` of each kind: in RUN or one folder below, or deeper in RUN
+    (e.g. beside samples in RUN/samples/ddim-50/) when the samples it scored were drawn from this
+    run's current weights, as their ``sampling.json`` records (``model_sha256``)."""
     found: dict[str, tuple[float, dict[str, Any]]] = {}
-    for path in [*run.glob("eval_*.json"), *run.glob("*/eval_*.json")]:
+    near = [*run.glob("eval_*.json"), *run.glob("*/eval_*.json")]
+    deep = [p for p in sorted(run.rglob("eval_*.json"))
+            if len(p.relative_to(run).parts) > 2 and p.relative_to(run).parts[0] != "checkpoints"]
+    hashes = _run_weights(run) if deep else set()
+    for path in near + deep:
         try:
             data = read_json_object(path)
         except (OSError, ValueError):
             continue
         kind = data.get("kind")
+        if path in deep and _sampled_from(path, data) not in hashes:
+            continue
         if kind in ("bpd", "fid", "digits"):
             mtime = path.stat().st_mtime
             if kind not in found or mtime > found[kind][0]:
                 found[kind] = (mtime, {**data, "file": str(path)})
     return {k: v for k, (_, v) in found.items()}
+
+
+def _run_weights(run: Path) -> set[str]:
+    """The weights hashes of RUN/model (EMA) and RUN/model_raw (``nn.folder.weights_sha256``)."""
+    from ddpmkit.models import load_unet
+    from ddpmkit.nn.folder import weights_sha256
+
+    out = set()
+    for ema in (True, False):
+        try:
+            out.add(weights_sha256(load_unet(run, ema=ema)))
+        except (ValueError, FileNotFoundError, NotADirectoryError):
+            pass
+    return out
+
+
+def _sampled_from(path: Path, data: dict[str, Any]) -> str | None:
+    """The ``model_sha256`` in the sampling.json of the samples an evaluation scored: beside the
+    evaluation, or in the folder of its ``samples`` path."""
+    samples = Path(str(data.get("samples", "")))
+    for folder in (path.parent, samples if samples.is_dir() else samples.parent):
+        try:
+            return read_json_object(folder / "sampling.json").get("model_sha256")
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _param_count(run: Path) -> int | None:

@@ -80,6 +80,19 @@ def stage_plan(sizes: ReproduceSizes, seeds: list[int], out: Path) -> list[Stage
     return plan
 
 
+def _log_recipe(sizes: ReproduceSizes, seed: int) -> None:
+    """The shared recipe's deviations from the paper, once for all the runs (L_simple's: the other
+    variants differ from it only in the parameterization, variance and loss of Table 2)."""
+    from ddpmkit.logs import logger
+    from ddpmkit.training.log import deviation_lines
+
+    simple = next(v for v in VARIANTS if v.key == SIMPLE)
+    lines = deviation_lines(variant_config(simple, sizes, seed))
+    lines[0] += " (the recipe every variant shares; each then sets its own mean, variance and loss)"
+    for line in lines:
+        logger("ddpmkit.reproduce").info(line)
+
+
 def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1,
                      sizes: ReproduceSizes | str = "default", resume: bool = False,
                      progress: bool = True) -> dict[str, Any]:
@@ -98,6 +111,7 @@ def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1,
                          "or choose another --output-dir")
     seed_list = list(range(seeds))
     plan = stage_plan(sizes, seed_list, out)
+    _log_recipe(sizes, seed_list[0])
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, train_preset("digits").num_threads))
     try:

@@ -105,7 +105,8 @@ def _md_nn(rep: dict[str, Any]) -> list[str]:
              "memorization", "",
              f"![progressive generation]({fig['progressive']})", "",
              f"Reconstructions from x_t (each row: x_0, then x_t and its reconstruction for t in "
-             f"{', '.join(_n(t) for t in fig['reconstruction_ts'])}):", "",
+             f"{', '.join(_n(t) for t in fig['reconstruction_ts'])}; t is 0-based, as in `ddpm figure`: "
+             "the paper's t - 1):", "",
              f"![reconstructions]({fig['reconstructions']})",
              "", "| t | reconstruction RMSE [0, 255] |", "|---|---|"]
     lines += [f"| {_n(t)} | {_n(fig['reconstruction_rmse'][str(t)])} |" for t in fig["reconstruction_ts"]]

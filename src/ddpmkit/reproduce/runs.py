@@ -42,7 +42,7 @@ def train_stage(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     last = latest_checkpoint(run_dir) if run_dir.exists() else None
     start = int(last.name.split("-")[1]) if last is not None else 0  # step-000000500
     t0 = time.perf_counter()
-    res = train(cfg, run_dir, resume="auto", progress=False)
+    res = train(cfg, run_dir, resume="auto", progress=False, deviations=False)  # listed once by the job
     seconds = time.perf_counter() - t0
     if res.exit_code >= 128:  # stopped by a signal: checkpointed, not finished; --resume continues it
         raise KeyboardInterrupt
@@ -111,17 +111,17 @@ def figures_stage(run_dir: Path, sizes: ReproduceSizes, seed: int, out: Path) ->
     with torch.inference_mode():
         grid, cols = reconstruction_figure(unet, diffusion, x0, ts, seed=seed)
         recon = save_image_grid(grid, out / "figures" / "reconstructions.png", nrow=cols, scale=8,
-                                col_labels=reconstruction_labels([t + 1 for t in ts])[0])  # paper's t
+                                col_labels=reconstruction_labels(ts)[0])  # 0-based t, as ddpm figure
         rmse = {}
         for t in ts:
             _, rec = reconstruct(unet, diffusion, x0, t, generator=torch.Generator().manual_seed(seed))
-            rmse[str(t + 1)] = float(((rec.clamp(-1, 1) - x0) ** 2).mean().sqrt() * 127.5)
+            rmse[str(t)] = float(((rec.clamp(-1, 1) - x0) ** 2).mean().sqrt() * 127.5)
         grid, cols = progressive_figure(unet, diffusion, (sizes.progressive_examples, 1, 8, 8),
                                         num_snapshots=min(10, T), seed=seed)
-        col_labels, row_labels = progressive_labels(T, min(10, T), one_based=True)  # the paper's t
+        col_labels, row_labels = progressive_labels(T, min(10, T))
         prog = save_image_grid(grid, out / "figures" / "progressive_generation.png", nrow=cols, scale=8,
                                col_labels=col_labels, row_labels=row_labels)
-    return {"reconstruction_ts": [t + 1 for t in ts], "reconstruction_rmse": rmse,
+    return {"reconstruction_ts": ts, "reconstruction_rmse": rmse,
             "reconstructions": str(recon.relative_to(out)), "progressive": str(prog.relative_to(out))}
 
 

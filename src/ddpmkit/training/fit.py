@@ -83,7 +83,8 @@ def config_for_data(data: str, resolution: int, channels: int,
 
     ``size`` None: paper from 32 px up, small below. The paper network gets the paper's CIFAR-10
     recipe (800k steps); the small one the digits recipe (lr 1e-3, 200 warm-up steps, EMA 0.998,
-    1500 steps of 128, one CPU thread), with random flips kept on.
+    1500 steps of 128, one CPU thread), with random flips kept on and EMA warm-up on (a short run's
+    EMA would otherwise still hold much of the initial weights).
     """
     size = NetSize(size) if size is not None else (NetSize.PAPER if resolution >= 32 else NetSize.SMALL)
     unet = unet_for_data(resolution, channels, size)
@@ -91,7 +92,7 @@ def config_for_data(data: str, resolution: int, channels: int,
         return TrainConfig(preset="custom", unet=unet, data=data)
     if size is NetSize.SMALL:
         return dataclasses.replace(train_preset("digits"), preset="custom", unet=unet, data=data,
-                                   random_flip=True)
+                                   random_flip=True, ema_warmup=True)
     raise NotImplementedError(size)
 
 

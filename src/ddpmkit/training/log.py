@@ -18,7 +18,8 @@ from ddpmkit.config import Tracker, TrainConfig, deviations_from_paper
 from ddpmkit.distributed import DistInfo
 from ddpmkit.fileio import append_line_synced, atomic_write_bytes, read_json_lines
 
-__all__ = ["LOGGER_NAME", "TrainLog", "check_tracker", "truncate_metrics"]
+__all__ = ["LOGGER_NAME", "TrainLog", "check_tracker", "deviation_lines", "format_duration",
+           "truncate_metrics"]
 
 LOGGER_NAME = "ddpmkit.train"
 
@@ -32,13 +33,16 @@ class TrainLog:
         self.bar: Any = None
         self._window: list[float] = []
         self._t_last, self._s_last = time.perf_counter(), 0
+        self._t_start, self._s_start, self._steps = self._t_last, 0, 0
 
     def line(self, msg: str) -> None:
-        """One log line (through logging.getLogger("ddpmkit.train"), see ddpmkit.logs)."""
+        """Log lines (through logging.getLogger("ddpmkit.train"), see ddpmkit.logs): one record per
+        line of ``msg``, so that ``--log-format plain`` stamps each."""
         if self.info.is_main:
             from ddpmkit.logs import logger
 
-            logger(LOGGER_NAME).info(msg)
+            for text in msg.split("\n"):
+                logger(LOGGER_NAME).info(text)
 
     def warn(self, msg: str) -> None:
         if self.info.is_main:
@@ -60,8 +64,12 @@ class TrainLog:
         """The progress bar and the first metrics window, from update ``start`` on."""
         self.bar = _progress_bar(config, start, enabled=self.progress and self.info.is_main)
         self._t_last, self._s_last, self._window = time.perf_counter(), start, []
+        self._t_start, self._s_start, self._steps = self._t_last, start, config.steps
 
-    def summary(self, config: TrainConfig, step: int, n_params: int, dataset: Any) -> None:
+    def summary(self, config: TrainConfig, step: int, n_params: int, dataset: Any, *,
+                deviations: bool = True) -> None:
+        """The run's start: folder, data, model, device, steps and (``deviations``) how the recipe
+        differs from the paper's."""
         c = config
         lines = [f"run directory: {self.run_dir}",
                  f"data: {dataset!r}" + (f", {dataset.num_skipped} unreadable skipped so far"
@@ -73,9 +81,8 @@ class TrainLog:
                  f"global batch {c.batch_size} ({c.batch_size // self.info.world_size} per rank), "
                  f"precision {c.precision.value}",
                  f"steps: {step} -> {c.steps}"]
-        devs = deviations_from_paper(c)
-        lines.append(f"deviations from the paper's recipe: {len(devs) or 'none'}")
-        lines += [f"  - {d}" for d in devs]
+        if deviations:
+            lines += deviation_lines(c)
         self.line("\n".join(lines))
 
     def update(self, loss: float | None) -> None:
@@ -95,9 +102,18 @@ class TrainLog:
                   "nonfinite_in_a_row": nonfinite_in_a_row}
         if self.info.is_main:
             self.metrics(record)
-            if self.bar is not None:
+            if self.bar is not None and not self.bar.disable:
                 self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate * batch_size:.0f}")
+            else:  # no bar (--no-progress, --log-format plain): a line instead
+                self.line(self._step_line(record, now))
         self._t_last, self._s_last, self._window = now, step, []
+
+    def _step_line(self, record: dict[str, Any], now: float) -> str:
+        """"step S/N  loss L  lr X  R img/s  ETA T", the ETA from the mean rate since the loop started."""
+        step = record["step"]
+        per_step = (now - self._t_start) / max(1, step - self._s_start)
+        return (f"step {step}/{self._steps}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
+                f"{record['img_per_s']:.1f} img/s  ETA {format_duration(per_step * (self._steps - step))}")
 
     def metrics(self, record: dict[str, Any]) -> None:
         """One record: a line of metrics.jsonl (fsynced) and TensorBoard scalars ``train/<key>``."""
@@ -124,6 +140,20 @@ def _progress_bar(config: TrainConfig, start: int, *, enabled: bool) -> Any:
     tty = sys.stderr.isatty()  # in a log file, one line every 30 s instead of a redraw per step
     return progress_bar(total=config.steps, initial=start, disable=not enabled, unit="step",
                         dynamic_ncols=True, smoothing=0.05, file=sys.stderr, mininterval=0.1 if tty else 30.0)
+
+
+def format_duration(seconds: float) -> str:
+    """``3h 05m``, ``12m 30s`` or ``45s``."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def deviation_lines(config: TrainConfig) -> list[str]:
+    """"deviations from the paper's recipe: N" and one "  - ..." line for each."""
+    devs = deviations_from_paper(config)
+    return [f"deviations from the paper's recipe: {len(devs) or 'none'}"] + [f"  - {d}" for d in devs]
 
 
 _PACKAGES = {Tracker.TENSORBOARD: ("tensorboard", "tensorboard"), Tracker.WANDB: ("wandb", "wandb")}

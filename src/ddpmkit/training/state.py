@@ -31,8 +31,8 @@ from ddpmkit.nn import UNet
 from ddpmkit.seeds import Stream, derive_seed, derived_generator
 
 __all__ = ["CHECKPOINT_FILES", "STATE_SCHEMA", "PendingRng", "TrainState", "build_state", "capture",
-           "check_state", "ema_decay_at", "load_resumable", "newest_resumable", "prepare_run_dir",
-           "publish_models", "restore", "save", "tidy_run_dir"]
+           "check_state", "ema_decay_at", "ema_initial_weight", "load_resumable", "newest_resumable",
+           "prepare_run_dir", "publish_models", "restore", "save", "tidy_run_dir"]
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors",
                     ckpt.STATE)
@@ -72,6 +72,19 @@ def ema_decay_at(config: TrainConfig, update: int) -> float:
         return config.ema_decay
     value = 1.0 - (1.0 + update / config.ema_inv_gamma) ** -config.ema_power
     return min(config.ema_decay, max(config.ema_min_decay, value))
+
+
+def ema_initial_weight(config: TrainConfig, updates: int) -> float:
+    """The share of the initial (random) weights still in the EMA after ``updates`` updates: the
+    product of ``ema_decay_at`` over them (``ema_decay ** updates`` without warm-up)."""
+    if not config.ema_warmup:
+        return config.ema_decay ** updates
+    share = 1.0
+    for s in range(updates):
+        share *= ema_decay_at(config, s)
+        if share < 1e-12:  # the warm-up's first decay is ema_min_decay (0 by default)
+            return share
+    return share
 
 
 def _ema_avg_fn(config: TrainConfig) -> Callable[..., None]:
