@@ -28,6 +28,7 @@ from ddpmkit.enums import parse_enum
 from ddpmkit.fileio import RunLock, atomic_write_bytes, atomic_write_json, read_json_object
 from ddpmkit.respace import Timesteps
 from ddpmkit.sampling import SamplerType, resolve_timesteps
+from ddpmkit.schema import Optional
 
 __all__ = ["GRID_SIZE", "SETTINGS_NAME", "SampleFolderResult", "drop_torn_pngs", "existing_indices",
            "sample_folder", "write_npz_and_grid"]
@@ -36,8 +37,13 @@ INDEX_PNG = re.compile(r"^(\d+)\.png$")
 NPZ_NAME = re.compile(r"^samples_(\d+)x\d+x\d+x\d+\.npz$")
 SETTINGS_NAME = "sampling.json"
 GRID_SIZE = 64
+# Every setting that changes the samples: the weights, the diffusion they are read with, the sampler
+# and its noise, and bf16 arithmetic. A folder written before one was recorded is refused (None there).
 _SETTINGS_KEYS = ("sampler", "steps", "timesteps", "eta", "seed", "clip_denoised", "ema", "image_shape",
-                  "num_timesteps", "model_sha256")
+                  "num_timesteps", "model_sha256", "diffusion", "bf16")
+_SETTINGS_SCHEMA = {"sampler": str, "steps": int, "timesteps": Optional([int]), "eta": float, "seed": int,
+                    "clip_denoised": bool, "ema": bool, "image_shape": [int], "num_timesteps": int,
+                    "model_sha256": Optional(str), "diffusion": Optional(dict), "bf16": Optional(bool)}
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     """Write DIR/sampling.json, or check that the samples already there were made the same way."""
     path = out_dir / SETTINGS_NAME
     if path.is_file():
-        old = read_json_object(path)
+        old = read_json_object(path, _SETTINGS_SCHEMA)
         diff = [k for k in _SETTINGS_KEYS if old.get(k) != settings.get(k)]
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} there vs {settings.get(k)!r} now" for k in diff)
@@ -217,7 +223,8 @@ def _run(req: _Request, *, step_progress: bool,
         "model": loaded.source, "sampler": req.sampler.value, "steps": len(kept),
         **({"timesteps": kept} if req.timesteps is not None else {}), "eta": req.eta, "seed": req.seed,
         "clip_denoised": req.clip_denoised, "ema": req.ema, "image_shape": list(shape), "num_timesteps": T,
-        "model_sha256": weights_sha256(loaded.unet),
+        "model_sha256": weights_sha256(loaded.unet), "diffusion": loaded.diffusion.to_dict(),
+        "bf16": req.speed["bf16"],
     })
     done = drop_torn_pngs(req.out_dir, existing_indices(req.out_dir), shape, on_redraw)
     todo = [i for i in req.wanted if i not in done]
