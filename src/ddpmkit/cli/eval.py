@@ -81,16 +81,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _check_writable(out: Path) -> Path:
-    """An output that cannot be written is a one-line user error before any work (a probe file)."""
-    import tempfile
+    """An output that cannot be written (or is a folder) is a one-line user error before any work."""
+    from ddpmkit.fileio import check_output_path
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".probe-{out.name}."):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot write to {out.parent}: {e.strerror or e}") from None
-    return out
+    return check_output_path(out)
 
 
 def _positive(name: str, value: int | None) -> None:
