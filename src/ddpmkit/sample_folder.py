@@ -11,6 +11,7 @@ ones. One process at a time holds a folder (``fileio.RunLock``).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import time
@@ -31,7 +32,7 @@ from ddpmkit.sampling import SamplerType, resolve_timesteps
 from ddpmkit.schema import Optional
 
 __all__ = ["GRID_SIZE", "SETTINGS_NAME", "SampleFolderResult", "drop_torn_pngs", "existing_indices",
-           "sample_folder", "write_npz_and_grid"]
+           "sample_folder", "samples_provenance", "write_npz_and_grid"]
 
 INDEX_PNG = re.compile(r"^(\d+)\.png$")
 NPZ_NAME = re.compile(r"^samples_(\d+)x\d+x\d+x\d+\.npz$")
@@ -79,6 +80,20 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, settings, sort_keys=False)
+
+
+def samples_provenance(path: str | Path, images: np.ndarray) -> dict[str, Any]:
+    """What an evaluation of samples records about them: the SHA-256 of the uint8 images as scored and,
+    for a sample folder (or an npz in one), its sampling.json (the model's weights hash, the sampler,
+    the seed, the diffusion); None where there is none or it does not read."""
+    path = Path(path)
+    settings_path = (path if path.is_dir() else path.parent) / SETTINGS_NAME
+    try:
+        settings = read_json_object(settings_path, _SETTINGS_SCHEMA) if settings_path.is_file() else None
+    except ValueError:
+        settings = None
+    return {"samples_sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
+            "sampling": settings}
 
 
 def drop_torn_pngs(out_dir: Path, done: set[int], shape: tuple[int, int, int],

@@ -135,17 +135,19 @@ def run_bpd(args: argparse.Namespace) -> int:
 
 def run_fid(args: argparse.Namespace) -> int:
     from ddpmkit.distributed import resolve_device
-    from ddpmkit.evaluate.fid import FewSamplesWarning, compute_fid
+    from ddpmkit.evaluate.fid import FewSamplesWarning, compute_fid, load_samples
+    from ddpmkit.sample_folder import samples_provenance
 
     _positive("batch-size", args.batch_size)
     device = resolve_device(args.device)
     out = _check_writable(Path(args.out) if args.out else _default_out(args.samples, "eval_fid.json"))
+    images = load_samples(args.samples)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FewSamplesWarning)  # printed below from res["warnings"]
-        res = compute_fid(args.samples, args.ref, batch_size=args.batch_size, split=args.ref_split,
+        res = compute_fid(images, args.ref, batch_size=args.batch_size, split=args.ref_split,
                           device=device, inception_weights=args.inception_weights,
                           download=args.download_weights, use_cache=args.cache, progress=True)
-    res.update(kind="fid", samples=str(args.samples))
+    res.update(kind="fid", samples=str(args.samples), **samples_provenance(args.samples, images))
     _write_json(out, res)
     for w in res["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
@@ -159,10 +161,12 @@ def run_fid(args: argparse.Namespace) -> int:
 def run_digits(args: argparse.Namespace) -> int:
     from ddpmkit.evaluate.digits_metric import digits_fd
     from ddpmkit.evaluate.fid import load_samples
+    from ddpmkit.sample_folder import samples_provenance
 
     out = _check_writable(Path(args.out) if args.out else _default_out(args.samples, "eval_digits.json"))
-    res = digits_fd(load_samples(args.samples))
-    res.update(kind="digits", samples=str(args.samples))
+    images = load_samples(args.samples)
+    res = digits_fd(images)
+    res.update(kind="digits", samples=str(args.samples), **samples_provenance(args.samples, images))
     _write_json(out, res)
     real = res["real"]
     print(f"digits metric on {res['n']} samples (reference: {res['reference']})")
