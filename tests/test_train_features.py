@@ -317,7 +317,7 @@ def test_cli_flags_reach_the_config_and_round_trip_through_config_json(tmp_path)
     ("ema_power", 0.0, "ema_power must be a finite number > 0, got 0.0"),
     ("ema_inv_gamma", -1.0, "ema_inv_gamma must be a finite number > 0, got -1.0"),
     ("ema_min_decay", 0.9, "ema_min_decay must be in [0, ema_decay=0.75], got 0.9"),
-    ("ema_warmup", 1, "ema_warmup must be true or false, got 1"),
+    ("ema_warmup", 1, "ema_warmup must be a bool, got 1"),
 ])
 def test_bad_values_are_one_line_value_errors(noise_npz, key, value, message):
     base = config(noise_npz)
