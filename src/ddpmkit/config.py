@@ -75,6 +75,11 @@ class Tracker(str, Enum):
     WANDB = "wandb"  # Weights & Biases under RUN/wandb; pip install 'ddpmkit[wandb]'
 
 
+# Counts that size an allocation (threads, data-loader processes, the sample grid's batch): far
+# above any use, below what crashes libgomp, forks a machine to death or fills memory.
+MAX_COUNTS = {"num_threads": 1024, "num_workers": 256, "num_samples": 4096}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """A training run, resolved. Defaults are the paper's CIFAR-10 recipe (App. B)."""
@@ -140,6 +145,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         check_int(self.seed, "seed", low=0, high=2**63 - 1)  # torch.manual_seed takes 64 bits, signed
+        for name, high in MAX_COUNTS.items():  # before a thread pool, worker pool or sample grid is made
+            check_int(getattr(self, name), name, low=0, high=high)
         check_float(self.adam_eps, "adam_eps", low=0, low_open=True)
         if not 0 < self.lr < float("inf"):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
