@@ -229,17 +229,17 @@ def test_data_verify_reports_a_file_whose_name_is_not_utf8(tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------------- 13: sizes that cannot fit
-@pytest.mark.parametrize("flags", [
-    ["--set", "unet.ch=100000"],
-    ["--set", "unet.num_res_blocks=100000"],
-    ["--batch-size", "100000000"],
+@pytest.mark.parametrize("flags, words", [
+    (["--set", "unet.ch=100000"], ["UNetConfig.ch must be at most 16,384, got 100,000"]),
+    (["--set", "unet.num_res_blocks=100000"], ["UNetConfig.num_res_blocks must be at most 64, got 100,000"]),
+    (["--batch-size", "100000000"], ["GiB", "more than the"]),
 ])
-def test_train_refuses_sizes_that_cannot_fit_before_allocating(tmp_path, capsys, flags):
+def test_train_refuses_sizes_that_cannot_fit_before_allocating(tmp_path, capsys, flags, words):
     from ddpmkit.cli import main
 
     assert main(["train", "-o", str(tmp_path / "run"), "--no-progress", "--steps", "1", *flags]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "GiB" in err and "more than the" in err, err
+    assert err.count("\n") == 1 and all(w in err for w in words), err
     assert not (tmp_path / "run").exists()
 
 

@@ -51,7 +51,8 @@ __all__ = ["UNET_PRESETS", "UNet", "UNetConfig", "read_model_folder"]
 
 # Far above any published DDPM (the paper: ch 128, 2 res blocks, 4-6 levels, 256 px), far below a
 # size that takes minutes to build or exhausts memory.
-MAX_SIZES = {"resolution": 8192, "in_channels": 64, "out_channels": 64, "ch": 16384, "num_res_blocks": 64,
+# The resolution is left to the memory bound (training.fit.check_fits): it sizes activations, not weights.
+MAX_SIZES = {"resolution": 2**62, "in_channels": 64, "out_channels": 64, "ch": 16384, "num_res_blocks": 64,
              "levels": 12}
 
 
