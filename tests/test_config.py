@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import time
 
 import pytest
 from tiny_runs import config, tiny_config
 
+from ddpmkit.cli import main
 from ddpmkit.config import (
     TRAIN_PRESETS,
     Precision,
@@ -153,7 +156,7 @@ def test_a_deeply_nested_config_file_is_one_line(tmp_path, capsys):
     ("ema_power", 0.0, "ema_power must be a finite number > 0, got 0.0"),
     ("ema_inv_gamma", -1.0, "ema_inv_gamma must be a finite number > 0, got -1.0"),
     ("ema_min_decay", 0.9, "ema_min_decay must be in [0, ema_decay=0.75], got 0.9"),
-    ("ema_warmup", 1, "ema_warmup must be true or false, got 1"),
+    ("ema_warmup", 1, "ema_warmup must be a bool, got 1"),
 ])
 def test_bad_values_are_one_line_value_errors(noise_npz, key, value, message):
     base = config(noise_npz)
@@ -166,3 +169,131 @@ def test_lr_inf_is_refused_up_front(tiny_npz):
     for lr in ("inf", "nan"):
         with pytest.raises(ValueError, match="lr must be"):
             tiny_config(tiny_npz, lr=lr)
+
+
+BAD_FILES = [
+    ({"random_flip": "no"}, "random_flip must be a bool"),
+    ({"lr": "0.001"}, "lr must be a number"),
+    ({"steps": 1.5}, "steps must be an int"),
+    ({"steps": True}, "steps must be an int"),
+    ({"seed": "0"}, "seed must be an int"),
+    ({"adam_betas": "0.9,0.999"}, "adam_betas must be"),
+    ({"adam_betas": [0.9, "x"]}, "adam_betas[1] must be a number"),
+    ({"data": 3}, "data must be a string or null"),
+    ({"precision": 16}, "precision must be a string"),
+    ({"unet": {"ch": "64"}}, "unet.ch must be an int"),
+    ({"unet": {"ch_mult": 2}}, "unet.ch_mult must be a list"),
+    ({"unet": {"dropout": None}}, "unet.dropout must be a number"),
+    ({"unet": []}, "unet must be an object"),
+    ({"diffusion": {"num_timesteps": "1000"}}, "diffusion.num_timesteps must be an int"),
+    ({"diffusion": {"beta_end": [0.02]}}, "diffusion.beta_end must be a number"),
+    ({"diffusion": {"var_type": 1}}, "diffusion.var_type must be a string"),
+    ({"ema_warmup": 1}, "ema_warmup must be a bool"),
+    ({"preset": 7}, "preset must be a string"),
+]
+
+
+@pytest.mark.parametrize(("content", "words"), BAD_FILES)
+def test_a_config_file_of_the_wrong_type_is_one_line_naming_the_key(tmp_path, content, words):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError) as err:
+        load_config(path)
+    assert words in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(("content", "words"), BAD_FILES[:3])
+def test_the_cli_prints_it_as_one_line(tmp_path, capsys, content, words):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(content))
+    assert main(["train", "--config", str(path), "--steps", "1", "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "Traceback" not in err
+
+
+def test_a_good_config_file_still_loads(tmp_path):
+    cfg = train_preset("digits")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert load_config(path) == cfg
+    assert config_from_partial_dict({"lr": 1, "unet": {"ch": 32}}).lr == 1.0
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("seed", str(10**22), "seed must be an int in [0, 9223372036854775807]"),
+    ("diffusion.beta_start", "0.05", "beta_start"),
+    ("adam_eps", "inf", "adam_eps must be a float > 0"),
+    ("adam_eps", "0", "adam_eps must be a float > 0"),
+])
+def test_the_unclear_values_are_refused_naming_the_key(key, value, words):
+    with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        apply_overrides(train_preset("digits"), {key: value})
+
+
+def test_a_set_value_of_the_wrong_type_is_refused():
+    with pytest.raises(ValueError, match="random_flip must be a bool"):
+        TrainConfig(random_flip="no")
+    with pytest.raises(ValueError, match="lr must be"):
+        TrainConfig(lr="0.001")
+
+
+def test_a_state_json_world_size_string_is_refused():
+    from ddpmkit.schema import problem
+    from ddpmkit.training.state import STATE_SCHEMA
+
+    spec = {k: STATE_SCHEMA[k] for k in ("step", "config", "world_size")}
+    assert "world_size must be an int" in problem({"step": 1, "config": {}, "world_size": "1"}, spec)
+
+
+def _one_line_fast(capsys, argv, *words):
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+def test_a_model_folder_with_a_million_res_blocks_is_refused_at_once(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["unet"]["num_res_blocks"] = 10**6
+    (model / "config.json").write_text(json.dumps(cfg))
+    _one_line_fast(capsys, ["sample", str(model), "--n", "1", "--output-dir", str(tmp_path / "s"),
+                            "--device", "cpu"], "num_res_blocks")
+
+
+def test_a_diffusers_folder_with_a_million_layers_per_block_is_refused_at_once(tiny_model_dir, tmp_path,
+                                                                                capsys):
+    hf = tmp_path / "hf"
+    assert main(["convert", "--to-diffusers", str(tiny_model_dir), "--out", str(hf)]) == 0
+    capsys.readouterr()
+    path = next(p for p in hf.rglob("config.json") if "layers_per_block" in p.read_text())
+    cfg = json.loads(path.read_text())
+    cfg["layers_per_block"] = 10**6
+    path.write_text(json.dumps(cfg))
+    _one_line_fast(capsys, ["sample", str(hf), "--n", "1", "--output-dir", str(tmp_path / "s"),
+                            "--device", "cpu"], "num_res_blocks")
+
+
+@pytest.mark.parametrize(("flag", "value", "key"), [
+    ("--num-samples", "100000000", "num_samples"), ("--num-threads", "1000000000", "num_threads"),
+    ("--num-threads", "100000000", "num_threads"), ("--num-workers", "1000000", "num_workers"),
+])
+def test_a_huge_train_flag_is_refused_before_training(tmp_path, capsys, flag, value, key):
+    _one_line_fast(capsys, ["train", "--preset", "digits", "--steps", "1", flag, value, "--output-dir",
+                            str(tmp_path / "r")], key)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("key", ["ch", "num_res_blocks"])
+def test_unet_sizes_are_bounded(key):
+    from ddpmkit.nn import UNetConfig
+
+    with pytest.raises(ValueError, match=key):
+        UNetConfig(resolution=8, **{key: 2**20 * 32})
+    with pytest.raises(ValueError, match="ch_mult"):
+        UNetConfig(resolution=8, ch_mult=(1,) * 100)
+    assert TrainConfig(num_threads=64, num_samples=1024).num_threads == 64

@@ -22,13 +22,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from ddpmkit.checks import check_float, check_int
 from ddpmkit.data.sources import OnBadImage
 from ddpmkit.diffusion import DiffusionConfig, VarType
 from ddpmkit.enums import parse_enum, unknown_choice
 from ddpmkit.fileio import atomic_write_json, read_json_object
 from ddpmkit.nn import UNET_PRESETS, UNetConfig
+from ddpmkit.schema import OneOf, Optional, check, problem
 
 __all__ = [
+    "CONFIG_SCHEMA",
     "PAPER_RECIPE_FIELDS",
     "RESUME_MUTABLE_FIELDS",
     "TRAIN_PRESETS",
@@ -71,6 +74,11 @@ class Tracker(str, Enum):
     NONE = "none"  # the default: nothing is opened unless asked
     TENSORBOARD = "tensorboard"  # RUN/tensorboard; pip install 'ddpmkit[tensorboard]'
     WANDB = "wandb"  # Weights & Biases under RUN/wandb; pip install 'ddpmkit[wandb]'
+
+
+# Counts that size an allocation (threads, data-loader processes, the sample grid's batch): far
+# above any use, below what crashes libgomp, forks a machine to death or fills memory.
+MAX_COUNTS = {"num_threads": 1024, "num_workers": 256, "num_samples": 4096}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +124,11 @@ class TrainConfig:
     logger: Tracker = Tracker.NONE
 
     def __post_init__(self) -> None:
+        top = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("unet", "diffusion")}
+        p = problem({k: v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v
+                     for k, v in top.items()}, {k: v for k, v in CONFIG_SCHEMA.items() if k in top})
+        if p is not None:
+            raise ValueError(p)
         for name, cls in (("precision", Precision), ("on_bad_image", OnBadImage),
                           ("lr_schedule", LrSchedule), ("logger", Tracker)):
             object.__setattr__(self, name, parse_enum(cls, getattr(self, name), name))
@@ -132,6 +145,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        check_int(self.seed, "seed", low=0, high=2**63 - 1)  # torch.manual_seed takes 64 bits, signed
+        for name, high in MAX_COUNTS.items():  # before a thread pool, worker pool or sample grid is made
+            check_int(getattr(self, name), name, low=0, high=high)
+        check_float(self.adam_eps, "adam_eps", low=0, low_open=True)
         if not 0 < self.lr < float("inf"):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not 0.0 <= self.lr_min <= self.lr:
@@ -143,8 +160,6 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if not isinstance(self.ema_warmup, bool):
-            raise ValueError(f"ema_warmup must be true or false, got {self.ema_warmup!r}")
         for name in ("ema_inv_gamma", "ema_power"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
@@ -169,12 +184,14 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of ``to_dict``; missing keys take the defaults, unknown keys raise ValueError."""
+    def from_dict(cls, d: dict[str, Any], where: str = "train config") -> TrainConfig:
+        """Inverse of ``to_dict``; missing keys take the defaults; unknown keys and values of the wrong
+        type (``CONFIG_SCHEMA``) raise a ValueError ``"{where}: {key} ..."``."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown train config keys {unknown}; expected a subset of {sorted(known)}")
+        check(d, CONFIG_SCHEMA, where)
         kwargs = dict(d)
         if "unet" in kwargs:
             kwargs["unet"] = UNetConfig.from_dict(kwargs["unet"])
@@ -183,6 +200,35 @@ class TrainConfig:
         if "adam_betas" in kwargs:
             kwargs["adam_betas"] = tuple(kwargs["adam_betas"])
         return cls(**kwargs)
+
+
+def _spec_of(value: Any) -> Any:
+    """The JSON type of a field, from its default value."""
+    if isinstance(value, Enum):
+        return str
+    if isinstance(value, tuple):
+        return [_spec_of(value[0])]
+    return type(value)
+
+
+def _fields_spec(cls: Any, defaults: Any = None, **special: Any) -> dict[str, Any]:
+    """Each field of dataclass ``cls`` as an optional key of its default's type (from ``defaults``,
+    an instance, where a field has no default)."""
+    def default(f: Any) -> Any:
+        if defaults is not None:
+            return getattr(defaults, f.name)
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+    return {f.name: Optional(special.get(f.name) or _spec_of(default(f))) for f in fields(cls)}
+
+
+# The JSON shape of a config file (every key optional), field by field: a user's file is checked
+# against it before any value is used (``ddpmkit.schema``); ranges are checked by the dataclasses.
+CONFIG_SCHEMA: dict[str, Any] = {
+    **_fields_spec(TrainConfig, data=OneOf(str, None), adam_betas=(float, float)),
+    "unet": Optional(_fields_spec(UNetConfig, UNET_PRESETS["cifar10"])),
+    "diffusion": Optional(_fields_spec(DiffusionConfig, DiffusionConfig())),
+}
 
 
 def _paper_cifar10() -> TrainConfig:
@@ -380,13 +426,15 @@ def save_config(config: TrainConfig, path: str | Path) -> Path:
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """Read a JSON file written by ``save_config`` (or a subset of its keys)."""
-    return config_from_partial_dict(read_json_object(path))
+    """Read a JSON file written by ``save_config`` (or a subset of its keys), checked field by field."""
+    return config_from_partial_dict(read_json_object(path), where=str(path))
 
 
-def config_from_partial_dict(d: dict[str, Any]) -> TrainConfig:
+def config_from_partial_dict(d: dict[str, Any], where: str = "train config") -> TrainConfig:
     """A config from some of its keys: those missing come from ``d["preset"]``'s preset if it
-    names one, else from the defaults (the paper's CIFAR-10 recipe). Nested dicts merge."""
+    names one, else from the defaults (the paper's CIFAR-10 recipe). Nested dicts merge. The keys
+    given are type-checked (``CONFIG_SCHEMA``) before they are merged, naming ``where``."""
+    check(d, CONFIG_SCHEMA, where)
     preset = d.get("preset")
     base = (train_preset(preset) if preset in TRAIN_PRESETS else TrainConfig()).to_dict()
     for key, value in d.items():
@@ -394,4 +442,4 @@ def config_from_partial_dict(d: dict[str, Any]) -> TrainConfig:
             base[key] = {**base[key], **value}
         else:
             base[key] = value
-    return TrainConfig.from_dict(base)
+    return TrainConfig.from_dict(base, where)

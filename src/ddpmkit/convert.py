@@ -15,7 +15,9 @@ __all__ = ["convert_from_diffusers", "convert_from_tf", "convert_to_diffusers"]
 
 
 def _check_out_dir(out_dir: str | os.PathLike) -> None:
-    out = Path(out_dir)
+    from ddpmkit.fileio import check_output_path
+
+    out = check_output_path(out_dir, folder=True)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output folder {out} exists and is not empty")
 
@@ -34,6 +36,7 @@ def convert_from_diffusers(src_dir: str | os.PathLike, out_dir: str | os.PathLik
     from ddpmkit.diffusion import DiffusionConfig
     from ddpmkit.interop.diffusers import load_diffusers
 
+    _check_out_dir(out_dir)  # before the source is read
     unet, diffusion, _ = load_diffusers(src_dir)
     if diffusion is None:
         diffusion = DiffusionConfig()

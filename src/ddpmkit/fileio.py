@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +23,8 @@ from typing import Any, BinaryIO
 from ddpmkit.schema import check
 
 __all__ = ["RunLock", "append_line_synced", "atomic_write", "atomic_write_bytes", "atomic_write_folder",
-           "atomic_write_json", "fsync_dir", "full_disk_is_an_error", "loads_json", "read_json_lines",
-           "read_json_object"]
+           "atomic_write_json", "check_output_path", "fsync_dir", "full_disk_is_an_error", "loads_json",
+           "read_json_lines", "read_json_object"]
 
 # Bounds of every JSON read: far above what ddpmkit writes (a bits/dim partial file of CIFAR-10's
 # training set is ~30 MB; nothing nests 10 deep), far below what exhausts memory or the C stack.
@@ -56,6 +57,30 @@ def full_disk_is_an_error(path: str | Path) -> Iterator[None]:
             raise
         raise ValueError(f"cannot write {path}: {e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}); "
                          "free some space and run again") from None
+
+
+def check_output_path(path: str | Path, *, folder: bool = False) -> Path:
+    """``path``, once it is known that a file (``folder`` False) or a folder can be written there,
+    before any work: a folder where a file goes (or a file where a folder goes), a symlink where a
+    folder goes (ddpmkit replaces folders, and would replace the link's target), and a folder that
+    cannot be written (a probe file is made and removed) are each a one-line ValueError."""
+    path = Path(path)
+    if folder and path.is_symlink():
+        raise ValueError(f"{path} is a symlink; ddpmkit replaces this folder and does not follow links: "
+                         "remove the link or choose another path")
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name")
+    where = path if folder and path.is_dir() else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to {where}: {e.strerror or e}") from None
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:

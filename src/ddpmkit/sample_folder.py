@@ -11,6 +11,7 @@ ones. One process at a time holds a folder (``fileio.RunLock``).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import time
@@ -28,16 +29,23 @@ from ddpmkit.enums import parse_enum
 from ddpmkit.fileio import RunLock, atomic_write_bytes, atomic_write_json, read_json_object
 from ddpmkit.respace import Timesteps
 from ddpmkit.sampling import SamplerType, resolve_timesteps
+from ddpmkit.schema import Optional
 
 __all__ = ["GRID_SIZE", "SETTINGS_NAME", "SampleFolderResult", "default_output_dir", "drop_torn_pngs",
-           "ema_warning", "existing_indices", "sample_folder", "write_npz_and_grid"]
+           "ema_warning", "existing_indices", "sample_folder", "samples_provenance", "write_npz_and_grid"]
 
 INDEX_PNG = re.compile(r"^(\d+)\.png$")
 NPZ_NAME = re.compile(r"^samples_(\d+)x\d+x\d+x\d+\.npz$")
 SETTINGS_NAME = "sampling.json"
 GRID_SIZE = 64
+# Every setting that changes the samples: the weights, the diffusion they are read with, the sampler
+# and its noise, and bf16 arithmetic. A folder written before one was recorded is refused (None there).
 _SETTINGS_KEYS = ("sampler", "steps", "timesteps", "eta", "seed", "clip_denoised", "ema", "image_shape",
-                  "num_timesteps", "model_sha256")
+                  "num_timesteps", "model_sha256", "diffusion", "bf16", "gamma")
+_SETTINGS_SCHEMA = {"sampler": str, "steps": int, "timesteps": Optional([int]), "eta": float, "seed": int,
+                    "clip_denoised": bool, "ema": bool, "image_shape": [int], "num_timesteps": int,
+                    "model_sha256": Optional(str), "diffusion": Optional(dict), "bf16": Optional(bool),
+                    "gamma": Optional(dict)}
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     """Write DIR/sampling.json, or check that the samples already there were made the same way."""
     path = out_dir / SETTINGS_NAME
     if path.is_file():
-        old = read_json_object(path)
+        old = read_json_object(path, _SETTINGS_SCHEMA)
         diff = [k for k in _SETTINGS_KEYS if old.get(k) != settings.get(k)]
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} there vs {settings.get(k)!r} now" for k in diff)
@@ -119,6 +127,20 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, settings, sort_keys=False)
+
+
+def samples_provenance(path: str | Path, images: np.ndarray) -> dict[str, Any]:
+    """What an evaluation of samples records about them: the SHA-256 of the uint8 images as scored and,
+    for a sample folder (or an npz in one), its sampling.json (the model's weights hash, the sampler,
+    the seed, the diffusion); None where there is none or it does not read."""
+    path = Path(path)
+    settings_path = (path if path.is_dir() else path.parent) / SETTINGS_NAME
+    try:
+        settings = read_json_object(settings_path, _SETTINGS_SCHEMA) if settings_path.is_file() else None
+    except ValueError:
+        settings = None
+    return {"samples_sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
+            "sampling": settings}
 
 
 def drop_torn_pngs(out_dir: Path, done: set[int], shape: tuple[int, int, int],
@@ -276,7 +298,7 @@ def _run(req: _Request, *, step_progress: bool,
         **gamma_settings, "model": loaded.source, "sampler": req.sampler.value, "steps": len(kept),
         **({"timesteps": kept} if req.timesteps is not None else {}), "eta": req.eta, "seed": req.seed,
         "clip_denoised": req.clip_denoised, "ema": req.ema, "image_shape": list(shape), "num_timesteps": T,
-        "model_sha256": sha,
+        "model_sha256": sha, "diffusion": loaded.diffusion.to_dict(), "bf16": req.speed["bf16"],
     })
     done = drop_torn_pngs(req.out_dir, existing_indices(req.out_dir), shape, on_redraw)
     todo = [i for i in req.wanted if i not in done]

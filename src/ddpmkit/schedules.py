@@ -108,19 +108,24 @@ BETA_SCHEDULES: dict[str, Callable[[int, float, float], torch.Tensor]] = {
 }
 
 
+_RISING = ("linear", "quad", "warmup10", "warmup50")  # schedules that go from beta_start to beta_end
+
+
 def get_named_beta_schedule(
     name: str, num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02
 ) -> torch.Tensor:
     """The schedule ``name`` (one of ``BETA_SCHEDULES``) with T = ``num_timesteps`` steps.
 
     Returns betas: (T,) float64, every entry in (0, 1].
-    Raises ValueError for an unknown name, T < 2, or betas outside (0, 1].
+    Raises ValueError for an unknown name, T < 2, betas outside (0, 1], or beta_start > beta_end in a
+    schedule that rises from one to the other.
     """
     if name not in BETA_SCHEDULES:
         raise unknown_choice("beta schedule", name, sorted(BETA_SCHEDULES))
     check_int(num_timesteps, "num_timesteps", low=2)
     betas = BETA_SCHEDULES[name](num_timesteps, float(beta_start), float(beta_end))
-    if not bool(((betas > 0) & (betas <= 1)).all()):
+    decreasing = name in _RISING and float(beta_start) > float(beta_end)  # a noise level that falls with t
+    if decreasing or not bool(((betas > 0) & (betas <= 1)).all()):
         raise ValueError(
             f"schedule {name!r} with beta_start={beta_start}, beta_end={beta_end} gives betas outside "
             "(0, 1]; expected 0 < beta_start <= beta_end <= 1"

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ddpmkit import checkpoint as ckpt
 from ddpmkit.config import Precision, TrainConfig, save_config
 from ddpmkit.distributed import DistInfo, all_reduce_max, barrier, init_distributed, shutdown_distributed
-from ddpmkit.fileio import RunLock
+from ddpmkit.fileio import RunLock, check_output_path
 from ddpmkit.nn import UNet
 from ddpmkit.training.data import batch_indices, batch_stream, epoch_permutation
 from ddpmkit.training.fit import check_fits
@@ -346,6 +346,8 @@ def train(
                    training=True, device=info.device)
         if info.is_main:
             lock.acquire()  # one trainer per run dir; also the check that it can be written, before any work
+            for name in ("model", "model_raw"):  # replaced at every checkpoint: a symlink there is refused
+                check_output_path(run_dir / name, folder=True)
         barrier(info)
         run = _build_run(config, run_dir, info, progress=progress)
         run.callbacks = tuple(callbacks)

@@ -90,16 +90,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _check_writable(out: Path) -> Path:
-    """An output that cannot be written is a one-line user error before any work (a probe file)."""
-    import tempfile
+    """An output that cannot be written (or is a folder) is a one-line user error before any work."""
+    from ddpmkit.fileio import check_output_path
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".probe-{out.name}."):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot write to {out.parent}: {e.strerror or e}") from None
-    return out
+    return check_output_path(out)
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -188,18 +182,20 @@ def _check_fidelity() -> None:
 
 def run_fid(args: argparse.Namespace) -> int:
     from ddpmkit.distributed import resolve_device
-    from ddpmkit.evaluate.fid import FewSamplesWarning, compute_fid
+    from ddpmkit.evaluate.fid import FewSamplesWarning, compute_fid, load_samples
+    from ddpmkit.sample_folder import samples_provenance
 
     _positive("batch-size", args.batch_size)
     _check_fidelity()
     device = resolve_device(args.device)
     out = _check_writable(Path(args.out) if args.out else _default_out(args.samples, "eval_fid.json"))
+    images = load_samples(args.samples)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FewSamplesWarning)  # printed below from res["warnings"]
-        res = compute_fid(args.samples, args.ref, batch_size=args.batch_size, split=args.ref_split,
+        res = compute_fid(images, args.ref, batch_size=args.batch_size, split=args.ref_split,
                           device=device, inception_weights=args.inception_weights,
                           download=args.download_weights, use_cache=args.cache, progress=True)
-    res.update(kind="fid", samples=str(args.samples))
+    res.update(kind="fid", samples=str(args.samples), **samples_provenance(args.samples, images))
     _write_json(out, res)
     for w in res["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
@@ -213,10 +209,12 @@ def run_fid(args: argparse.Namespace) -> int:
 def run_digits(args: argparse.Namespace) -> int:
     from ddpmkit.evaluate.digits_metric import digits_fd
     from ddpmkit.evaluate.fid import load_samples
+    from ddpmkit.sample_folder import samples_provenance
 
     out = _check_writable(Path(args.out) if args.out else _default_out(args.samples, "eval_digits.json"))
-    res = digits_fd(load_samples(args.samples))
-    res.update(kind="digits", samples=str(args.samples))
+    images = load_samples(args.samples)
+    res = digits_fd(images)
+    res.update(kind="digits", samples=str(args.samples), **samples_provenance(args.samples, images))
     _write_json(out, res)
     real = res["real"]
     print(f"digits metric on {res['n']} samples (reference: {res['reference']})")

@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from ddpmkit import figures
     from ddpmkit.accel import prepare_model
     from ddpmkit.distributed import resolve_device
+    from ddpmkit.fileio import check_output_path
     from ddpmkit.images import readable_scale, save_image_grid
     from ddpmkit.models import load_model
 
@@ -137,11 +138,13 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     device = resolve_device(args.device)
+    out = check_output_path(args.out or f"figure_{args.kind}.png")  # before the model is loaded
+    if getattr(args, "json", None):
+        check_output_path(args.json)
     loaded = load_model(args.model, ema=args.ema)
     diffusion = loaded.diffusion.build()
     T = diffusion.num_timesteps
     C, R = loaded.unet.config.in_channels, loaded.unet.config.resolution
-    out = Path(args.out or f"figure_{args.kind}.png")
     model = prepare_model(loaded.unet, device=device, compile=args.compile, bf16=args.bf16,
                           cuda_graphs=args.cuda_graphs)
     if args.kind == "progressive":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpmkit.charts import plot_lines
-from ddpmkit.fileio import atomic_write_bytes, read_json_lines, read_json_object
+from ddpmkit.fileio import atomic_write_bytes, check_output_path, read_json_lines, read_json_object
 from ddpmkit.images import enlarge, readable_scale, save_pil
 
 __all__ = ["PAPER", "build_report"]
@@ -148,7 +148,7 @@ def build_report(run: str | Path, out: str | Path | None = None) -> dict[str, An
     if not cfg_path.is_file():
         raise ValueError(f"{run}: no config.json; expected a training run directory written by `ddpm train`")
     config = read_json_object(cfg_path)
-    out = Path(out) if out is not None else run / "report"
+    out = check_output_path(Path(out) if out is not None else run / "report", folder=True)
     out.mkdir(parents=True, exist_ok=True)
     kind = _dataset_kind(config)
     paper = PAPER.get(kind, PAPER["cifar10"])  # no digits experiment in the paper: CIFAR-10 for scale

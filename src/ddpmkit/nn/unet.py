@@ -50,6 +50,13 @@ from ddpmkit.nn.layers import (
 __all__ = ["UNET_PRESETS", "UNet", "UNetConfig", "read_model_folder"]
 
 
+# Far above any published DDPM (the paper: ch 128, 2 res blocks, 4-6 levels, 256 px), far below a
+# size that takes minutes to build or exhausts memory.
+# The resolution is left to the memory bound (training.fit.check_fits): it sizes activations, not weights.
+MAX_SIZES = {"resolution": 2**62, "in_channels": 64, "out_channels": 64, "ch": 16384, "num_res_blocks": 64,
+             "levels": 12}
+
+
 def _positive_int(name: str, value: Any) -> int:
     return check_int(value, f"UNetConfig.{name}", low=1)
 
@@ -83,11 +90,18 @@ class UNetConfig:
     def __post_init__(self) -> None:
         for name in ("resolution", "in_channels", "out_channels", "ch", "num_res_blocks"):
             _positive_int(name, getattr(self, name))
+            if getattr(self, name) > MAX_SIZES[name]:  # before a file's number builds (or allocates) a net
+                raise ValueError(f"UNetConfig.{name} must be at most {MAX_SIZES[name]:,}, got "
+                                 f"{getattr(self, name):,}")
         # Normalise lists (from JSON) to tuples; the dataclass is frozen, hence object.__setattr__.
         object.__setattr__(self, "ch_mult", _int_tuple("ch_mult", self.ch_mult))
         object.__setattr__(self, "attn_resolutions", _int_tuple("attn_resolutions", self.attn_resolutions))
-        if not self.ch_mult:
-            raise ValueError("UNetConfig.ch_mult must have at least one level")
+        if not 1 <= len(self.ch_mult) <= MAX_SIZES["levels"]:
+            raise ValueError(f"UNetConfig.ch_mult must have 1 to {MAX_SIZES['levels']} levels, got "
+                             f"{len(self.ch_mult)}")
+        if self.ch * max(self.ch_mult) > MAX_SIZES["ch"]:
+            raise ValueError(f"UNetConfig: ch * ch_mult[i] must be at most {MAX_SIZES['ch']:,} channels, "
+                             f"got {self.ch * max(self.ch_mult):,}")
         for mult in self.ch_mult:
             if (self.ch * mult) % GROUPNORM_GROUPS:
                 raise ValueError(

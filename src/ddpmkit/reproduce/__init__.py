@@ -51,32 +51,35 @@ from ddpmkit.reproduce.plan import (
     variant_config,
 )
 from ddpmkit.reproduce.report import report_from_stages
-from ddpmkit.reproduce.runs import eval_stage, figures_stage, train_stage
+from ddpmkit.reproduce.runs import eval_stage, figures_stage, file_sha256, model_inputs, train_stage
 from ddpmkit.reproduce.stages import Stages
 
 __all__ = ["reproduce_digits", "stage_plan"]
 
-Stage = tuple[str, float, Callable[[], Any]]  # (name, relative work, function)
+# (name, relative work, function, its inputs besides the settings: see Stages.run)
+Stage = tuple[str, float, Callable[[], Any], Callable[[], dict[str, Any]] | None]
 
 
 def stage_plan(sizes: ReproduceSizes, seeds: list[int], out: Path) -> list[Stage]:
-    """Every stage in order: (name, relative work, function)."""
+    """Every stage in order: (name, relative work, function, inputs)."""
     plan: list[Stage] = []
     for s in seeds:
         for v in VARIANTS:
             run_dir = out / "runs" / f"{v.key}_s{s}"
             cfg = variant_config(v, sizes, s)
             plan.append((f"train_{v.key}_s{s}", train_work(sizes),
-                         lambda cfg=cfg, run_dir=run_dir: train_stage(cfg, run_dir)))
+                         lambda cfg=cfg, run_dir=run_dir: train_stage(cfg, run_dir), None))
             name = f"eval_{v.key}_s{s}"
             plan.append((name, eval_work(sizes),
-                         lambda run_dir=run_dir, s=s, name=name: eval_stage(run_dir, sizes, s, out, name)))
+                         lambda run_dir=run_dir, s=s, name=name: eval_stage(run_dir, sizes, s, out, name),
+                         lambda run_dir=run_dir: model_inputs(run_dir)))
     s0 = seeds[0]
     simple = out / "runs" / f"{SIMPLE}_s{s0}"
     plan.append((f"figures_{SIMPLE}_s{s0}", figures_work(sizes),
-                 lambda: figures_stage(simple, sizes, s0, out)))
-    plan.append((f"nn_{SIMPLE}_s{s0}", NN_WORK,
-                 lambda: memorization_stage(out / "samples" / f"eval_{SIMPLE}_s{s0}.npz", out)))
+                 lambda: figures_stage(simple, sizes, s0, out), lambda: model_inputs(simple)))
+    npz = out / "samples" / f"eval_{SIMPLE}_s{s0}.npz"
+    plan.append((f"nn_{SIMPLE}_s{s0}", NN_WORK, lambda: memorization_stage(npz, out),
+                 lambda: {"samples_sha256": file_sha256(npz)}))
     return plan
 
 
@@ -115,14 +118,14 @@ def reproduce_digits(output_dir: str | os.PathLike, *, seeds: int = 1,
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, train_preset("digits").num_threads))
     try:
-        with progress_bar(total=sum(w for _, w, _ in plan), disable=not progress, unit="work",
+        with progress_bar(total=sum(w for _, w, _, _ in plan), disable=not progress, unit="work",
                           dynamic_ncols=True,
                           bar_format="{desc}: {percentage:3.0f}%|{bar}| elapsed {elapsed}, left {remaining}"
                           ) as bar:
             stages = Stages(out, {"sizes": sizes.to_dict(), "version": 1}, resume=resume, bar=bar)
-            for name, work, fn in plan:
-                stages.run(name, work, fn)
+            for name, work, fn, inputs in plan:
+                stages.run(name, work, fn, inputs)
             bar.set_description("report")
-            return report_from_stages(stages, sizes, seed_list, out, [n for n, _, _ in plan])
+            return report_from_stages(stages, sizes, seed_list, out, [n for n, _, _, _ in plan])
     finally:
         torch.set_num_threads(threads)

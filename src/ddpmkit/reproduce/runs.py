@@ -7,6 +7,7 @@ T-step bound, eq. (5) (``evaluate.bpd.evaluate_bpd``, the code of ``ddpm eval bp
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from ddpmkit.config import TrainConfig
 from ddpmkit.reproduce.plan import ReproduceSizes
 
-__all__ = ["eval_stage", "figures_stage", "stability", "train_stage"]
+__all__ = ["eval_stage", "figures_stage", "file_sha256", "model_inputs", "stability", "train_stage"]
 
 
 def stability(losses: dict[int, float], steps_run: int, exit_code: int) -> dict[str, Any]:
@@ -50,6 +51,24 @@ def train_stage(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     out.update(step=int(res.step), seconds_per_step=seconds / max(1, res.step - start),
                config=cfg.to_dict(), run_dir=run_dir.name)
     return out
+
+
+def model_inputs(run_dir: Path) -> dict[str, Any]:
+    """What of a trained model changes a stage that reads it: its EMA weights and its diffusion."""
+    from ddpmkit.models import load_model
+    from ddpmkit.nn.folder import weights_sha256
+
+    loaded = load_model(run_dir)
+    return {"model_sha256": weights_sha256(loaded.unet), "diffusion": loaded.diffusion.to_dict()}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (a samples npz a later stage reads)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _load(run_dir: Path) -> tuple[Any, Any]:
