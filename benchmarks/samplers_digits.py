@@ -109,22 +109,24 @@ def _bpd_runs(out: Path, net, loaded, gamma, args) -> None:
             print(f"bits/dim K={k:5d} {var:10s} {tot.mean().item():.4f}", flush=True)
 
 
+def _series(records: list[dict], name: str, x: str, y: str) -> dict[str, tuple[list, list]]:
+    """One line per ``records[name]``: (xs, ys) in increasing x."""
+    series: dict[str, tuple[list, list]] = {}
+    for r in sorted(records, key=lambda r: r[x]):
+        xs, ys = series.setdefault(r[name], ([], []))
+        xs.append(r[x])
+        ys.append(r[y])
+    return series
+
+
 def _report(out: Path, args) -> None:
     fds = [json.loads(p.read_text()) for p in sorted(out.glob("fd_*.json"))]
     bpds = [json.loads(p.read_text()) for p in sorted(out.glob("bpd_*.json"))]
-    series = {}
-    for r in sorted(fds, key=lambda r: r["calls"]):
-        series.setdefault(r["name"], ([], []))
-        series[r["name"]][0].append(r["calls"])
-        series[r["name"]][1].append(r["fd"])
+    series = _series(fds, "name", "calls", "fd")
     if series:
         plot_lines(out / "fd_by_calls.png", series, title=f"digits FD by model calls (n = {args.n})",
                    xlabel="model calls", ylabel="FD (digits classifier)", logx=True, logy=True)
-    bseries = {}
-    for r in sorted(bpds, key=lambda r: r["K"]):
-        bseries.setdefault(r["variance"], ([], []))
-        bseries[r["variance"]][0].append(r["K"])
-        bseries[r["variance"]][1].append(r["bpd"])
+    bseries = _series(bpds, "variance", "K", "bpd")
     if bseries:
         plot_lines(out / "bpd_by_k.png", bseries, title="test bits/dim through the K-step bound",
                    xlabel="K (steps of the bound)", ylabel="bits/dim", logx=True)

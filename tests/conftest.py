@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,24 @@ def model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny"
     net.save(path, diffusion=DiffusionConfig(num_timesteps=T, beta_start=0.01, beta_end=0.4))
     return path
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(name, options)``: a real tmpfs mounted at tmp_path/name with the mount ``options``
+    (e.g. "ro,size=1m", "size=2m"), unmounted afterwards; the test is skipped where mounting is not
+    permitted (it needs root)."""
+    mounted = []
+
+    def mount(name: str, options: str) -> Path:
+        mnt = tmp_path / name
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

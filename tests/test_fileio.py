@@ -225,20 +225,9 @@ def test_deeply_nested_or_huge_json_is_a_value_error_naming_the_file(tmp_path, m
 
 # ------------------------------------------------------------------------- a full disk
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MiB filesystem (tmpfs), so that writes fail with ENOSPC; skipped where mounting is not
-    permitted (it needs root)."""
-    import subprocess
-
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_disk(tmpfs):
+    """A real 2 MiB filesystem (tmpfs), so that writes fail with ENOSPC."""
+    return tmpfs("small", "size=2m")
 
 
 def test_a_full_disk_is_one_line_exit_2_and_leaves_no_temporary_files(small_disk, capsys):

@@ -11,7 +11,6 @@ from ddpmkit.cli import EXIT_USER_ERROR, main
 
 
 def test_ctrl_c_while_torch_loads_is_one_line_and_exit_130(monkeypatch, capsys):
-    import subprocess
     import sys
 
     import ddpmkit.cli as cli
@@ -71,17 +70,9 @@ TRAIN = ["train", "--set", "unet.ch=32", "--set", "unet.ch_mult=1", "--set", "un
 
 
 @pytest.fixture
-def read_only(tmp_path):
+def read_only(tmpfs):
     """A real read-only filesystem (a tmpfs mounted ro): root's writes fail there with EROFS."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return tmpfs("ro", "ro,size=1m")
 
 
 @pytest.fixture(scope="module")
