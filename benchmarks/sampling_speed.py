@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (two thrash when the other core is busy)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (two thrash when the other core is busy)")
     p.add_argument("--gamma-samples", type=int, default=50, help="Gamma_t's Monte-Carlo images (timing only)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
