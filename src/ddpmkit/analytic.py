@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from ddpmkit.checks import check_float, check_int
-from ddpmkit.diffusion import DiffusionConfig, GaussianDiffusion, VarType
+from ddpmkit.diffusion import DiffusionConfig, GaussianDiffusion, Model, VarType
 from ddpmkit.enums import parse_enum
 from ddpmkit.respace import chain_on
+from ddpmkit.seeds import draw_standard_normal
 
 __all__ = [
     "GammaEstimate",
@@ -48,7 +49,6 @@ __all__ = [
     "x0_coefficient",
 ]
 
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def chain_alphas_cumprod(alphas_cumprod: Sequence[float] | np.ndarray | torch.Tensor,
@@ -154,7 +154,7 @@ def estimate_gamma(predict_eps: Model, alphas_cumprod: torch.Tensor, batches: It
     T = abar.shape[0]
     per_sample = torch.empty(T, num_samples, dtype=torch.float64)
     for t in range(T):
-        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+        eps = draw_standard_normal(x0.shape, generator, device=device, dtype=torch.float32)
         a = float(abar[t])
         x_t = (a**0.5) * x0 + ((1.0 - a) ** 0.5) * eps
         tt = torch.full((num_samples,), t, dtype=torch.int64, device=device)

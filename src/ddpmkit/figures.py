@@ -1,8 +1,8 @@
 """The paper's figure layouts: progressive generation, reconstructions, interpolations, shared x_t, Fig. 5.
 
 The figure functions (``progressive_figure``, ``interpolation_figure``, ``reconstruction_figure``,
-``shared_xt_figure``) take a model callable and a ``GaussianDiffusion``; they call the samplers of
-``ddpmkit.sampling`` and lay out the results the way the paper's Figures 6-9 do, as uint8 images
+``shared_xt_figure``) take a model callable and a ``GaussianDiffusion``; they call the chains of
+``ddpmkit.chains`` and lay out the results the way the paper's Figures 6-9 do, as uint8 images
 for ``images.save_image_grid``, with the labels of each layout (``*_labels``).
 ``rate_distortion_figure`` draws Fig. 5 from ``evaluate.bpd.rate_distortion``'s result.
 """

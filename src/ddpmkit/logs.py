@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Any
 
+from ddpmkit.enums import parse_enum
+
 __all__ = ["LOGGER_NAME", "ConsoleHandler", "OutputMode", "logger", "progress_bar", "set_output_mode"]
 
 LOGGER_NAME = "ddpmkit"
@@ -72,11 +74,7 @@ def logger(name: str = LOGGER_NAME) -> logging.Logger:
 def set_output_mode(mode: OutputMode | str) -> OutputMode:
     """Switch every later bar and the console handler's form (see ``OutputMode``)."""
     global _mode
-    try:
-        _mode = OutputMode(mode)
-    except ValueError:
-        raise ValueError(f"unknown output mode {mode!r}; choose one of "
-                         f"{', '.join(m.value for m in OutputMode)}") from None
+    _mode = parse_enum(OutputMode, mode, "output mode")
     root = logger()
     for h in root.handlers:
         if isinstance(h, ConsoleHandler):

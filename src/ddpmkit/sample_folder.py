@@ -272,10 +272,10 @@ def sample_folder(
                    speed={"compile": compile, "bf16": bf16, "cuda_graphs": cuda_graphs},
                    gamma_data=gamma_data, gamma_samples=check_int(gamma_samples, "gamma_samples", low=2))
     with RunLock(out_dir):  # one sampler per folder; an unwritable folder fails here, before any work
-        return _run(req, step_progress=step_progress, on_redraw=on_redraw)
+        return _sample_into(req, step_progress=step_progress, on_redraw=on_redraw)
 
 
-def _run(req: _Request, *, step_progress: bool,
+def _sample_into(req: _Request, *, step_progress: bool,
          on_redraw: Callable[[Path], Any] | None) -> SampleFolderResult:
     from ddpmkit.accel import prepare_model
     from ddpmkit.models import load_model

@@ -480,7 +480,8 @@ def sample(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """The sampler ``SAMPLERS[sampler]`` ("ddpm": ``sample_ancestral``, respaced on fewer
-    timesteps; "ddim": ``sample_ddim``, which alone takes ``eta``) with the sampler contract.
+    timesteps; "ddim": ``sample_ddim``; the analytic and DPM-Solver samplers; ``eta`` goes to those
+    whose ``SamplerType.takes_eta``, ``gamma`` to those whose ``needs_gamma``) with the sampler contract.
     ``steps`` is a count (``timesteps`` takes every form of ``parse_timesteps``; give one of the
     two). shape: (B, C, H, W) -> x_0 (B, C, H, W)."""
     sampler = parse_enum(SamplerType, sampler, "sampler")

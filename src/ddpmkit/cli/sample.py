@@ -17,7 +17,8 @@ from ddpmkit.sampling import SamplerType
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sample",
-        help="draw samples (Algorithm 2, respaced DDPM or DDIM) into PNGs, a grid and an npz",
+        help="draw samples (Algorithm 2, respaced DDPM, DDIM, Analytic-DPM, DPM-Solver++) into PNGs, "
+        "a grid and an npz",
         description="Draw samples from MODEL (a training run directory, our model folder, or a "
         "diffusers folder). Default: Algorithm 2 with all T steps, the model's variance and x0 clipping.",
     )

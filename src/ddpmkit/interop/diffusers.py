@@ -26,12 +26,11 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from ddpmkit.checks import is_int
 from ddpmkit.diffusion import DiffusionConfig, LossType, MeanType, VarType
-from ddpmkit.fileio import atomic_write_bytes, atomic_write_json
+from ddpmkit.fileio import atomic_write_bytes, atomic_write_json, read_json_object
 from ddpmkit.nn import UNet, UNetConfig
 from ddpmkit.nn.folder import (
     check_finite,
     load_state_dict_into,
-    read_json,
     read_safetensors,
 )
 from ddpmkit.schedules import BETA_SCHEDULES
@@ -522,7 +521,7 @@ def is_diffusers_folder(path: Path) -> bool:
     if (path / "unet" / UNET_CONFIG_NAME).is_file():
         return True
     try:
-        return read_json(path / UNET_CONFIG_NAME).get("_class_name") == "UNet2DModel"
+        return read_json_object(path / UNET_CONFIG_NAME).get("_class_name") == "UNet2DModel"
     except (OSError, ValueError):  # no file, not JSON, not an object
         return False
 
@@ -556,10 +555,11 @@ def load_diffusers(path: str | Path) -> tuple[UNet, DiffusionConfig | None, Path
     unet_dir, scheduler_path = find_diffusers_folder(path)
     diffusion = None
     if scheduler_path is not None:
-        diffusion = diffusion_config_from_scheduler(read_json(scheduler_path), source=str(scheduler_path))
+        scheduler = read_json_object(scheduler_path)
+        diffusion = diffusion_config_from_scheduler(scheduler, source=str(scheduler_path))
     learned = diffusion is not None and diffusion.var_type.is_learned
     config_path = unet_dir / UNET_CONFIG_NAME
-    unet_config = read_json(config_path)
+    unet_config = read_json_object(config_path)
     unet_config_from_diffusers(unet_config, learned_variance=learned, source=str(config_path))  # fail early
     state_dict, weights_path = read_diffusers_weights(unet_dir)
     unet = unet_from_diffusers_state_dict(

@@ -30,7 +30,6 @@ __all__ = [
     "diffusion_section",
     "is_model_folder",
     "load_state_dict_into",
-    "read_json",
     "read_model_config",
     "read_safetensors",
     "save_model_folder",
@@ -46,7 +45,6 @@ def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metad
     atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata=metadata))
 
 
-read_json = read_json_object  # ddpmkit.fileio's: a JSON object, or an error naming the file
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -154,7 +152,7 @@ def read_model_config(path: Path) -> dict[str, Any]:
     reads the rest is ``ddpmkit.nn.unet.read_model_folder``)."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: model folder not found")
-    config = read_json(path / CONFIG_NAME)
+    config = read_json_object(path / CONFIG_NAME)
     if config.get("format") != MODEL_FORMAT:
         raise ValueError(
             f"{path / CONFIG_NAME}: format is {config.get('format')!r}, expected {MODEL_FORMAT!r}"

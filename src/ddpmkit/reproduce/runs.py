@@ -8,6 +8,7 @@ T-step bound, eq. (5) (``evaluate.bpd.evaluate_bpd``, the code of ``ddpm eval bp
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from ddpmkit.config import TrainConfig
+from ddpmkit.fileio import atomic_write_bytes
 from ddpmkit.reproduce.plan import ReproduceSizes
 
 __all__ = ["eval_stage", "figures_stage", "file_sha256", "model_inputs", "stability", "train_stage"]
@@ -99,7 +101,9 @@ def eval_stage(run_dir: Path, sizes: ReproduceSizes, seed: int, out: Path, name:
         finite = bool(torch.isfinite(x).all())
         u8 = to_uint8_nhwc(x.nan_to_num(0.0).clamp(-1, 1))  # (N, 8, 8, 1)
         (out / "samples").mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out / "samples" / f"{name}.npz", arr_0=u8)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, arr_0=u8)
+        atomic_write_bytes(out / "samples" / f"{name}.npz", buf.getvalue())
         grid = save_image_grid(u8[:64], out / "figures" / f"samples_{name}.png", nrow=8, scale=6,
                                min_width=512)
         metric = digits_fd(u8)
