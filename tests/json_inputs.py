@@ -47,3 +47,55 @@ def _replaced(value, path, new):
     out = copy.copy(value)
     out[path[0]] = _replaced(value[path[0]], path[1:], new)
     return out
+
+
+def same_json(value, expected) -> bool:
+    """``value`` (read from a file) states ``expected``: equal, with a bool only where a bool is and an
+    int where an int is (a float where a float is may be written as an int: JSON has one number)."""
+    if isinstance(value, bool) or isinstance(expected, bool):
+        return type(value) is type(expected) and value == expected
+    if isinstance(expected, (int, float)):
+        return type(value) in ((int,) if isinstance(expected, int) else (int, float)) and value == expected
+    if isinstance(expected, dict):
+        return (isinstance(value, dict) and value.keys() == expected.keys()
+                and all(same_json(value[k], expected[k]) for k in expected))
+    if isinstance(expected, (list, tuple)):
+        return (isinstance(value, list) and len(value) == len(expected)
+                and all(same_json(v, e) for v, e in zip(value, expected, strict=True)))
+    return value == expected
+
+
+def json_twins(value):
+    """Values that Python compares equal to ``value`` but JSON types otherwise (1, 1.0, true)."""
+    if isinstance(value, bool):
+        return st.sampled_from([int(value), float(value)])
+    if isinstance(value, int):
+        return st.sampled_from([float(value), bool(value)] if value in (0, 1) else [float(value)])
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return st.just(int(value))
+    return st.nothing()
+
+
+def _at(value, path):
+    for k in path:
+        value = value[k]
+    return value
+
+
+@st.composite
+def edited(draw, valid):
+    """``valid`` with one value (anywhere in it) replaced by any JSON value or by a twin of the
+    value there (``json_twins``), or one object key removed."""
+    where = draw(st.sampled_from(sorted(_paths(valid), key=str)))
+    if where and isinstance(_at(valid, where[:-1]), dict) and draw(st.integers(0, 5)) == 0:
+        parent = dict(_at(valid, where[:-1]))
+        del parent[where[-1]]
+        return _replaced(valid, where[:-1], parent)
+    return _replaced(valid, where, draw(json_values | json_twins(_at(valid, where))))
+
+
+def json_files(valid):
+    """The bytes of a JSON file that a reader of files like ``valid`` may meet: ``valid`` itself, an
+    ``edited`` copy, or ``json_bytes`` (any JSON, any bytes, deep nesting)."""
+    return st.one_of(st.just(valid), edited(valid), edited(valid), json_bytes).map(
+        lambda v: v if isinstance(v, bytes) else json.dumps(v).encode())

@@ -4,7 +4,8 @@ Runs ``ddpm train`` in this process with the file-system and step functions that
 depends on wrapped (monkeypatched here, nothing in ddpmkit knows): every call is an event, appended
 to LOG as one line (its number and name) before it happens; the main process only. At event number
 KILL_AT this process sends itself SIGKILL, exactly as a crash or ``kill -9`` at that moment would.
-KILL_AT -1: never.
+KILL_AT -1: never. KILL_AT ``KIND`` or ``KIND:TEXT`` (not a number): the first event of that kind
+(whose argument holds TEXT), for moments whose event number varies from run to run.
 ``--pause-after S``: once the metrics line of step S is written, idle until SIGTERM / SIGINT arrives
 (or a kill), so that a test can signal the run at a known step.
 """
@@ -18,7 +19,8 @@ import sys
 
 
 def main() -> int:
-    kill_at, log_path = int(sys.argv[1]), sys.argv[2]
+    kill_at, log_path = sys.argv[1], sys.argv[2]
+    kill_at = int(kill_at) if kill_at.lstrip("-").isdecimal() else kill_at
     sep = sys.argv.index("--")
     pause_after = int(sys.argv[4]) if sys.argv[3:5] and sys.argv[3] == "--pause-after" else -1
     rest = sys.argv[sep + 1:]
@@ -30,7 +32,7 @@ def main() -> int:
             return
         count[0] += 1
         log.write(f"{count[0]} {name}\n")
-        if count[0] == kill_at:
+        if count[0] == kill_at or isinstance(kill_at, str) and _matches(name, kill_at):
             log.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -53,10 +55,17 @@ def main() -> int:
     wrap(shutil, "rmtree", "rmtree")
     wrap(checkpoint, "_write_synced", "checkpoint-file")
     wrap(train_step.UpdateStep, "__call__", "step")
+    wrap(train, "_sample_grid", "grid")  # a kill here: the step's checkpoint is complete, its grid not begun
     _pause_after_metrics(train, train_log, pause_after)
     from ddpmkit.cli import main as cli_main
 
     return cli_main(["train", *rest])
+
+
+def _matches(name: str, kill_at: str) -> bool:
+    kind, _, arg = name.partition(" ")
+    want, _, text = kill_at.partition(":")
+    return kind == want and text in arg
 
 
 def _pause_after_metrics(train: object, train_log: object, pause_after: int) -> None:

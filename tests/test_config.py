@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
+from hypothesis import event, given
+from json_inputs import FAST, json_files, one_line, same_json
 from tiny_runs import config, tiny_config
 
 from ddpmkit.cli import main
@@ -297,3 +303,32 @@ def test_unet_sizes_are_bounded(key):
     with pytest.raises(ValueError, match="ch_mult"):
         UNetConfig(resolution=8, ch_mult=(1,) * 100)
     assert TrainConfig(num_threads=64, num_samples=1024).num_threads == 64
+
+
+def _stated(file_value, config_value) -> bool:
+    """The loaded config holds what the file said, of its JSON types (nested objects key by key)."""
+    if isinstance(file_value, dict) and isinstance(config_value, dict):
+        return all(k in config_value and _stated(v, config_value[k]) for k, v in file_value.items())
+    return same_json(file_value, config_value)
+
+
+@FAST
+@given(content=json_files(train_preset("digits").to_dict()))
+def test_a_config_file_loads_as_written_or_is_one_line_at_exit_2(tmp_path_factory, content):
+    """Whatever ``--config FILE`` holds, it loads to a config holding exactly the values it states,
+    or is a one-line ValueError; ``ddpm train --config FILE`` exits 0 or 2 with one line."""
+    path = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp())) / "config.json"
+    path.write_bytes(content)
+    try:
+        loaded = load_config(path)
+    except ValueError as e:
+        event("refused")
+        one_line(e)
+    else:
+        event("loaded")
+        assert _stated(json.loads(content), loaded.to_dict()), loaded
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = main(["train", "--config", str(path), "--print-config", "-o", str(path.parent / "r")])
+    assert code in (0, 2) and (code == 0) == (err.getvalue() == ""), err.getvalue()
+    assert code == 0 or err.getvalue().count("\n") == 1 and "Traceback" not in err.getvalue(), err.getvalue()

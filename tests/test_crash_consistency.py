@@ -109,3 +109,45 @@ def test_kill_anywhere_then_resume_is_bit_identical(setup):
     root, over, names = setup
     for kill_at in kill_points(names, 20):
         _check_kill_and_resume(root, over, kill_at)
+
+
+# ------------------------------------------------------------------------- a checkpoint step's grid
+@pytest.fixture(scope="module")
+def grid_setup(tmp_path_factory):
+    """An uninterrupted run (under the launcher, never killed) with a grid at every checkpoint step."""
+    root = tmp_path_factory.mktemp("grid-crash")
+    npz = root / "tiny.npz"
+    np.savez(npz, load_digits_uint8("train")[0][:40])
+    over = tiny_overrides(npz, steps=STEPS, checkpoint_every=EVERY, sample_every=EVERY, num_samples=1,
+                          keep_last=1, **{"diffusion.num_timesteps": 20})
+    straight = _launch(root / "straight", over, -1, root / "straight.log")
+    assert straight.returncode == 0, straight.stdout
+    return root, over
+
+
+def _files(run: Path, pattern: str) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob(pattern))}
+
+
+@pytest.mark.parametrize("moment", ["inside the grid write", "just after the checkpoint"])
+def test_a_kill_at_a_grid_step_keeps_its_grid_after_resume(grid_setup, moment):
+    """Killed as step 2's grid is renamed into place (its temp file written), or once step 2's
+    checkpoint is complete and before its grid begins: ``--resume auto`` continues from that
+    checkpoint, writes the missing grid, removes the temp file, and ends as the uninterrupted run
+    did: the same grids and model files, byte for byte."""
+    root, over = grid_setup
+    run = root / moment.replace(" ", "-")
+    grid_rename = f"replace:{Path('samples') / '.tmp-step-'}{EVERY:09d}"
+    kill_at = grid_rename if moment.startswith("inside") else "grid"
+    killed = _launch(run, over, kill_at, root / f"{run.name}.log")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout
+    assert ckpt.latest_checkpoint(run).name == f"step-{EVERY:09d}"
+    assert not (run / "samples" / f"step-{EVERY:09d}.png").exists()  # the grid the kill cut short
+    resumed = train(apply_overrides(train_preset("digits"), over), run, resume="auto", progress=False)
+    assert resumed.exit_code == 0 and resumed.step == STEPS
+    straight = root / "straight"
+    grids = {f"samples/step-{s:09d}.png" for s in range(EVERY, STEPS + 1, EVERY)}
+    assert _files(run, "*.png").keys() == grids
+    assert _files(run, "*.png") == _files(straight, "*.png")
+    assert _files(run, "*.safetensors") == _files(straight, "*.safetensors")
+    assert not [str(p.relative_to(run)) for p in run.rglob(".*") if p.name != ".lock"]

@@ -7,17 +7,23 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import event, given
+from hypothesis import strategies as st
+from json_inputs import FAST, json_files, one_line, same_json
 from PIL import Image
 
+from ddpmkit import sample_folder as folder
 from ddpmkit.cli import main
 from ddpmkit.config import apply_overrides, train_preset
 from ddpmkit.diffusion import DiffusionConfig
 from ddpmkit.sample_folder import default_output_dir, ema_warning
+from ddpmkit.schema import problem
 from ddpmkit.train import train
 
 
@@ -216,3 +222,39 @@ def test_a_sampling_json_of_the_wrong_shape_is_one_line(tiny_model_dir, tmp_path
     assert _sample_with(tiny_model_dir, out, n=3) == 2
     err = capsys.readouterr().err
     assert "sampling.json" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def made_settings(tiny_model_dir, tmp_path_factory):
+    """The sampling.json that ``ddpm sample`` wrote for the tiny model (DDIM, so timesteps and eta)."""
+    out = tmp_path_factory.mktemp("made") / "s"
+    ddim = ("--sampler", "ddim", "--timesteps", "list:0,3,7", "--eta", "0.5")
+    assert _sample_with(tiny_model_dir, out, *ddim) == 0
+    return json.loads((out / "sampling.json").read_text())
+
+
+@FAST
+@given(data=st.data())
+def test_a_sampling_json_is_matched_or_refused_in_one_line(made_settings, tmp_path_factory, data):
+    """Whatever DIR/sampling.json holds, a rerun with the settings it was made with either goes on
+    (only when the file states those settings, of their JSON types: ``true`` is not 1) or is a
+    one-line ValueError; an evaluation records the file only when it is of the schema."""
+    content = data.draw(json_files(made_settings))
+    out = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+    (out / folder.SETTINGS_NAME).write_bytes(content)
+    try:
+        folder._check_settings(out, made_settings)
+    except ValueError as e:
+        event("refused")
+        one_line(e)
+        assert str(out) in str(e)
+    else:
+        event("kept")
+        old = json.loads(content)
+        for k in folder._SETTINGS_KEYS:  # the diffusion and gamma objects are compared whole, by value
+            same = old.get(k) == made_settings.get(k) if k in ("diffusion", "gamma") else same_json(
+                old.get(k), made_settings.get(k))
+            assert same, (k, old.get(k))
+        assert (out / folder.SETTINGS_NAME).read_bytes() == content  # kept as it was
+    recorded = folder.samples_provenance(out, np.zeros((1, 8, 8, 1), np.uint8))["sampling"]
+    assert recorded is None or problem(recorded, folder._SETTINGS_SCHEMA) is None, recorded

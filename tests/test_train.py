@@ -7,6 +7,7 @@ import json
 import math
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -377,6 +378,31 @@ def test_callbacks_see_every_update_checkpoint_and_grid(tmp_path, noise_npz):
     assert events[2].path == tmp_path / "checkpoints" / "step-000000002" and events[2].path.is_dir()
     assert events[3].path == tmp_path / "samples" / "step-000000002.png" and events[3].path.is_file()
     assert all(e.run_dir == tmp_path and e.model is result.model and e.ema is result.ema for e in events)
+
+
+def test_resume_writes_the_grid_of_the_checkpoint_step_that_a_stop_cut_short(tmp_path, noise_npz):
+    """A callback raising on step 2's checkpoint stops the run before step 2's grid: the resume
+    writes it (with its event) before update 3, as the straight run's; a grid already there is kept."""
+    c = config(noise_npz, steps=4, checkpoint_every=2, sample_every=2, num_samples=1, warmup_steps=2)
+    straight = train(c, tmp_path / "straight", progress=False)
+
+    def stop_on_the_checkpoint(event: TrainEvent) -> None:
+        if event.kind is EventKind.CHECKPOINT:
+            raise Boom("stop at the checkpoint")
+    run, grid = tmp_path / "run", Path("samples") / "step-000000002.png"
+    with pytest.raises(Boom):
+        train(c, run, progress=False, callbacks=[stop_on_the_checkpoint])
+    assert not (run / grid).exists()
+    events: list[TrainEvent] = []
+    train(c, run, resume="auto", progress=False, callbacks=[events.append])
+    U, C, G = EventKind.UPDATE, EventKind.CHECKPOINT, EventKind.GRID
+    assert [(e.kind, e.step) for e in events] == [(G, 2), (U, 3), (U, 4), (C, 4), (G, 4)]
+    assert (run / grid).read_bytes() == (straight.run_dir / grid).read_bytes()
+    shutil.rmtree(run / "checkpoints" / "step-000000004")
+    (run / grid).write_bytes(b"kept")
+    events.clear()
+    train(c, run, resume="auto", progress=False, callbacks=[events.append])
+    assert (run / grid).read_bytes() == b"kept" and (G, 2) not in [(e.kind, e.step) for e in events]
 
 
 FEATURES = {

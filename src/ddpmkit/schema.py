@@ -107,7 +107,8 @@ def _dict_problem(value: dict[str, Any], spec: dict[str, Any], key: str) -> str 
 
 
 def _join(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else str(name)
+    name = str(name) if str(name).isprintable() else repr(name)  # a key from the file: one line, always
+    return f"{key}.{name}" if key else name
 
 
 def _short(value: Any) -> str:

@@ -12,7 +12,8 @@ On the CPU a resumed run therefore equals an uninterrupted one: same losses, ``t
 
 Callbacks. ``train(..., callbacks=[fn])`` calls each ``fn(event)`` on rank 0 with a ``TrainEvent``
 after every update (``EventKind.UPDATE``), after every checkpoint (``CHECKPOINT``, with its folder)
-and after every sample grid (``GRID``, with its PNG). They run inside the loop: a callback that
+and after every sample grid (``GRID``, with its PNG; a grid due at the step resumed from that a
+kill cut short is written, with its event, before the first update). They run inside the loop: a callback that
 raises stops the run with that exception, after the lock is released; nothing is saved for the
 steps since the last checkpoint, which is complete (checkpoints are written atomically), so
 ``resume="auto"`` continues exactly as if the run had been killed there.
@@ -205,7 +206,8 @@ def _build_run(config: TrainConfig, run_dir: Path, info: DistInfo, *, progress: 
 
 
 def _start(run: _Run, resume: str | None) -> PendingRng | None:
-    """Resume (or not), tidy the run folder, write config.json; the checkpoint's RNGs, still to apply."""
+    """Resume (or not), tidy the run folder, write config.json and a grid of the checkpoint's step that
+    a kill cut short; returns the checkpoint's RNGs, still to apply."""
     run_dir, info, config = run.run_dir, run.info, run.config
     start = prepare_run_dir(run_dir, info, resume)
     if info.is_main:
@@ -226,6 +228,8 @@ def _start(run: _Run, resume: str | None) -> PendingRng | None:
             ckpt.prune(run_dir, config.keep_last)
         save_config(config, run_dir / "config.json")
         run.log.open(config, run.state.step)
+    if start is not None and _grid_due(config, run.state.step):
+        _sample_grid(run, only_if_missing=True)  # a kill after the step's checkpoint cut its grid short
     return pending
 
 
@@ -262,7 +266,7 @@ def _loop(run: _Run, stop: _StopFlag, pending: PendingRng | None) -> int:
             signum = all_reduce_max(stop.signum, run.info)
             if s.step % c.checkpoint_every == 0 or s.step == c.steps or signum:
                 run.save()
-            if s.step % c.sample_every == 0 and s.step != c.steps:
+            if _grid_due(c, s.step):
                 _sample_grid(run)
             if signum:
                 log.line(f"stopped by signal {signum} after step {s.step}; checkpoint saved; --resume auto "
@@ -281,13 +285,26 @@ def _resume_point(run_dir: Path) -> str:
     return f"{last.relative_to(run_dir)} (step {int(last.name.split('-')[1])})"
 
 
-def _sample_grid(run: _Run) -> Path | None:
-    """A grid from the EMA weights with the same noise every time, written by rank 0 (others wait)."""
+def _grid_due(c: TrainConfig, step: int) -> bool:
+    """Whether the loop writes a grid after update ``step`` (the last step's grid is ``_finish``'s)."""
+    return step % c.sample_every == 0 and step != c.steps
+
+
+def _sample_grid(run: _Run, *, only_if_missing: bool = False) -> Path | None:
+    """A grid from the EMA weights with the same noise every time, written by rank 0 (others wait).
+    ``only_if_missing``: on resume, the grid of the checkpoint's step, unless it is already there
+    (the checkpoint is published before its step's grid is written, so a kill can fall between)."""
     from ddpmkit.images import save_image_grid, to_uint8_nhwc
     from ddpmkit.sampling import sample_ancestral
     from ddpmkit.seeds import sample_generators
 
     c, path, n = run.config, None, run.config.num_samples
+    target = run.run_dir / "samples" / f"step-{run.state.step:09d}.png"
+    if only_if_missing and target.is_file():
+        n = 0
+    elif only_if_missing and run.info.is_main and n > 0:
+        run.log.line(f"the sample grid {target} is missing (the last run stopped before writing it); "
+                     "writing it")
     if run.info.is_main and n > 0:
         net = run.state.ema.module.eval()
         res = c.unet.resolution
@@ -296,8 +313,8 @@ def _sample_grid(run: _Run) -> Path | None:
         with torch.no_grad(), autocast(c.precision, run.info.device):
             x = sample_ancestral(net, run.diffusion, shape, generator=noise, device=run.info.device)
         images = to_uint8_nhwc(x)  # (n, H, W, C)
-        path = save_image_grid(images, run.run_dir / "samples" / f"step-{run.state.step:09d}.png",
-                               nrow=math.ceil(math.sqrt(n)), scale=max(1, 64 // res), min_width=512)
+        path = save_image_grid(images, target, nrow=math.ceil(math.sqrt(n)), scale=max(1, 64 // res),
+                               min_width=512)
         run.log.image(path, run.state.step)
     barrier(run.info)
     if path is not None:

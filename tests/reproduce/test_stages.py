@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import event, given
+from json_inputs import FAST, json_files, one_line
 
 from ddpmkit.data import load_digits_uint8
 from ddpmkit.reproduce import reproduce_digits
@@ -14,7 +19,8 @@ from ddpmkit.reproduce.findings import stat
 from ddpmkit.reproduce.markdown import _n
 from ddpmkit.reproduce.memorization import near_copy_fraction, near_copy_threshold, nearest_neighbours
 from ddpmkit.reproduce.plan import VARIANTS, ReproduceSizes, digits_split
-from ddpmkit.reproduce.stages import Stages, resolve_source
+from ddpmkit.reproduce.stages import STAGE_SCHEMA, Stages, resolve_source
+from ddpmkit.schema import problem
 
 # Smaller than --quick: T = 10, 2 steps, a 32-channel U-Net; one seed (a few seconds of CPU).
 TINY = ReproduceSizes(name="tiny", smoke=True, steps=2, num_timesteps=10, bpd_examples=4, bpd_batch=4,
@@ -193,6 +199,53 @@ def test_a_torn_stage_file_without_resume_is_still_refused(tmp_path):
     (tmp_path / "stages" / "a.json").write_bytes(b"{")
     with pytest.raises(ValueError, match="--resume"):
         _stages(tmp_path, resume=False).run("a", 1.0, lambda: {"x": 2})
+
+
+SETTINGS = {"sizes": {"steps": 2}, "version": 1}
+INPUTS = {"model_sha256": "ab" * 32, "diffusion": {"num_timesteps": 10}}
+
+
+def _made_stage() -> dict:
+    """A stage file as ``Stages.run`` writes it."""
+    with tempfile.TemporaryDirectory() as out:
+        Stages(Path(out), SETTINGS, resume=True, bar=_NoBar()).run(
+            "a", 1.0, lambda: {"bpd": 1.5, "per_t": [1.0, 2.0]}, inputs=lambda: INPUTS)
+        return json.loads((Path(out) / "stages" / "a.json").read_text())
+
+
+@FAST
+@given(content=json_files(_made_stage()))
+def test_a_stage_file_is_kept_redone_with_a_warning_or_refused_in_one_line(tmp_path_factory, content):
+    """Whatever a stage file holds, a resumed run keeps it (only a file of the schema with these
+    settings and inputs), redoes the stage with a warning naming the file (torn, or other inputs),
+    or refuses in one line (a file of the schema made with other settings)."""
+    out = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+    path = out / "stages" / "a.json"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    try:
+        saved = json.loads(content)
+    except (ValueError, RecursionError):
+        saved = None
+    of_schema = isinstance(saved, dict) and problem(saved, STAGE_SCHEMA) is None
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        try:
+            result = Stages(out, SETTINGS, resume=True, bar=_NoBar()).run("a", 1.0, lambda: {"fresh": True},
+                                                                            inputs=lambda: INPUTS)
+        except ValueError as e:
+            event("refused")
+            one_line(e)
+            assert of_schema and saved["settings"] != SETTINGS and str(path) in str(e), e
+            return
+    if result == {"fresh": True}:
+        event("redone")
+        assert [str(path) in str(w.message) and "\n" not in str(w.message) for w in warned] == [True]
+        assert Stages(out, SETTINGS, resume=True, bar=_NoBar()).load("a") == result
+    else:
+        event("kept")
+        assert of_schema and saved["settings"] == SETTINGS and saved.get("inputs", {}) == INPUTS
+        assert result == saved["result"] and not warned
 
 
 def test_a_stage_is_recomputed_when_its_inputs_change(tmp_path):

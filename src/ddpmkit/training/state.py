@@ -287,15 +287,18 @@ def _model_folder_holds(folder: Path, net: UNet, diffusion: dict[str, Any]) -> b
 
 
 def tidy_run_dir(run_dir: Path) -> None:
-    """Finish or undo what a kill left half done: a model folder renamed aside, temp folders."""
+    """Finish or undo what a kill left half done: a model folder renamed aside, temp folders and
+    files (of the run folder and of its sample grids)."""
     for name in ("model", "model_raw"):
         old = sorted(run_dir.glob(f".old-{name}-*"))
         if old and not (run_dir / name).exists():
             os.rename(old[-1], run_dir / name)  # killed between the two renames: put it back
         for p in run_dir.glob(f".old-{name}-*"):
             shutil.rmtree(p, ignore_errors=True)
-    for p in run_dir.glob(".tmp-*"):  # any atomic write cut short (a model folder, config.json, ...);
-        if p.is_dir() and not p.is_symlink():  # the run lock is held, so none is in progress
+    # any atomic write cut short (a model folder, config.json, a grid PNG, ...); the run lock is
+    # held, so none is in progress
+    for p in [*run_dir.glob(".tmp-*"), *(run_dir / "samples").glob(".tmp-*")]:
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
