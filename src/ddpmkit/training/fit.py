@@ -87,7 +87,7 @@ _CPU_GRID_PIXELS = 64 * 16 * 16
 
 def default_net_size(resolution: int, device: Any) -> NetSize:
     """The network ``--data`` gets without ``--net``: paper from 32 px up on a GPU; small on a CPU
-    (the paper's 35.7M-parameter CIFAR-10 U-Net would take years there) and below 32 px."""
+    (the paper's 35.7M-parameter CIFAR-10 recipe is far too slow there) and below 32 px."""
     import torch
 
     on_gpu = torch.device(device).type == "cuda"
