@@ -19,7 +19,14 @@ from ddpmkit.cli.train import resolve_config
 from ddpmkit.config import TRAIN_PRESETS, train_preset
 from ddpmkit.data import open_source
 from ddpmkit.nn import UNET_PRESETS, UNet
-from ddpmkit.training.fit import NetSize, auto_batch_size, config_for_data, unet_for_data
+from ddpmkit.training.fit import (
+    NetSize,
+    auto_batch_size,
+    config_for_data,
+    default_net_size,
+    small_recipe,
+    unet_for_data,
+)
 from ddpmkit.training.state import ema_decay_at, ema_initial_weight
 
 CIFAR10_PARAMS = 35_746_307  # the authors' run_cifar.py network (the paper: 35.7M)
@@ -55,8 +62,8 @@ def _num_params(config) -> int:
         return sum(p.numel() for p in UNet(config=config).parameters())
 
 
-def test_a_32px_rgb_folder_gets_the_cifar10_network(folders):
-    config, run_dir = _resolve("--data", str(folders["rgb32"]))
+def test_a_32px_rgb_folder_gets_the_cifar10_network_on_a_gpu_or_with_net_paper(folders):
+    config, run_dir = _resolve("--data", str(folders["rgb32"]), "--net", "paper", "--device", "cpu")
     assert (config.unet.resolution, config.unet.in_channels, config.unet.out_channels) == (32, 3, 3)
     assert config.unet == UNET_PRESETS["cifar10"]
     assert _num_params(config.unet) == CIFAR10_PARAMS
@@ -65,14 +72,52 @@ def test_a_32px_rgb_folder_gets_the_cifar10_network(folders):
     paper = train_preset("cifar10").to_dict()
     ours = config.to_dict()
     assert {k for k in paper if paper[k] != ours[k]} == {"preset", "data"}
+    # without --net, what a GPU gets (no GPU is needed to build the config)
+    assert config_for_data(str(folders["rgb32"]), 32, 3, device="cuda") == config
+    assert config_for_data(str(folders["rgb32"]), 32, 3, device=torch.device("cuda", 1)) == config
+    # and on a CPU, without --net, the small network and the CPU recipe
+    cpu, _ = _resolve("--data", str(folders["rgb32"]), "--device", "cpu")
+    assert cpu == config_for_data(str(folders["rgb32"]), 32, 3, NetSize.SMALL, device="cuda")
+    assert cpu.unet == unet_for_data(32, 3, NetSize.SMALL) and cpu.steps == 500
 
 
 def test_a_64px_grayscale_folder_gets_a_64px_one_channel_network(folders):
-    config, _ = _resolve("--data", str(folders["gray64"]))
+    config, _ = _resolve("--data", str(folders["gray64"]), "--net", "paper")
     u = config.unet
     assert (u.resolution, u.in_channels, u.out_channels) == (64, 1, 1)
     assert u.level_resolutions == (64, 32, 16, 8, 4) and u.attn_resolutions == (16,)
+    assert (u.ch, u.num_res_blocks) == (128, 2) and config.steps == train_preset("cifar10").steps
     assert open_source(config.data, resolution=u.resolution, channels=u.in_channels)[0].shape == (1, 64, 64)
+    assert config_for_data(config.data, 64, 1, device="cuda") == config  # a GPU's default
+    small, _ = _resolve("--data", str(folders["gray64"]), "--device", "cpu")  # a CPU's default
+    assert (small.unet.level_resolutions, small.unet.attn_resolutions) == ((64, 32, 16, 8, 4), ())
+    assert (small.unet.ch, small.unet.num_res_blocks, small.unet.in_channels) == (64, 1, 1)
+
+
+@pytest.mark.parametrize(("resolution", "cpu", "cuda"), [
+    (8, NetSize.SMALL, NetSize.SMALL), (16, NetSize.SMALL, NetSize.SMALL),
+    (32, NetSize.SMALL, NetSize.PAPER), (64, NetSize.SMALL, NetSize.PAPER),
+    (256, NetSize.SMALL, NetSize.PAPER)])
+def test_the_default_network_depends_on_the_device(resolution, cpu, cuda):
+    assert default_net_size(resolution, "cpu") is cpu
+    assert default_net_size(resolution, torch.device("cpu")) is cpu
+    assert default_net_size(resolution, "cuda") is cuda
+    assert default_net_size(resolution, "cuda:0") is cuda
+    for device, size in (("cpu", cpu), ("cuda", cuda)):
+        assert config_for_data("f", resolution, 3, device=device) == config_for_data("f", resolution, 3, size,
+                                                                                     device=device)
+
+
+@pytest.mark.parametrize(("resolution", "steps", "batch", "grid"), [
+    (8, 4000, 64, 64), (16, 1000, 64, 64), (32, 500, 32, 16), (64, 500, 32, 4), (256, 500, 32, 4)])
+def test_the_cpu_recipe_is_sized_to_the_images(resolution, steps, batch, grid):
+    assert small_recipe(resolution) == {"steps": steps, "batch_size": batch, "num_samples": grid,
+                                        "sample_every": steps}
+    c = config_for_data("f", resolution, 3, device="cpu")
+    assert (c.steps, c.batch_size, c.num_samples, c.sample_every) == (steps, batch, grid, steps)
+    assert (c.lr, c.warmup_steps, c.ema_decay, c.ema_warmup, c.num_threads, c.random_flip) == (
+        1e-3, 50, 0.998, True, 1, True)
+    assert c.unet == unet_for_data(resolution, 3, NetSize.SMALL)
 
 
 def test_mixed_sizes_ask_for_resolution_and_resize_only_when_asked(folders):
@@ -175,7 +220,7 @@ def test_auto_batch_size_respects_the_memory_bound():
 
 
 def test_the_small_recipe_warms_its_ema_up():
-    c = config_for_data("folder", 16, 3, NetSize.SMALL)
+    c = config_for_data("folder", 16, 3, NetSize.SMALL, device="cpu")
     assert c.ema_warmup and c.ema_decay == 0.998
 
 
@@ -185,13 +230,13 @@ def test_presets_keep_their_ema(name):
 
 
 def test_the_paper_network_keeps_the_papers_recipe():
-    c = config_for_data("folder", 32, 3, NetSize.PAPER)
+    c = config_for_data("folder", 32, 3, NetSize.PAPER, device="cpu")
     assert (c.ema_warmup, c.ema_decay) == (False, 0.9999)
 
 
 def test_initial_weight_share():
     c = train_preset("digits")
     assert math.isclose(ema_initial_weight(c, 110), 0.998 ** 110)
-    warm = config_for_data("folder", 16, 3, NetSize.SMALL)
+    warm = config_for_data("folder", 16, 3, NetSize.SMALL, device="cpu")
     assert ema_decay_at(warm, 0) == 0.0 and ema_initial_weight(warm, 1) == 0.0
     assert ema_initial_weight(warm, 0) == 1.0

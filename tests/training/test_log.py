@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from json_inputs import FAST, json_bytes
@@ -22,8 +23,11 @@ from tiny_runs import (
 )
 
 from ddpmkit.cli import main
+from ddpmkit.config import TrainConfig
 from ddpmkit.train import train
-from ddpmkit.training.log import format_duration, truncate_metrics
+from ddpmkit.training import log as train_log
+from ddpmkit.training.fit import config_for_data
+from ddpmkit.training.log import TrainLog, estimate_lines, format_duration, plan_line, truncate_metrics
 
 
 # ------------------------------------------------------------------------- trackers
@@ -174,3 +178,61 @@ def test_plain_stamps_every_line(tmp_path, capsys):
 def test_format_duration():
     assert [format_duration(s) for s in (0, 45.4, 61, 3599, 3600, 11_107)] == \
         ["0s", "45s", "1m 01s", "59m 59s", "1h 00m", "3h 05m"]
+
+
+# ------------------------------------------------------------------------- the plan and the estimate
+def test_the_plan_line_names_the_net_steps_batch_and_device():
+    c = config_for_data("f", 32, 3, device="cpu")
+    assert plan_line(c, 1_954_243, 0, "cpu") == (
+        "plan: U-Net 1.95M parameters, 500 steps of batch 32 on cpu; the estimated time follows after the "
+        "first steps")
+    assert plan_line(c, 35_746_307, 100, torch.device("cuda", 0)).startswith(
+        "plan: U-Net 35.75M parameters, 400 steps of batch 32 on cuda:0;")
+
+
+def test_the_estimate_warns_past_24_hours():
+    assert estimate_lines(0.9, 500, "cpu") == (
+        "estimated time: 7m 30s for the remaining 500 steps (0.9 s/step on cpu)", None)
+    assert estimate_lines(86_400 / 1000, 1000, "cpu")[1] is None  # exactly 24 hours: no warning
+    line, warning = estimate_lines(141.67, 799_999, "cpu")  # issue 25's CIFAR-10 recipe on a CPU
+    assert line == "estimated time: 31482h 10m for the remaining 799,999 steps (142 s/step on cpu)"
+    assert warning == ("warning: this run would take about 1,311.8 days on cpu (more than 24 hours); stop it "
+                       "(Ctrl-C) and pass fewer --steps, a smaller network (--net small with --data FOLDER) "
+                       "or a GPU")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _timed_log(tmp_path, monkeypatch, step_times: list[float], steps: int, caplog) -> list[str]:
+    """A TrainLog's lines after updates that took ``step_times`` seconds each (an injected clock)."""
+    from ddpmkit.distributed import DistInfo
+
+    clock = _Clock()
+    monkeypatch.setattr(train_log, "time", clock)
+    log = TrainLog(tmp_path, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
+                   progress=False)
+    log.start_loop(TrainConfig(steps=steps), 0)
+    with caplog.at_level("INFO", logger=train_log.LOGGER_NAME):
+        for dt in step_times:
+            clock.now += dt
+            log.update(0.1)
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == train_log.LOGGER_NAME]
+
+
+def test_the_estimate_follows_the_steps_after_the_first(tmp_path, monkeypatch, caplog):
+    # the first step pays for start-up (5 s); the next ETA_STEPS (3) take 2 s each
+    lines = _timed_log(tmp_path, monkeypatch, [5.0, 2.0, 2.0, 2.0, 2.0, 2.0], 100, caplog)
+    assert lines == [("INFO", "estimated time: 3m 12s for the remaining 96 steps (2 s/step on cpu)")]
+
+
+def test_a_slow_first_step_is_the_estimate_and_past_24_hours_warns(tmp_path, monkeypatch, caplog):
+    lines = _timed_log(tmp_path, monkeypatch, [141.67, 141.67], 800_000, caplog)
+    assert [level for level, _ in lines] == ["INFO", "WARNING"]
+    assert lines[0][1] == "estimated time: 31482h 10m for the remaining 799,999 steps (142 s/step on cpu)"
+    assert lines[1][1].startswith("warning: this run would take about 1,311.8 days on cpu (more than 24 h")

@@ -2,12 +2,13 @@
 
 With no arguments it trains the ``digits`` preset on scikit-learn's 8x8 digits into runs/digits
 and ends by writing a sample grid. ``--data FOLDER|NPZ`` without a preset builds a network for the
-data's own size and channels (``training.fit.config_for_data``) into runs/NAME; a preset or config whose
-image size differs from the data's is refused unless ``--resolution``/``--channels`` ask for the
-images to be resized/converted; so is a run without data (the digits, 8x8 grayscale) whose
-network is another size, e.g. ``--preset cifar10`` alone (``check_default_data``). Settings
-resolve in this order: the preset (or ``--config`` FILE, or, when resuming without either, the
-checkpoint's config), then ``--set KEY=VALUE``, then the explicit flags. Exit codes: 0 done,
+data's own size and channels and the device (``training.fit.config_for_data``) into runs/NAME; a
+preset or config whose image size differs from the data's is refused unless ``--resolution`` /
+``--channels`` ask for the images to be resized/converted; so is a run without data (the digits,
+8x8 grayscale) whose network is another size, e.g. ``--preset cifar10`` alone
+(``check_default_data``). Settings resolve in this order: the preset (or ``--config`` FILE, or,
+when resuming without either, the checkpoint's config), then ``--set KEY=VALUE``, then the
+explicit flags. Exit codes: 0 done,
 2 a user error, 3 too many non-finite steps, 128+N stopped by signal N (after saving a checkpoint).
 """
 
@@ -55,8 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(without a preset: and build the network for N); default: the data's own size")
     p.add_argument("--channels", type=int, choices=(1, 3), help="convert the images to 1 (gray) or 3 "
                    "(RGB) channels; default: the data's own")
-    p.add_argument("--net", choices=[m.value for m in NetSize], help="without a preset: the paper's U-Net "
-                   "family (default from 32 px) or the small CPU variant (default below 32 px)")
+    p.add_argument("--net", choices=[m.value for m in NetSize],
+                   help="without a preset: 'paper', the paper's U-Net family and recipe (32 px: CIFAR-10's, "
+                   "800k steps; the default from 32 px on a GPU), or 'small', a CPU recipe sized to the "
+                   "images (the default on a CPU and below 32 px)")
     p.add_argument("--output-dir", "-o", metavar="RUN", help="run directory (default: runs/PRESET, or "
                    "runs/NAME for --data NAME without a preset)")
     p.add_argument("--resume", metavar="auto|CKPT", help="'auto': continue from the newest complete "
@@ -174,13 +177,14 @@ def _is_custom_data(data: str | None) -> bool:
 
 def _config_for(args: argparse.Namespace):
     """The network and recipe for ``--data`` without a preset: the data's own size unless overridden."""
+    from ddpmkit.distributed import resolve_device
     from ddpmkit.training.fit import config_for_data, native_resolution
 
     shape = _source_shape(args.data)
     res = (args.resolution if args.resolution is not None
            else native_resolution(shape.description, shape.sizes))
     channels = args.channels if args.channels is not None else shape.channels
-    return config_for_data(args.data, res, channels, args.net)
+    return config_for_data(args.data, res, channels, args.net, device=resolve_device(args.device))
 
 
 def _origin(args: argparse.Namespace, base) -> str:

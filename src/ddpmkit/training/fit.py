@@ -1,8 +1,8 @@
 """What fits: the network for a data set, the memory a U-Net needs, and the batch that fits in it.
 
 - The network for a data set: ``unet_for_data`` / ``config_for_data`` build one for the data's own
-  size (``NetSize``), ``native_resolution`` reads that size, ``check_data_fits`` refuses a network
-  of another size (nothing is resized silently).
+  size and the device (``NetSize``, ``default_net_size``, ``small_recipe``), ``native_resolution``
+  reads that size, ``check_data_fits`` refuses a network of another size (nothing is resized silently).
 - The memory: ``estimate_memory`` is the one estimator, from a U-Net's config alone (no
   allocation); ``check_fits`` refuses, before anything is allocated, what cannot fit in
   ``memory_limit`` (training and sampling), and ``auto_batch_size`` picks the most samples per
@@ -27,9 +27,11 @@ __all__ = [
     "check_data_fits",
     "check_fits",
     "config_for_data",
+    "default_net_size",
     "estimate_memory",
     "memory_limit",
     "native_resolution",
+    "small_recipe",
     "unet_for_data",
 ]
 
@@ -77,22 +79,48 @@ def unet_for_data(resolution: int, channels: int, size: NetSize | str) -> UNetCo
     raise NotImplementedError(size)
 
 
-def config_for_data(data: str, resolution: int, channels: int,
-                    size: NetSize | str | None = None) -> TrainConfig:
-    """The run ``ddpm train --data DATA`` makes without a preset (preset "custom").
+# the CPU recipe's budget: images x pixels per image seen in training (1000 steps of 64 at 16 px,
+# docs/training.md) and drawn for the final grid (64 at 16 px, 16 at 32 px)
+_CPU_TRAIN_PIXELS = 1000 * 64 * 16 * 16
+_CPU_GRID_PIXELS = 64 * 16 * 16
 
-    ``size`` None: paper from 32 px up, small below. The paper network gets the paper's CIFAR-10
-    recipe (800k steps); the small one the digits recipe (lr 1e-3, 200 warm-up steps, EMA 0.998,
-    1500 steps of 128, one CPU thread), with random flips kept on and EMA warm-up on (a short run's
-    EMA would otherwise still hold much of the initial weights).
+
+def default_net_size(resolution: int, device: Any) -> NetSize:
+    """The network ``--data`` gets without ``--net``: paper from 32 px up on a GPU; small on a CPU
+    (the paper's 35.7M-parameter CIFAR-10 recipe is far too slow there) and below 32 px."""
+    import torch
+
+    on_gpu = torch.device(device).type == "cuda"
+    return NetSize.PAPER if on_gpu and resolution >= 32 else NetSize.SMALL
+
+
+def small_recipe(resolution: int) -> dict[str, int]:
+    """Steps, batch and final-grid size of the small network's recipe, sized to the images: a fixed
+    budget of images x pixels (``_CPU_TRAIN_PIXELS``), batch 64 up to 16 px and 32 above, at least
+    500 steps; a final grid of ``_CPU_GRID_PIXELS`` pixels (4 to 64 images)."""
+    batch = 64 if resolution <= 16 else 32
+    steps = max(500, 100 * round(_CPU_TRAIN_PIXELS / (batch * resolution**2 * 100)))
+    grid = min(64, max(4, _CPU_GRID_PIXELS // resolution**2))
+    return {"steps": steps, "batch_size": batch, "num_samples": grid, "sample_every": steps}
+
+
+def config_for_data(data: str, resolution: int, channels: int,
+                    size: NetSize | str | None = None, *, device: Any) -> TrainConfig:
+    """The run ``ddpm train --data DATA`` makes without a preset (preset "custom") on ``device``.
+
+    ``size`` None: ``default_net_size``. The paper network gets the paper's CIFAR-10 recipe (800k
+    steps); the small one the digits recipe (lr 1e-3, EMA 0.998, one CPU thread) with a 50-step
+    warm-up, steps, batch and grid sized to the images (``small_recipe``), random flips on and EMA
+    warm-up on (a short run's EMA would otherwise still hold much of the initial weights).
     """
-    size = NetSize(size) if size is not None else (NetSize.PAPER if resolution >= 32 else NetSize.SMALL)
+    size = NetSize(size) if size is not None else default_net_size(resolution, device)
     unet = unet_for_data(resolution, channels, size)
     if size is NetSize.PAPER:
         return TrainConfig(preset="custom", unet=unet, data=data)
     if size is NetSize.SMALL:
         return dataclasses.replace(train_preset("digits"), preset="custom", unet=unet, data=data,
-                                   random_flip=True, ema_warmup=True)
+                                   random_flip=True, ema_warmup=True, warmup_steps=50,
+                                   **small_recipe(resolution))
     raise NotImplementedError(size)
 
 

@@ -18,10 +18,13 @@ from ddpmkit.config import Tracker, TrainConfig, deviations_from_paper
 from ddpmkit.distributed import DistInfo
 from ddpmkit.fileio import append_line_synced, atomic_write_bytes, read_json_lines
 
-__all__ = ["LOGGER_NAME", "TrainLog", "check_tracker", "deviation_lines", "format_duration",
-           "truncate_metrics"]
+__all__ = ["LOGGER_NAME", "TrainLog", "check_tracker", "deviation_lines", "estimate_lines", "format_duration",
+           "plan_line", "truncate_metrics"]
 
 LOGGER_NAME = "ddpmkit.train"
+ETA_STEPS = 3  # steps timed after the first (which also pays for start-up) before the estimate
+_SLOW_FIRST_S = 10.0  # a first step this slow is the estimate itself: start-up is then negligible
+_WARN_AFTER_S = 24 * 3600
 
 
 class TrainLog:
@@ -34,6 +37,8 @@ class TrainLog:
         self._window: list[float] = []
         self._t_last, self._s_last = time.perf_counter(), 0
         self._t_start, self._s_start, self._steps = self._t_last, 0, 0
+        self._t_first: float | None = None  # when the first update of this loop ended
+        self._updates, self._estimated = 0, False
 
     def line(self, msg: str) -> None:
         """Log lines (through logging.getLogger("ddpmkit.train"), see ddpmkit.logs): one record per
@@ -65,6 +70,7 @@ class TrainLog:
         self.bar = _progress_bar(config, start, enabled=self.progress and self.info.is_main)
         self._t_last, self._s_last, self._window = time.perf_counter(), start, []
         self._t_start, self._s_start, self._steps = self._t_last, start, config.steps
+        self._t_first, self._updates, self._estimated = None, 0, False
 
     def summary(self, config: TrainConfig, step: int, n_params: int, dataset: Any, *,
                 deviations: bool = True) -> None:
@@ -83,7 +89,7 @@ class TrainLog:
                  f"steps: {step} -> {c.steps}"]
         if deviations:
             lines += deviation_lines(c)
-        self.line("\n".join(lines))
+        self.line("\n".join([*lines, plan_line(c, n_params, step, self.info.device)]))
 
     def update(self, loss: float | None) -> None:
         """One update done; ``loss`` is its global mean loss, None if it was skipped."""
@@ -91,6 +97,31 @@ class TrainLog:
             self._window.append(loss)
         if self.bar is not None:
             self.bar.update(1)
+        self._updates += 1
+        self._estimate(time.perf_counter())
+
+    def _estimate(self, now: float) -> None:
+        """Once per loop, after the first steps: the estimated time (``estimate_lines``), from the
+        first step if it took ``_SLOW_FIRST_S`` or more, else from the ``ETA_STEPS`` after it."""
+        if self._estimated or not self.info.is_main:
+            return
+        done = self._updates
+        if done == 1:
+            self._t_first = now
+            if now - self._t_start < _SLOW_FIRST_S:
+                return
+            per_step = now - self._t_start
+        elif done == 1 + ETA_STEPS and self._t_first is not None:
+            per_step = (now - self._t_first) / ETA_STEPS
+        else:
+            return
+        self._estimated = True
+        info, warning = estimate_lines(per_step, self._steps - self._s_start - done, self.info.device)
+        self.line(info)
+        if warning is not None:
+            from ddpmkit.logs import logger
+
+            logger(LOGGER_NAME).warning(warning)
 
     def log_point(self, step: int, *, grad_norm: float, lr: float, nonfinite_in_a_row: int,
                   batch_size: int) -> None:
@@ -148,6 +179,27 @@ def format_duration(seconds: float) -> str:
     if s >= 3600:
         return f"{s // 3600}h {s % 3600 // 60:02d}m"
     return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def plan_line(config: TrainConfig, n_params: int, step: int, device: Any) -> str:
+    """"plan: U-Net N parameters, S steps of batch B on DEVICE ...": what the run is about to do."""
+    left = config.steps - step
+    return (f"plan: U-Net {n_params / 1e6:.2f}M parameters, {left:,} steps of batch {config.batch_size} "
+            f"on {device}; the estimated time follows after the first steps")
+
+
+def estimate_lines(per_step_s: float, steps_left: int, device: Any) -> tuple[str, str | None]:
+    """The estimated time of ``steps_left`` steps of ``per_step_s`` seconds each, and a one-line
+    warning when it exceeds 24 hours (else None)."""
+    total = per_step_s * steps_left
+    line = (f"estimated time: {format_duration(total)} for the remaining {steps_left:,} steps "
+            f"({per_step_s:.3g} s/step on {device})")
+    if total <= _WARN_AFTER_S:
+        return line, None
+    days = total / 86400
+    return line, (f"warning: this run would take about {days:,.1f} days on {device} (more than 24 hours); "
+                  "stop it (Ctrl-C) and pass fewer --steps, a smaller network (--net small with --data "
+                  "FOLDER) or a GPU")
 
 
 def deviation_lines(config: TrainConfig) -> list[str]:
