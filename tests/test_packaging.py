@@ -35,7 +35,7 @@ def test_license_is_an_spdx_string_with_its_file() -> None:
 
 
 def test_readme_links_are_relative_and_resolve() -> None:
-    # issue 25: the absolute github.com URLs pointed at a repository not known to exist
+    # absolute github.com URLs would point at a repository not known to exist
     links = re.findall(r"\]\(([^)]+)\)", (ROOT / "README.md").read_text())
     assert not [u for u in links if "github.com/ddpmkit" in u]
     local = [u for u in links if not u.startswith(("https://", "http://", "#"))]

@@ -1,5 +1,6 @@
-"""The Gaussian diffusion of DDPM (Ho, Jain, Abbeel 2020): forward process, reverse-process
-parameterizations, training losses and the variational bound in bits/dim.
+"""GaussianDiffusion: DDPM's forward process, reverse parameterizations, losses and the bound.
+
+The Gaussian diffusion of Ho, Jain, Abbeel 2020, with the variational bound in bits/dim.
 
 Equation numbers are the paper's (arXiv:2006.11239). Timesteps are 0-based: index t holds the
 paper's t + 1. Shapes: x0, x_t: (B, C, H, W) (any (B, C, ...) works); t: (B,) int64 in [0, T).

@@ -194,7 +194,7 @@ def test_the_estimate_warns_past_24_hours():
     assert estimate_lines(0.9, 500, "cpu") == (
         "estimated time: 7m 30s for the remaining 500 steps (0.9 s/step on cpu)", None)
     assert estimate_lines(86_400 / 1000, 1000, "cpu")[1] is None  # exactly 24 hours: no warning
-    line, warning = estimate_lines(141.67, 799_999, "cpu")  # issue 25's CIFAR-10 recipe on a CPU
+    line, warning = estimate_lines(141.67, 799_999, "cpu")  # the CIFAR-10 recipe's step time on a CPU
     assert line == "estimated time: 31482h 10m for the remaining 799,999 steps (142 s/step on cpu)"
     assert warning == ("warning: this run would take about 1,311.8 days on cpu (more than 24 hours); stop it "
                        "(Ctrl-C) and pass fewer --steps, a smaller network (--net small with --data FOLDER) "

@@ -1,3 +1,5 @@
+"""`python -m ddpmkit.cli`: the `ddpm` command."""
+
 import sys
 
 from ddpmkit.cli import main

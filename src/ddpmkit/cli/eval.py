@@ -97,8 +97,11 @@ def _check_writable(out: Path) -> Path:
 
 
 def _positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"--{name} must be >= 1, got {value}")
+    """The library's own check (``checks.check_int``), run before the model loads."""
+    from ddpmkit.checks import check_int
+
+    if value is not None:
+        check_int(value, f"--{name}", low=1)
 
 
 def run_bpd(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""Image files with Pillow: find them, decode them safely, center-crop and resize them (the data
-sources' side; ``ddpmkit.images`` is uint8 grids and PNG writes).
+"""Image files with Pillow: find them, decode them safely, center-crop and resize them.
+
+The data sources' side of images (``ddpmkit.images`` is uint8 grids and PNG writes).
 
 A folder source is every file under the folder (recursively, hidden files and folders excluded)
 whose extension is one of ``IMAGE_EXTENSIONS``, matched case-insensitively. A file counts as

@@ -1,2 +1,4 @@
-"""Weights in and out: diffusers folders (``interop.diffusers``) and the authors' TF checkpoints
-(``interop.tf_checkpoint``). Import the submodule you need; this package imports nothing heavy."""
+"""Weights in and out: diffusers folders and the authors' TF checkpoints (maps only).
+
+``interop.diffusers`` and ``interop.tf_checkpoint``: import the submodule you need; this package
+imports nothing heavy."""

@@ -1,5 +1,6 @@
-"""Weights in and out of the Hugging Face diffusers layout that the released DDPM models use
-(google/ddpm-cifar10-32, -celebahq-256, -church-256, -bedroom-256, -cat-256).
+"""Weights in and out of the Hugging Face diffusers layout that the released DDPM models use.
+
+The released models: google/ddpm-cifar10-32, -celebahq-256, -church-256, -bedroom-256, -cat-256.
 
 A diffusers folder holds ``unet/config.json`` + ``unet/diffusion_pytorch_model.safetensors`` (older
 snapshots: ``.bin``, a pickle, read here with ``torch.load(weights_only=True)`` so that no code

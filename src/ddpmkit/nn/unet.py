@@ -1,5 +1,6 @@
-"""The paper's U-Net (App. B; the authors' ``diffusion_tf/models/unet.py``), its config and presets,
-and the U-Net read from / saved as our model folder (whose files are ``nn.folder``'s).
+"""The paper's U-Net (App. B), its config and presets, read from and saved as our model folder.
+
+As the authors' ``diffusion_tf/models/unet.py``; the folder's files are ``nn.folder``'s.
 
 Layout (levels i = 0..L-1 at resolutions R, R/2, ..., R/2^(L-1); channels ch * ch_mult[i]):
 

@@ -1,6 +1,8 @@
-"""The trainer's feedback, behind one object: log lines and warnings (rank 0), metrics.jsonl, the
-tracker that ``config.logger`` asks for (none, TensorBoard or Weights & Biases; never opened
-unasked), and the progress bar. Lines go to ``logging.getLogger("ddpmkit.train")``."""
+"""The trainer's feedback behind one object: log lines, metrics.jsonl, the tracker, the progress bar.
+
+Log lines and warnings come from rank 0; the tracker is the one ``config.logger`` asks for (none,
+TensorBoard or Weights & Biases; never opened unasked). Lines go to
+``logging.getLogger("ddpmkit.train")``."""
 
 from __future__ import annotations
 
