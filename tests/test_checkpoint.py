@@ -75,6 +75,19 @@ def test_torn_checkpoints_are_ignored(tmp_path):
         ckpt.load_checkpoint(truncated)
 
 
+def test_a_step_folder_that_is_a_symlink_is_ignored_and_never_pruned(tmp_path):
+    """A complete checkpoint elsewhere, linked in as a newer step folder: not this run's, so it is
+    neither resumed from nor pruned (nothing outside the run is deleted)."""
+    good = ckpt.save_checkpoint(tmp_path / "run", 10, tensors=_tensors(), state={}, keep_last=1)
+    other = ckpt.save_checkpoint(tmp_path / "elsewhere", 50, tensors=_tensors(2), state={}, keep_last=1)
+    link = tmp_path / "run" / "checkpoints" / "step-000000050"
+    link.symlink_to(other, target_is_directory=True)
+    assert ckpt.latest_checkpoint(tmp_path / "run") == good
+    ckpt.save_checkpoint(tmp_path / "run", 60, tensors=_tensors(3), state={}, keep_last=1)
+    assert other.is_dir() and ckpt.is_complete(other) and link.is_symlink()
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-000000060"
+
+
 def test_same_size_corruption_fails_the_sha256(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 1, tensors=_tensors(), state={}, keep_last=1)
     data = bytearray((path / "ema.safetensors").read_bytes())

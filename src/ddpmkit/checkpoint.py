@@ -169,7 +169,7 @@ def _prune(root: Path, keep_last: int) -> None:
     if complete:
         newest = complete[-1].name
         doomed += [p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir() and p.name < newest
-                   and p not in complete]
+                   and p not in complete and not p.is_symlink()]  # a link is not this run's to delete
     for path in doomed:
         aside = root / f".del-{path.name}"
         if aside.exists():
@@ -245,11 +245,13 @@ def is_complete(path: str | Path) -> bool:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first. Torn and temporary folders are ignored."""
+    """The complete checkpoints of a run, oldest first. Torn and temporary folders, and step folders
+    that are symlinks (not this run's), are ignored."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and p.is_dir() and not p.is_symlink()]
     return [p for _, p in sorted(found) if is_complete(p)]
 
 
