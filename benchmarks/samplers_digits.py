@@ -129,7 +129,7 @@ def _report(out: Path, args) -> None:
     bseries = _series(bpds, "variance", "K", "bpd")
     if bseries:
         plot_lines(out / "bpd_by_k.png", bseries, title="test bits/dim through the K-step bound",
-                   xlabel="K (steps of the bound)", ylabel="bits/dim", logx=True)
+                   xlabel="K (steps of the bound)", ylabel="bits/dim (log scale)", logx=True, logy=True)
     lines = ["| sampler | calls | FD | 95% interval | seconds |", "|---|---|---|---|---|"]
     for r in sorted(fds, key=lambda r: (r["name"], r["calls"])):
         lines.append(f"| {r['name']} | {r['calls']} | {r['fd']:.2f} | {r['fd_interval'][0]:.2f}–"
