@@ -307,6 +307,11 @@ class GaussianDiffusion:
                     f"got values in [{lo}, {hi}]"
                 )
 
+    def _check_with_x_t(self, y: Any, name: str, x_t: Any, t: Any) -> None:
+        """x_t and t of a batch, and ``y`` (named ``name``) of x_t's shape."""
+        self._check_batch(x_t, t, "x_t")
+        check_same_shape(y, x_t, name, "x_t")
+
     def _check_batch(self, x: Any, t: Any, name: str = "x", min_ndim: int = 1) -> None:
         check_tensor(x, name, min_ndim=min_ndim)
         self._check_t(t, x.shape[0])
@@ -391,8 +396,7 @@ class GaussianDiffusion:
     ) -> torch.Tensor:
         """mu-tilde_t(x_t, x_0) = coef1 x_0 + coef2 x_t, eq. (7). x0, x_t: (B, ...); t: (B,)."""
         if check:
-            self._check_batch(x_t, t, "x_t")
-            check_same_shape(x0, x_t, "x0", "x_t")
+            self._check_with_x_t(x0, "x0", x_t, t)
         coef1 = self._extract("posterior_mean_coef1", t, x_t)
         coef2 = self._extract("posterior_mean_coef2", t, x_t)
         return coef1 * x0 + coef2 * x_t
@@ -415,8 +419,7 @@ class GaussianDiffusion:
     ) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), eq. (4) solved for x_0 (used in eq. 15)."""
         if check:
-            self._check_batch(x_t, t, "x_t")
-            check_same_shape(eps, x_t, "eps", "x_t")
+            self._check_with_x_t(eps, "eps", x_t, t)
         return (
             self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
             - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
@@ -427,8 +430,7 @@ class GaussianDiffusion:
     ) -> torch.Tensor:
         """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), the inverse of ``predict_x0_from_eps``."""
         if check:
-            self._check_batch(x_t, t, "x_t")
-            check_same_shape(x0, x_t, "x0", "x_t")
+            self._check_with_x_t(x0, "x0", x_t, t)
         return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._extract(
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
@@ -438,8 +440,7 @@ class GaussianDiffusion:
     ) -> torch.Tensor:
         """x_0 from the posterior mean mu-tilde = coef1 x_0 + coef2 x_t (eq. 7) solved for x_0."""
         if check:
-            self._check_batch(x_t, t, "x_t")
-            check_same_shape(x_prev, x_t, "x_prev", "x_t")
+            self._check_with_x_t(x_prev, "x_prev", x_t, t)
         return (x_prev - self._extract("posterior_mean_coef2", t, x_t) * x_t) / self._extract(
             "posterior_mean_coef1", t, x_t
         )
@@ -538,8 +539,7 @@ class GaussianDiffusion:
         p: the dict of ``p_mean_variance``; x0, x_t: (B, ...); t: (B,). Returns (B,).
         """
         if check:
-            self._check_batch(x_t, t, "x_t")
-            check_same_shape(x0, x_t, "x0", "x_t")
+            self._check_with_x_t(x0, "x0", x_t, t)
         true_mean = self.q_posterior_mean(x0, x_t, t, check=False)
         true_log_variance = self._extract("posterior_log_variance_clipped", t, x_t)
         kl = normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])
