@@ -106,7 +106,7 @@ class TrainEvent:
     path: Path | None = None
 
 
-Callback = Callable[[TrainEvent], None]
+TrainCallback = Callable[[TrainEvent], None]
 
 
 class _StopNow(KeyboardInterrupt):
@@ -162,7 +162,7 @@ class _Run:
     update: UpdateStep
     log: TrainLog
     losses: dict[int, float] = field(default_factory=dict)
-    callbacks: Sequence[Callback] = ()
+    callbacks: Sequence[TrainCallback] = ()
     last_loss: float | None = None  # of the latest update, for the events
 
     def save(self) -> None:
@@ -342,7 +342,7 @@ def train(
     resume: str | None = None,
     device: str | None = None,
     progress: bool = True,
-    callbacks: Sequence[Callback] = (),
+    callbacks: Sequence[TrainCallback] = (),
     deviations: bool = True,
 ) -> TrainResult:
     """Train ``config`` into ``run_dir``; ``resume``: None, "auto" (newest complete checkpoint) or a path.

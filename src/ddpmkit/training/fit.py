@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any
 
 from ddpmkit.config import TrainConfig, train_preset
+from ddpmkit.enums import parse_enum
 from ddpmkit.nn import UNET_PRESETS, UNetConfig
 
 __all__ = [
@@ -62,7 +63,7 @@ def unet_for_data(resolution: int, channels: int, size: NetSize | str) -> UNetCo
     small: the digits preset's network at any size: ch 64 at every level, levels down to 4 px,
     one res block per level, attention only in the middle block, no dropout (8 px: 1.08M).
     """
-    size = NetSize(size)
+    size = parse_enum(NetSize, size, "net size")
     io = {"in_channels": channels, "out_channels": channels}
     if size is NetSize.SMALL:
         levels = _num_levels(resolution, cap=6)
@@ -113,7 +114,9 @@ def config_for_data(data: str, resolution: int, channels: int,
     warm-up, steps, batch and grid sized to the images (``small_recipe``), random flips on and EMA
     warm-up on (a short run's EMA would otherwise still hold much of the initial weights).
     """
-    size = NetSize(size) if size is not None else default_net_size(resolution, device)
+    if size is None:
+        size = default_net_size(resolution, device)
+    size = parse_enum(NetSize, size, "net size")
     unet = unet_for_data(resolution, channels, size)
     if size is NetSize.PAPER:
         return TrainConfig(preset="custom", unet=unet, data=data)
