@@ -81,6 +81,9 @@ def _record_problem(record: Any, b: int, header: dict[str, Any]) -> str | None:
     if (len(record["total_bpd"]), len(record["prior_bpd"]), len(record["vb_sum"]),
             len(record["x0_mse_sum"])) != (n, n, T, T):
         return f"lists not of lengths ({n}, {n}, {T}, {T})"
+    if not all(math.isfinite(v) for key in ("total_bpd", "prior_bpd", "vb_sum", "x0_mse_sum")
+               for v in record[key]):
+        return "a value that is not finite"  # our bound terms are finite; this record was edited
     return None
 
 
